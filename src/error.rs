@@ -1,0 +1,121 @@
+//! The library's error type: every failure is a typed, readable [`Error`], never a panic.
+
+use std::path::PathBuf;
+
+/// Everything that can go wrong in mfac-lab.
+///
+/// Each variant names the file, tensor, key or repository involved, so the message alone tells
+/// the user what to fix.
+///
+/// ```
+/// use mfac_lab::prelude::*;
+/// let err = BertClassifier::from_dir("/no/such/folder", 3, &Device::Cpu, DType::F32).unwrap_err();
+/// assert!(matches!(err, Error::MissingDir(_)));
+/// assert!(err.to_string().contains("/no/such/folder"));
+/// ```
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A tensor operation failed inside candle.
+    #[error("tensor error: {0}")]
+    Candle(#[from] candle_core::Error),
+
+    /// A file could not be read or written.
+    #[error("{action} {}: {source}", path.display())]
+    Io {
+        /// What we were doing ("reading", "writing", ...).
+        action: &'static str,
+        /// The file or folder involved.
+        path: PathBuf,
+        /// The operating system's error.
+        #[source]
+        source: std::io::Error,
+    },
+
+    /// The model folder does not exist.
+    #[error("model folder {} does not exist", .0.display())]
+    MissingDir(PathBuf),
+
+    /// A required file is not in the model folder.
+    #[error("{} has no {file}{hint}", dir.display())]
+    MissingFile {
+        /// The folder searched.
+        dir: PathBuf,
+        /// The file (or the alternatives) that was expected.
+        file: String,
+        /// Extra advice, starting with "; " or empty.
+        hint: String,
+    },
+
+    /// config.json is not valid or describes a model we cannot build.
+    #[error("bad config {}: {message}", path.display())]
+    Config {
+        /// The config file.
+        path: PathBuf,
+        /// What is wrong with it.
+        message: String,
+    },
+
+    /// An invalid argument was passed (e.g. `num_labels = 0`).
+    #[error("invalid argument: {0}")]
+    InvalidArgument(String),
+
+    /// A weights file could not be parsed.
+    #[error("cannot read weights {}: {message}", path.display())]
+    Weights {
+        /// The weights file.
+        path: PathBuf,
+        /// What went wrong, with the fix when we know it.
+        message: String,
+    },
+
+    /// A tensor required by the model is not in the weights file.
+    #[error("weights {} have no tensor {name} (also looked for it without the `bert.` prefix)", path.display())]
+    MissingTensor {
+        /// The weights file.
+        path: PathBuf,
+        /// The HF name of the missing tensor.
+        name: String,
+    },
+
+    /// A tensor in the weights file has a shape that does not match config.json.
+    #[error("tensor {name} has shape {found:?} but the config implies {expected:?}")]
+    ShapeMismatch {
+        /// The HF name of the tensor.
+        name: String,
+        /// The shape the config implies.
+        expected: Vec<usize>,
+        /// The shape in the file.
+        found: Vec<usize>,
+    },
+
+    /// The tokenizer could not be built or failed on an input.
+    #[error("tokenizer: {0}")]
+    Tokenizer(String),
+
+    /// A download from (or a lookup in the cache of) the Hugging Face hub failed.
+    #[error("hub: cannot get {file} from {repo} at revision {revision}: {message}")]
+    Hub {
+        /// `owner/name`.
+        repo: String,
+        /// Branch, tag or commit.
+        revision: String,
+        /// Path of the file in the repository.
+        file: String,
+        /// The reason, with advice when offline.
+        message: String,
+    },
+
+    /// JSON could not be written.
+    #[error("json: {0}")]
+    Json(#[from] serde_json::Error),
+}
+
+/// `Result` with the library's [`Error`].
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+impl Error {
+    /// An [`Error::Io`] for `path`.
+    pub(crate) fn io(action: &'static str, path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        Error::Io { action, path: path.into(), source }
+    }
+}

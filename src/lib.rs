@@ -1,0 +1,34 @@
+//! # mfac-lab
+//!
+//! Fine-tune BERT-tiny on GLUE/MNLI with the M-FAC second-order optimizer and compare it with
+//! Adam, on candle (CPU or CUDA), from a Jupyter notebook (evcxr) or the command line.
+//!
+//! The modules follow the pipeline: [`hub`] → data → [`model`] → [`optim`] → train → compare →
+//! plot. Notebooks start with `use mfac_lab::prelude::*;`.
+//!
+//! ```
+//! use mfac_lab::prelude::*;
+//! let model = BertClassifier::random(&BertConfig::bert_tiny(), 3, 42, &Device::Cpu, DType::F32)?;
+//! assert_eq!(model.vars().len(), 41);
+//! # Ok::<(), mfac_lab::Error>(())
+//! ```
+
+pub mod error;
+pub mod hub;
+pub mod model;
+pub mod optim;
+pub mod rng;
+
+pub use error::{Error, Result};
+
+/// Everything a notebook needs, in one import.
+pub mod prelude {
+    pub use crate::error::{Error, Result};
+    pub use crate::hub::Hub;
+    pub use crate::model::{
+        best_device, load_bert_tiny, Batch, BertClassifier, BertConfig, LoadOptions, LoadReport, PairTokenizer,
+    };
+    pub use crate::optim::{clip_grad_norm, AdamW, AdamWConfig, LinearSchedule};
+    pub use candle_core::{DType, Device, Tensor, Var};
+    pub use candle_nn::Optimizer;
+}

@@ -1,0 +1,129 @@
+//! AdamW with torch's exact update (and HF Trainer's no-decay rule for biases and LayerNorm).
+
+use candle_core::backprop::GradStore;
+use candle_core::{Tensor, Var};
+
+/// AdamW hyper-parameters. `Default` = HF Trainer's: lr 5e-5, betas (0.9, 0.999), eps 1e-8,
+/// weight decay 0 (note: candle-nn's `ParamsAdamW::default()` has weight decay 0.01).
+///
+/// ```
+/// let p = mfac_lab::optim::AdamWConfig { lr: 1e-4, ..Default::default() };
+/// assert_eq!(p.weight_decay, 0.0);
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct AdamWConfig {
+    /// Learning rate.
+    pub lr: f64,
+    /// First-moment decay.
+    pub beta1: f64,
+    /// Second-moment decay.
+    pub beta2: f64,
+    /// Added to `sqrt(v̂)`.
+    pub eps: f64,
+    /// Decoupled weight decay: `w -= lr · wd · w` before the Adam update.
+    pub weight_decay: f64,
+}
+
+impl Default for AdamWConfig {
+    fn default() -> Self {
+        AdamWConfig { lr: 5e-5, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.0 }
+    }
+}
+
+struct Slot {
+    var: Var,
+    m: Tensor,
+    v: Tensor,
+    decay: bool,
+}
+
+/// torch.optim.AdamW: `m, v` with bias correction; `w -= lr·wd·w`, then
+/// `w -= (lr / (1 − β₁ᵗ)) · m / (sqrt(v) / sqrt(1 − β₂ᵗ) + eps)`.
+/// Parameters without a gradient in a step are left alone (as torch does).
+///
+/// ```
+/// use candle_core::{Device, Tensor, Var};
+/// use candle_nn::Optimizer;
+/// use mfac_lab::optim::{AdamW, AdamWConfig};
+/// let w = Var::new(&[1.0f64, -2.0], &Device::Cpu)?;
+/// let mut opt = AdamW::new(vec![w.clone()], AdamWConfig { lr: 0.1, ..Default::default() })?;
+/// let loss = w.as_tensor().sqr()?.sum_all()?;
+/// opt.backward_step(&loss)?;
+/// // First step moves each weight by lr against the gradient's sign.
+/// let v: Vec<f64> = w.as_tensor().to_vec1()?;
+/// assert!((v[0] - 0.9).abs() < 1e-6 && (v[1] + 1.9).abs() < 1e-6);
+/// # Ok::<(), candle_core::Error>(())
+/// ```
+pub struct AdamW {
+    slots: Vec<Slot>,
+    cfg: AdamWConfig,
+    t: u64,
+}
+
+impl AdamW {
+    /// AdamW over named parameters with HF Trainer's grouping: biases and LayerNorm weights get
+    /// no weight decay.
+    pub fn new_named(vars: &[(String, Var)], cfg: AdamWConfig) -> candle_core::Result<Self> {
+        let mut opt = <Self as candle_nn::Optimizer>::new(vars.iter().map(|(_, v)| v.clone()).collect(), cfg)?;
+        for (slot, (name, _)) in opt.slots.iter_mut().zip(vars) {
+            slot.decay = !(name.ends_with(".bias") || name.contains("LayerNorm"));
+        }
+        Ok(opt)
+    }
+
+    /// Number of steps taken.
+    pub fn step_count(&self) -> u64 {
+        self.t
+    }
+
+    /// The hyper-parameters.
+    pub fn config(&self) -> &AdamWConfig {
+        &self.cfg
+    }
+}
+
+impl candle_nn::Optimizer for AdamW {
+    type Config = AdamWConfig;
+
+    fn new(vars: Vec<Var>, cfg: AdamWConfig) -> candle_core::Result<Self> {
+        let slots = vars
+            .into_iter()
+            .filter(|v| v.dtype().is_float())
+            .map(|var| {
+                let m = var.zeros_like()?;
+                let v = var.zeros_like()?;
+                Ok(Slot { var, m, v, decay: true })
+            })
+            .collect::<candle_core::Result<_>>()?;
+        Ok(AdamW { slots, cfg, t: 0 })
+    }
+
+    fn learning_rate(&self) -> f64 {
+        self.cfg.lr
+    }
+
+    fn set_learning_rate(&mut self, lr: f64) {
+        self.cfg.lr = lr;
+    }
+
+    fn step(&mut self, grads: &GradStore) -> candle_core::Result<()> {
+        self.t += 1;
+        let AdamWConfig { lr, beta1, beta2, eps, weight_decay } = self.cfg;
+        let t = self.t as i32;
+        let step_size = lr / (1.0 - beta1.powi(t));
+        let bc2_sqrt = (1.0 - beta2.powi(t)).sqrt();
+        for slot in &mut self.slots {
+            let Some(g) = grads.get(slot.var.as_tensor()) else { continue };
+            slot.m = ((&slot.m * beta1)? + (g * (1.0 - beta1))?)?;
+            slot.v = ((&slot.v * beta2)? + (g.sqr()? * (1.0 - beta2))?)?;
+            let mut w = slot.var.as_tensor().clone();
+            if slot.decay && weight_decay != 0.0 {
+                w = (w * (1.0 - lr * weight_decay))?;
+            }
+            let denom = ((slot.v.sqrt()? / bc2_sqrt)? + eps)?;
+            let w = (w - (slot.m.div(&denom)? * step_size)?)?;
+            slot.var.set(&w)?;
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,70 @@
+//! Seeded randomness: weight initialisation and dropout masks come from here, never from candle's
+//! device RNG (the CPU one cannot be seeded, so runs would not be reproducible).
+
+use candle_core::{DType, Device, Tensor};
+use rand::{Rng, RngCore, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+use crate::error::Result;
+
+/// A reproducible random stream (ChaCha8) with the draws the models need.
+///
+/// ```
+/// use mfac_lab::rng::SeededRng;
+/// let (mut a, mut b) = (SeededRng::new(7), SeededRng::new(7));
+/// assert_eq!(a.normal_vec(4, 0.0, 1.0), b.normal_vec(4, 0.0, 1.0));
+/// ```
+#[derive(Debug, Clone)]
+pub struct SeededRng(ChaCha8Rng);
+
+impl SeededRng {
+    /// A stream seeded with `seed`.
+    pub fn new(seed: u64) -> Self {
+        SeededRng(ChaCha8Rng::seed_from_u64(seed))
+    }
+
+    /// `n` draws from N(mean, std²) (Box–Muller on 53-bit uniforms).
+    pub fn normal_vec(&mut self, n: usize, mean: f64, std: f64) -> Vec<f64> {
+        let mut out = Vec::with_capacity(n + 1);
+        while out.len() < n {
+            // u1 in (0, 1] so ln is finite; u2 in [0, 1).
+            let u1 = 1.0 - self.0.random::<f64>();
+            let u2 = self.0.random::<f64>();
+            let r = (-2.0 * u1.ln()).sqrt();
+            let t = std::f64::consts::TAU * u2;
+            out.push(mean + std * r * t.cos());
+            out.push(mean + std * r * t.sin());
+        }
+        out.truncate(n);
+        out
+    }
+
+    /// A tensor of N(0, std²) draws with the given shape, dtype and device.
+    pub fn normal_tensor(&mut self, shape: &[usize], std: f64, dtype: DType, device: &Device) -> Result<Tensor> {
+        let n = shape.iter().product();
+        let v = self.normal_vec(n, 0.0, std);
+        Ok(Tensor::from_vec(v, shape, &Device::Cpu)?.to_dtype(dtype)?.to_device(device)?)
+    }
+
+    /// An inverted-dropout mask: each entry is 0 with probability `p`, else `1 / (1 - p)`.
+    ///
+    /// ```
+    /// use candle_core::{DType, Device};
+    /// let m = mfac_lab::rng::SeededRng::new(1).dropout_mask(&[1000], 0.5, DType::F64, &Device::Cpu).unwrap();
+    /// let v: Vec<f64> = m.to_vec1().unwrap();
+    /// assert!(v.iter().all(|&x| x == 0.0 || x == 2.0));
+    /// ```
+    pub fn dropout_mask(&mut self, shape: &[usize], p: f64, dtype: DType, device: &Device) -> Result<Tensor> {
+        let n: usize = shape.iter().product();
+        // Keep when a uniform u32 is at or above p·2³².
+        let threshold = (p * 4_294_967_296.0) as u64;
+        let keep: Vec<u8> = (0..n).map(|_| (self.0.next_u32() as u64 >= threshold) as u8).collect();
+        let mask = Tensor::from_vec(keep, shape, &Device::Cpu)?.to_device(device)?.to_dtype(dtype)?;
+        Ok(mask.affine(1.0 / (1.0 - p), 0.0)?)
+    }
+
+    /// The next raw 64-bit value (to derive sub-seeds).
+    pub fn next_u64(&mut self) -> u64 {
+        self.0.next_u64()
+    }
+}

@@ -1,0 +1,65 @@
+//! Test helpers: the one way tests find `../shared`, and numeric comparisons.
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+
+use candle_core::{DType, Device, Tensor};
+
+/// `../shared` beside the crate root. Fails loudly when it is missing: tests never skip silently.
+pub fn shared() -> PathBuf {
+    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared");
+    assert!(
+        p.join("fixtures").is_dir(),
+        "../shared (read-only fixtures and data) must sit beside the crate root; not found at {}",
+        p.display()
+    );
+    p
+}
+
+/// A fixture folder, e.g. `fixture("bert-tiny-random")`.
+pub fn fixture(name: &str) -> PathBuf {
+    shared().join("fixtures").join(name)
+}
+
+/// Every tensor of a safetensors file, on the CPU.
+pub fn load_st(path: &std::path::Path) -> HashMap<String, Tensor> {
+    candle_core::safetensors::load(path, &Device::Cpu).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+/// ‖a − b‖ / ‖b‖ computed in f64 (‖a − b‖ when b is all zeros).
+pub fn rel_l2(a: &Tensor, b: &Tensor) -> f64 {
+    assert_eq!(a.dims(), b.dims(), "shape mismatch");
+    let a = a.to_dtype(DType::F64).unwrap().flatten_all().unwrap();
+    let b = b.to_dtype(DType::F64).unwrap().flatten_all().unwrap();
+    let diff = (&a - &b).unwrap().sqr().unwrap().sum_all().unwrap().to_scalar::<f64>().unwrap().sqrt();
+    let nb = b.sqr().unwrap().sum_all().unwrap().to_scalar::<f64>().unwrap().sqrt();
+    if nb == 0.0 {
+        diff
+    } else {
+        diff / nb
+    }
+}
+
+/// The reference's int64 inputs as a u32 Batch.
+pub fn reference_batch(r: &HashMap<String, Tensor>) -> mfac_lab::model::Batch {
+    let u = |k: &str| r[k].to_dtype(DType::U32).unwrap();
+    mfac_lab::model::Batch::new(u("input_ids"), u("token_type_ids"), u("attention_mask"), Some(u("labels"))).unwrap()
+}
+
+/// Error of a gradient against its reference. Relative L2, except for gradients that are
+/// analytically zero: the key bias adds the same constant to every score of a softmax row, so
+/// its exact gradient is 0 and the reference holds only rounding noise (~1e-20 for a global norm
+/// ~1). A relative error of noise against noise means nothing; for those (reference norm below
+/// 1e-12 of the global gradient norm) the difference is measured against the global norm
+/// instead, which still requires ours to be zero up to rounding.
+pub fn grad_err(ours: &Tensor, reference: &Tensor, global_norm: f64) -> f64 {
+    let rn = reference.to_dtype(DType::F64).unwrap().sqr().unwrap().sum_all().unwrap().to_scalar::<f64>().unwrap().sqrt();
+    if rn <= 1e-12 * global_norm {
+        let z = reference.zeros_like().unwrap();
+        let diff = rel_l2(&(ours.to_dtype(DType::F64).unwrap() - reference.to_dtype(DType::F64).unwrap()).unwrap(), &z);
+        diff / global_norm
+    } else {
+        rel_l2(ours, reference)
+    }
+}

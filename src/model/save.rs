@@ -60,6 +60,9 @@ fn write_all(model: &BertClassifier, tmp: &Path) -> Result<()> {
 }
 
 pub(crate) fn save_pretrained(model: &BertClassifier, dir: &Path) -> Result<()> {
+    if dir.exists() && !dir.is_dir() {
+        return Err(Error::InvalidArgument(format!("{} exists and is not a folder", dir.display())));
+    }
     if let Some(parent) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {
         std::fs::create_dir_all(parent).map_err(|e| Error::io("creating", parent, e))?;
     }

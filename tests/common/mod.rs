@@ -63,3 +63,4 @@ pub fn grad_err(ours: &Tensor, reference: &Tensor, global_norm: f64) -> f64 {
         rel_l2(ours, reference)
     }
 }
+pub mod mock_hub;

@@ -105,6 +105,39 @@ pub enum Error {
         message: String,
     },
 
+    /// A gradient handed to an optimizer holds NaN or ±inf; the optimizer state is unchanged.
+    #[error("non-finite gradient in parameter {param} (index {index}); the optimizer state was left unchanged, so this batch can be skipped")]
+    NonFiniteGradient {
+        /// Position of the parameter in the optimizer's list.
+        index: usize,
+        /// Its name when known, else its shape.
+        param: String,
+    },
+
+    /// A buffer would not fit in memory; nothing was allocated.
+    #[error("{what} needs {needed} but only {available} is available; {fix}")]
+    OutOfMemory {
+        /// What was to be allocated.
+        what: String,
+        /// Bytes needed, human readable.
+        needed: String,
+        /// Bytes available, human readable.
+        available: String,
+        /// How to make it fit.
+        fix: String,
+    },
+
+    /// An optimizer option is unknown, malformed or out of range.
+    #[error("optimizer option {key:?}: {message} (valid keys: {valid})")]
+    OptimizerOption {
+        /// The offending key (or the optimizer name).
+        key: String,
+        /// What is wrong.
+        message: String,
+        /// The accepted keys (or names).
+        valid: String,
+    },
+
     /// JSON could not be written.
     #[error("json: {0}")]
     Json(#[from] serde_json::Error),

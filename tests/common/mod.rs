@@ -64,3 +64,30 @@ pub fn grad_err(ours: &Tensor, reference: &Tensor, global_norm: f64) -> f64 {
     }
 }
 pub mod mock_hub;
+
+/// The `__metadata__` of a safetensors file (string to string).
+pub fn st_metadata(path: &std::path::Path) -> HashMap<String, String> {
+    use std::io::Read;
+    let mut f = std::fs::File::open(path).unwrap();
+    let mut n = [0u8; 8];
+    f.read_exact(&mut n).unwrap();
+    let mut header = vec![0u8; u64::from_le_bytes(n) as usize];
+    f.read_exact(&mut header).unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&header).unwrap();
+    v["__metadata__"]
+        .as_object()
+        .map(|o| o.iter().map(|(k, v)| (k.clone(), v.as_str().unwrap_or_default().to_string())).collect())
+        .unwrap_or_default()
+}
+
+/// Relative L2 of two f64 slices (‖a − b‖ when b is all zeros).
+pub fn rel_l2_vec(a: &[f64], b: &[f64]) -> f64 {
+    assert_eq!(a.len(), b.len());
+    let diff: f64 = a.iter().zip(b).map(|(x, y)| (x - y) * (x - y)).sum::<f64>().sqrt();
+    let nb: f64 = b.iter().map(|y| y * y).sum::<f64>().sqrt();
+    if nb == 0.0 {
+        diff
+    } else {
+        diff / nb
+    }
+}

@@ -1,0 +1,469 @@
+//! M-FAC (Frantar, Kurtic, Alistarh, NeurIPS 2021): a matrix-free inverse-Fisher preconditioner
+//! over a sliding window of the last m gradients. See ../shared/docs/mfac.md for the algorithm;
+//! this is its stable form: u = m·Gᵀc with (mλI + K)c = e_j, the m×m work in f64.
+
+use candle_core::backprop::GradStore;
+use candle_core::{CpuStorage, DType, Device, Layout, Storage, Tensor, Var};
+
+use crate::error::{Error, Result};
+use crate::optim::gram::GramSolver;
+use crate::optim::window::HostWindow;
+
+/// M-FAC hyper-parameters.
+///
+/// ```
+/// use mfac_lab::optim::MFacConfig;
+/// let card = MFacConfig::model_card();
+/// assert_eq!((card.lr, card.num_grads, card.damp), (1e-4, 1024, 1e-6));
+/// assert_eq!(MFacConfig::default().damp, 1e-5);
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct MFacConfig {
+    /// Learning rate (read at every step, so schedules work).
+    pub lr: f64,
+    /// Window size m: how many recent gradients model the curvature.
+    pub num_grads: usize,
+    /// Damping λ: F = λI + (1/m)GᵀG.
+    pub damp: f64,
+    /// EMA momentum β on the preconditioned direction (0 = off).
+    pub momentum: f64,
+    /// Coupled L2 weight decay: wd·w is added to the gradient before it enters the window.
+    pub weight_decay: f64,
+    /// Storage of the window: F32 (default), BF16 (half the memory and traffic) or F64.
+    pub window_dtype: DType,
+}
+
+impl Default for MFacConfig {
+    /// The authors' defaults: lr 1e-3, 1024 gradients, damp 1e-5, no momentum or decay.
+    fn default() -> Self {
+        MFacConfig { lr: 1e-3, num_grads: 1024, damp: 1e-5, momentum: 0.0, weight_decay: 0.0, window_dtype: DType::F32 }
+    }
+}
+
+impl MFacConfig {
+    /// The model card's settings for bert-tiny on MNLI: lr 1e-4, 1024 gradients, damp 1e-6.
+    pub fn model_card() -> Self {
+        MFacConfig { lr: 1e-4, num_grads: 1024, damp: 1e-6, ..Default::default() }
+    }
+
+    /// Checks every field; the error names the key.
+    ///
+    /// ```
+    /// let bad = mfac_lab::optim::MFacConfig { damp: 0.0, ..Default::default() };
+    /// assert!(bad.validate().unwrap_err().to_string().contains("damp"));
+    /// ```
+    pub fn validate(&self) -> Result<()> {
+        let bad = |key: &str, message: String| Error::OptimizerOption {
+            key: key.into(),
+            message,
+            valid: crate::optim::spec::MFAC_KEYS.join(", "),
+        };
+        if self.num_grads < 1 {
+            return Err(bad("num_grads", "must be at least 1".into()));
+        }
+        if !(self.damp > 0.0 && self.damp.is_finite()) {
+            return Err(bad("damp", format!("{} must be positive and finite", self.damp)));
+        }
+        if !(self.lr >= 0.0 && self.lr.is_finite()) {
+            return Err(bad("lr", format!("{} must be ≥ 0 and finite", self.lr)));
+        }
+        if !(0.0..1.0).contains(&self.momentum) {
+            return Err(bad("momentum", format!("{} must be in [0, 1)", self.momentum)));
+        }
+        if !(self.weight_decay >= 0.0 && self.weight_decay.is_finite()) {
+            return Err(bad("weight_decay", format!("{} must be ≥ 0", self.weight_decay)));
+        }
+        if !matches!(self.window_dtype, DType::F32 | DType::BF16 | DType::F64) {
+            return Err(bad("window_dtype", format!("{:?} is not supported: f32, bf16 or f64", self.window_dtype)));
+        }
+        Ok(())
+    }
+
+    /// Bytes of the m×d window for `d` parameters.
+    pub fn window_bytes(&self, d: usize) -> u128 {
+        self.num_grads as u128 * d as u128 * self.window_dtype.size_in_bytes() as u128
+    }
+}
+
+/// What one step did (also kept for introspection).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct MFacStep {
+    /// The slot the gradient was written to.
+    pub slot: usize,
+    /// ‖lr · direction‖: how far the parameters moved.
+    pub update_norm: f64,
+    /// cos(direction, raw gradient): 1 = plain gradient descent direction.
+    pub cosine: f64,
+    /// ‖raw gradient‖.
+    pub grad_norm: f64,
+}
+
+/// The M-FAC optimizer. Implements `candle_nn::Optimizer`.
+///
+/// ```
+/// use candle_core::{Device, Var};
+/// use candle_nn::Optimizer;
+/// use mfac_lab::optim::{MFac, MFacConfig};
+/// let w = Var::new(&[1.0f64, -2.0, 0.5], &Device::Cpu)?;
+/// let cfg = MFacConfig { lr: 0.1, num_grads: 4, damp: 1e-3, ..Default::default() };
+/// let mut opt = MFac::new(vec![w.clone()], cfg)?;
+/// let loss = w.as_tensor().sqr()?.sum_all()?;
+/// opt.backward_step(&loss)?;
+/// assert_eq!(opt.filled_slots(), 1);
+/// // First step: u = m·g/(mλ + |g|²).
+/// let g = [2.0, -4.0, 1.0];
+/// let g2: f64 = g.iter().map(|x| x * x).sum();
+/// let want: Vec<f64> = [1.0, -2.0, 0.5].iter().zip(g).map(|(w, g)| w - 0.1 * 4.0 * g / (4.0 * 1e-3 + g2)).collect();
+/// let got: Vec<f64> = w.as_tensor().to_vec1()?;
+/// assert!(got.iter().zip(&want).all(|(a, b)| (a - b).abs() < 1e-12));
+/// # Ok::<(), candle_core::Error>(())
+/// ```
+pub struct MFac {
+    cfg: MFacConfig,
+    vars: Vec<Var>,
+    names: Vec<String>,
+    offsets: Vec<usize>,
+    d: usize,
+    window: HostWindow,
+    gram: GramSolver,
+    ring: usize,
+    filled: usize,
+    steps: u64,
+    /// Raw gradient of the last step (scratch, d).
+    g: Vec<f64>,
+    /// Preconditioned gradient u = F⁻¹g of the last step (d).
+    u: Vec<f64>,
+    /// Momentum buffer (d), when momentum > 0.
+    v: Option<Vec<f64>>,
+    last_c: Vec<f64>,
+    last: Option<MFacStep>,
+}
+
+impl std::fmt::Debug for MFac {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MFac")
+            .field("config", &self.cfg)
+            .field("d", &self.d)
+            .field("filled", &self.filled)
+            .field("ring_index", &self.ring)
+            .field("steps", &self.steps)
+            .finish()
+    }
+}
+
+fn human(bytes: u128) -> String {
+    let b = bytes as f64;
+    if b >= 1e9 {
+        format!("{:.2} GB", b / 1e9)
+    } else if b >= 1e6 {
+        format!("{:.1} MB", b / 1e6)
+    } else {
+        format!("{bytes} B")
+    }
+}
+
+/// `MemAvailable` of /proc/meminfo, when known.
+fn available_memory() -> Option<u128> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = text.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kb: u128 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
+
+/// Reads a CPU tensor into `out` as f64, without a temporary copy when it is contiguous.
+fn read_f64(t: &Tensor, out: &mut [f64]) -> Result<()> {
+    let t = if t.is_contiguous() { t.clone() } else { t.contiguous()? };
+    let (storage, layout) = t.storage_and_layout();
+    let Storage::Cpu(cpu) = &*storage else {
+        return Err(Error::InvalidArgument("M-FAC's host path needs CPU tensors".into()));
+    };
+    let (a, n) = (layout.start_offset(), out.len());
+    fn copy<T: Copy>(src: &[T], out: &mut [f64], f: impl Fn(T) -> f64) {
+        for (o, x) in out.iter_mut().zip(src) {
+            *o = f(*x);
+        }
+    }
+    match cpu {
+        CpuStorage::F32(v) => copy(&v[a..a + n], out, |x| x as f64),
+        CpuStorage::F64(v) => copy(&v[a..a + n], out, |x| x),
+        CpuStorage::BF16(v) => copy(&v[a..a + n], out, |x| x.to_f64()),
+        CpuStorage::F16(v) => copy(&v[a..a + n], out, |x| x.to_f64()),
+        _ => {
+            return Err(Error::InvalidArgument(format!("M-FAC needs float parameters, got {:?}", t.dtype())));
+        }
+    }
+    Ok(())
+}
+
+/// In place: w −= lr · dir.
+struct SubScaled<'a> {
+    dir: &'a [f64],
+    lr: f64,
+}
+
+impl candle_core::InplaceOp1 for SubScaled<'_> {
+    fn name(&self) -> &'static str {
+        "mfac-update"
+    }
+    fn cpu_fwd(&self, s: &mut CpuStorage, l: &Layout) -> candle_core::Result<()> {
+        if !l.is_contiguous() {
+            candle_core::bail!("mfac-update needs a contiguous parameter");
+        }
+        let (a, n, lr) = (l.start_offset(), self.dir.len(), self.lr);
+        match s {
+            CpuStorage::F32(v) => v[a..a + n].iter_mut().zip(self.dir).for_each(|(w, d)| *w = (*w as f64 - lr * d) as f32),
+            CpuStorage::F64(v) => v[a..a + n].iter_mut().zip(self.dir).for_each(|(w, d)| *w -= lr * d),
+            CpuStorage::BF16(v) => v[a..a + n]
+                .iter_mut()
+                .zip(self.dir)
+                .for_each(|(w, d)| *w = half::bf16::from_f64(w.to_f64() - lr * d)),
+            CpuStorage::F16(v) => v[a..a + n]
+                .iter_mut()
+                .zip(self.dir)
+                .for_each(|(w, d)| *w = half::f16::from_f64(w.to_f64() - lr * d)),
+            _ => candle_core::bail!("mfac-update needs a float parameter"),
+        }
+        Ok(())
+    }
+}
+
+impl MFac {
+    /// M-FAC over `vars` (in that fixed order). Checks the config, then that the window fits in
+    /// memory before allocating it.
+    pub fn try_new(vars: Vec<Var>, cfg: MFacConfig) -> Result<Self> {
+        let names = vars.iter().map(|v| format!("{:?}", v.dims())).collect();
+        Self::build(vars, names, cfg)
+    }
+
+    /// Like [`MFac::try_new`], with parameter names (used in error messages).
+    pub fn new_named(vars: &[(String, Var)], cfg: MFacConfig) -> Result<Self> {
+        Self::build(vars.iter().map(|(_, v)| v.clone()).collect(), vars.iter().map(|(n, _)| n.clone()).collect(), cfg)
+    }
+
+    fn build(vars: Vec<Var>, names: Vec<String>, cfg: MFacConfig) -> Result<Self> {
+        cfg.validate()?;
+        if vars.is_empty() {
+            return Err(Error::InvalidArgument("M-FAC needs at least one parameter".into()));
+        }
+        for v in &vars {
+            if !matches!(v.device(), Device::Cpu) {
+                return Err(Error::InvalidArgument(format!(
+                    "M-FAC's window on {:?} is not implemented yet (CUDA support is planned); keep the parameters on the CPU",
+                    v.device()
+                )));
+            }
+            if !v.dtype().is_float() {
+                return Err(Error::InvalidArgument(format!("M-FAC needs float parameters, got {:?}", v.dtype())));
+            }
+        }
+        let mut offsets = Vec::with_capacity(vars.len() + 1);
+        let mut d = 0usize;
+        for v in &vars {
+            offsets.push(d);
+            d += v.elem_count();
+        }
+        offsets.push(d);
+        let m = cfg.num_grads;
+        let window = cfg.window_bytes(d);
+        let vectors = if cfg.momentum > 0.0 { 3 } else { 2 };
+        let needed = window + 2 * (m as u128 * m as u128 * 8) + vectors * d as u128 * 8;
+        let fix = "use fewer gradients (num_grads) or a bf16 window (window_dtype: bf16)".to_string();
+        if let Some(avail) = available_memory() {
+            if needed > avail {
+                return Err(Error::OutOfMemory {
+                    what: format!(
+                        "the M-FAC window (num_grads {m} × {d} parameters × {} bytes, {:?}) and its state",
+                        cfg.window_dtype.size_in_bytes(),
+                        cfg.window_dtype
+                    ),
+                    needed: human(needed),
+                    available: human(avail),
+                    fix,
+                });
+            }
+        }
+        let Some(window) = HostWindow::try_zeros(cfg.window_dtype, m, d) else {
+            return Err(Error::OutOfMemory {
+                what: "the M-FAC window".into(),
+                needed: human(window),
+                available: "less (the allocation failed)".into(),
+                fix,
+            });
+        };
+        Ok(MFac {
+            cfg,
+            vars,
+            names,
+            offsets,
+            d,
+            window,
+            gram: GramSolver::new(m, cfg.damp),
+            ring: 0,
+            filled: 0,
+            steps: 0,
+            g: vec![0.0; d],
+            u: vec![0.0; d],
+            v: (cfg.momentum > 0.0).then(|| vec![0.0; d]),
+            last_c: vec![0.0; m],
+            last: None,
+        })
+    }
+
+    /// One M-FAC step from the gradients in `grads` (missing ones count as zero). On a
+    /// non-finite gradient it returns [`Error::NonFiniteGradient`] and changes nothing.
+    pub fn try_step(&mut self, grads: &GradStore) -> Result<MFacStep> {
+        let (d, m) = (self.d, self.cfg.num_grads);
+        // 1. Gather the raw gradient, checking it before any state changes.
+        for (i, var) in self.vars.iter().enumerate() {
+            let (a, b) = (self.offsets[i], self.offsets[i + 1]);
+            let out = &mut self.g[a..b];
+            match grads.get(var.as_tensor()) {
+                Some(g) => read_f64(g, out)?,
+                None => out.iter_mut().for_each(|x| *x = 0.0),
+            }
+            if out.iter().any(|x| !x.is_finite()) {
+                return Err(Error::NonFiniteGradient { index: i, param: self.names[i].clone() });
+            }
+        }
+        // Coupled weight decay: the vector entering the window is g + wd·w (u is scratch here).
+        let j = self.ring;
+        if self.cfg.weight_decay > 0.0 {
+            for (i, var) in self.vars.iter().enumerate() {
+                let (a, b) = (self.offsets[i], self.offsets[i + 1]);
+                read_f64(var.as_tensor(), &mut self.u[a..b])?;
+            }
+            let wd = self.cfg.weight_decay;
+            for (u, g) in self.u.iter_mut().zip(&self.g) {
+                *u = g + wd * *u;
+            }
+            self.window.write_row(j, d, &self.u);
+        } else {
+            self.window.write_row(j, d, &self.g);
+        }
+        // 2. Pass 1: row/column j of K = G·g (over the filled rows; the rest are zero).
+        let rows = self.filled.max(j + 1);
+        let mut krow = self.window.gram_row(j, rows, d);
+        krow.resize(m, 0.0);
+        // 3. c = (mλI + K)⁻¹ e_j, then pass 2: u = m·Gᵀc.
+        let c = self.gram.replace(j, &krow);
+        self.window.combine(&c, rows, d, m as f64, &mut self.u);
+        self.last_c = c;
+        // 4. Momentum.
+        let dir: &[f64] = match &mut self.v {
+            Some(v) => {
+                let beta = self.cfg.momentum;
+                for (vk, uk) in v.iter_mut().zip(&self.u) {
+                    *vk = beta * *vk + (1.0 - beta) * uk;
+                }
+                v
+            }
+            None => &self.u,
+        };
+        // 5. w −= lr·dir, in place.
+        let lr = self.cfg.lr;
+        for (i, var) in self.vars.iter().enumerate() {
+            let (a, b) = (self.offsets[i], self.offsets[i + 1]);
+            var.as_tensor().inplace_op1(&SubScaled { dir: &dir[a..b], lr })?;
+        }
+        let (mut dd, mut gg, mut dg) = (0.0, 0.0, 0.0);
+        for (x, g) in dir.iter().zip(&self.g) {
+            dd += x * x;
+            gg += g * g;
+            dg += x * g;
+        }
+        let cosine = if dd > 0.0 && gg > 0.0 { dg / (dd.sqrt() * gg.sqrt()) } else { 0.0 };
+        let step = MFacStep { slot: j, update_norm: lr * dd.sqrt(), cosine, grad_norm: gg.sqrt() };
+        // 6. Advance the ring.
+        self.ring = (j + 1) % m;
+        self.filled = rows;
+        self.steps += 1;
+        self.last = Some(step);
+        Ok(step)
+    }
+
+    /// The hyper-parameters.
+    pub fn config(&self) -> &MFacConfig {
+        &self.cfg
+    }
+    /// Number of parameters d.
+    pub fn num_params(&self) -> usize {
+        self.d
+    }
+    /// Slots of the window holding a gradient (≤ num_grads).
+    pub fn filled_slots(&self) -> usize {
+        self.filled
+    }
+    /// The slot the next gradient goes to.
+    pub fn ring_index(&self) -> usize {
+        self.ring
+    }
+    /// Steps taken.
+    pub fn step_count(&self) -> u64 {
+        self.steps
+    }
+    /// What the last step did.
+    pub fn last_step(&self) -> Option<MFacStep> {
+        self.last
+    }
+    /// ‖lr·direction‖ of the last step (0 before the first).
+    pub fn last_update_norm(&self) -> f64 {
+        self.last.map(|s| s.update_norm).unwrap_or(0.0)
+    }
+    /// cos(direction, raw gradient) of the last step.
+    pub fn last_cosine(&self) -> f64 {
+        self.last.map(|s| s.cosine).unwrap_or(0.0)
+    }
+    /// u = F⁻¹g of the last step (before momentum and lr), flattened in the vars' order.
+    pub fn preconditioned_gradient(&self) -> &[f64] {
+        &self.u
+    }
+    /// The m×m Gram matrix K = G Gᵀ (f64, CPU).
+    pub fn gram_matrix(&self) -> Result<Tensor> {
+        let m = self.cfg.num_grads;
+        Ok(Tensor::from_slice(&self.gram.k, (m, m), &Device::Cpu)?)
+    }
+    /// Row `slot` of the window, as f64 (what the window stores, in its dtype's precision).
+    pub fn window_row(&self, slot: usize) -> Result<Vec<f64>> {
+        if slot >= self.cfg.num_grads {
+            return Err(Error::InvalidArgument(format!("slot {slot} ≥ num_grads {}", self.cfg.num_grads)));
+        }
+        Ok(self.window.row(slot, self.d))
+    }
+    /// c of the last step, from the O(m²) path.
+    pub fn coefficients(&self) -> &[f64] {
+        &self.last_c
+    }
+    /// c of the last step solved from scratch (Cholesky of mλI + K): for checks.
+    pub fn coefficients_from_scratch(&self) -> Vec<f64> {
+        let m = self.cfg.num_grads;
+        self.gram.solve_from_scratch((self.ring + m - 1) % m)
+    }
+    /// How many times the inverse was rebuilt from scratch.
+    pub fn refresh_count(&self) -> usize {
+        self.gram.refreshes
+    }
+    /// Bytes held by the window.
+    pub fn window_bytes(&self) -> u128 {
+        self.cfg.window_bytes(self.d)
+    }
+}
+
+impl candle_nn::Optimizer for MFac {
+    type Config = MFacConfig;
+
+    fn new(vars: Vec<Var>, cfg: MFacConfig) -> candle_core::Result<Self> {
+        MFac::try_new(vars, cfg).map_err(candle_core::Error::wrap)
+    }
+
+    fn step(&mut self, grads: &GradStore) -> candle_core::Result<()> {
+        self.try_step(grads).map(|_| ()).map_err(candle_core::Error::wrap)
+    }
+
+    fn learning_rate(&self) -> f64 {
+        self.cfg.lr
+    }
+
+    fn set_learning_rate(&mut self, lr: f64) {
+        self.cfg.lr = lr;
+    }
+}

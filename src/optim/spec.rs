@@ -40,7 +40,7 @@ fn pairs(args: &str, valid: &[&str]) -> Result<Vec<(String, String)>> {
     if t.is_empty() {
         return Ok(vec![]);
     }
-    if t.starts_with('{') {
+    if t.starts_with('{') || t.starts_with('[') {
         let v: serde_json::Value =
             serde_json::from_str(t).map_err(|e| option_err("<json>", format!("not valid JSON: {e}"), valid))?;
         let obj = v.as_object().ok_or_else(|| option_err("<json>", "expected a JSON object", valid))?;

@@ -7,7 +7,7 @@ use candle_core::{CpuStorage, DType, Device, Layout, Storage, Tensor, Var};
 
 use crate::error::{Error, Result};
 use crate::optim::gram::GramSolver;
-use crate::optim::window::HostWindow;
+use crate::optim::window::{all_finite, par_zip_mut, Elem, HostWindow};
 
 /// M-FAC hyper-parameters.
 ///
@@ -92,9 +92,10 @@ pub struct MFacStep {
     pub slot: usize,
     /// ‖lr · direction‖: how far the parameters moved.
     pub update_norm: f64,
-    /// cos(direction, raw gradient): 1 = plain gradient descent direction.
+    /// cos(direction, gradient): 1 = the plain gradient-descent direction. The gradient is the
+    /// one that entered the window (with coupled weight decay, in the window's precision).
     pub cosine: f64,
-    /// ‖raw gradient‖.
+    /// ‖gradient‖ of that same vector (√K_jj).
     pub grad_norm: f64,
 }
 
@@ -129,8 +130,6 @@ pub struct MFac {
     ring: usize,
     filled: usize,
     steps: u64,
-    /// Raw gradient of the last step (scratch, d).
-    g: Vec<f64>,
     /// Preconditioned gradient u = F⁻¹g of the last step (d).
     u: Vec<f64>,
     /// Momentum buffer (d), when momentum > 0.
@@ -170,29 +169,44 @@ fn available_memory() -> Option<u128> {
     Some(kb * 1024)
 }
 
-/// Reads a CPU tensor into `out` as f64, without a temporary copy when it is contiguous.
-fn read_f64(t: &Tensor, out: &mut [f64]) -> Result<()> {
-    let t = if t.is_contiguous() { t.clone() } else { t.contiguous()? };
-    let (storage, layout) = t.storage_and_layout();
-    let Storage::Cpu(cpu) = &*storage else {
-        return Err(Error::InvalidArgument("M-FAC's host path needs CPU tensors".into()));
-    };
-    let (a, n) = (layout.start_offset(), out.len());
-    fn copy<T: Copy>(src: &[T], out: &mut [f64], f: impl Fn(T) -> f64) {
-        for (o, x) in out.iter_mut().zip(src) {
-            *o = f(*x);
+/// Runs `f` on the contiguous CPU data of `t` as a typed slice.
+macro_rules! with_slice {
+    ($t:expr, |$s:ident| $body:expr) => {{
+        let t: &Tensor = $t;
+        let (storage, layout) = t.storage_and_layout();
+        let (a, n) = (layout.start_offset(), t.elem_count());
+        match &*storage {
+            Storage::Cpu(CpuStorage::F32(v)) => {
+                let $s = &v[a..a + n];
+                Ok($body)
+            }
+            Storage::Cpu(CpuStorage::F64(v)) => {
+                let $s = &v[a..a + n];
+                Ok($body)
+            }
+            Storage::Cpu(CpuStorage::BF16(v)) => {
+                let $s = &v[a..a + n];
+                Ok($body)
+            }
+            Storage::Cpu(CpuStorage::F16(v)) => {
+                let $s = &v[a..a + n];
+                Ok($body)
+            }
+            _ => Err(Error::InvalidArgument(format!(
+                "M-FAC needs float tensors on the CPU, got {:?} on {:?}",
+                t.dtype(),
+                t.device()
+            ))),
         }
+    }};
+}
+
+
+/// Copies `s` into `out` as f64.
+fn to_f64_into<E: Elem>(s: &[E], out: &mut [f64]) {
+    for (o, x) in out.iter_mut().zip(s) {
+        *o = x.to_f64();
     }
-    match cpu {
-        CpuStorage::F32(v) => copy(&v[a..a + n], out, |x| x as f64),
-        CpuStorage::F64(v) => copy(&v[a..a + n], out, |x| x),
-        CpuStorage::BF16(v) => copy(&v[a..a + n], out, |x| x.to_f64()),
-        CpuStorage::F16(v) => copy(&v[a..a + n], out, |x| x.to_f64()),
-        _ => {
-            return Err(Error::InvalidArgument(format!("M-FAC needs float parameters, got {:?}", t.dtype())));
-        }
-    }
-    Ok(())
 }
 
 /// In place: w −= lr · dir.
@@ -210,17 +224,18 @@ impl candle_core::InplaceOp1 for SubScaled<'_> {
             candle_core::bail!("mfac-update needs a contiguous parameter");
         }
         let (a, n, lr) = (l.start_offset(), self.dir.len(), self.lr);
+        fn sub<E: Elem>(w: &mut [E], dir: &[f64], lr: f64) {
+            par_zip_mut(w, dir, |w, dir| {
+                for (w, d) in w.iter_mut().zip(dir) {
+                    *w = E::from_f64(w.to_f64() - lr * d);
+                }
+            });
+        }
         match s {
-            CpuStorage::F32(v) => v[a..a + n].iter_mut().zip(self.dir).for_each(|(w, d)| *w = (*w as f64 - lr * d) as f32),
-            CpuStorage::F64(v) => v[a..a + n].iter_mut().zip(self.dir).for_each(|(w, d)| *w -= lr * d),
-            CpuStorage::BF16(v) => v[a..a + n]
-                .iter_mut()
-                .zip(self.dir)
-                .for_each(|(w, d)| *w = half::bf16::from_f64(w.to_f64() - lr * d)),
-            CpuStorage::F16(v) => v[a..a + n]
-                .iter_mut()
-                .zip(self.dir)
-                .for_each(|(w, d)| *w = half::f16::from_f64(w.to_f64() - lr * d)),
+            CpuStorage::F32(v) => sub(&mut v[a..a + n], self.dir, lr),
+            CpuStorage::F64(v) => sub(&mut v[a..a + n], self.dir, lr),
+            CpuStorage::BF16(v) => sub(&mut v[a..a + n], self.dir, lr),
+            CpuStorage::F16(v) => sub(&mut v[a..a + n], self.dir, lr),
             _ => candle_core::bail!("mfac-update needs a float parameter"),
         }
         Ok(())
@@ -265,7 +280,7 @@ impl MFac {
         offsets.push(d);
         let m = cfg.num_grads;
         let window = cfg.window_bytes(d);
-        let vectors = if cfg.momentum > 0.0 { 3 } else { 2 };
+        let vectors = if cfg.momentum > 0.0 { 2 } else { 1 };
         let needed = window + 2 * (m as u128 * m as u128 * 8) + vectors * d as u128 * 8;
         let fix = "use fewer gradients (num_grads) or a bf16 window (window_dtype: bf16)".to_string();
         if let Some(avail) = available_memory() {
@@ -301,7 +316,6 @@ impl MFac {
             ring: 0,
             filled: 0,
             steps: 0,
-            g: vec![0.0; d],
             u: vec![0.0; d],
             v: (cfg.momentum > 0.0).then(|| vec![0.0; d]),
             last_c: vec![0.0; m],
@@ -313,67 +327,83 @@ impl MFac {
     /// non-finite gradient it returns [`Error::NonFiniteGradient`] and changes nothing.
     pub fn try_step(&mut self, grads: &GradStore) -> Result<MFacStep> {
         let (d, m) = (self.d, self.cfg.num_grads);
-        // 1. Gather the raw gradient, checking it before any state changes.
+        // 1. The gradients, contiguous, checked before any state changes.
+        let mut gs: Vec<Option<Tensor>> = Vec::with_capacity(self.vars.len());
         for (i, var) in self.vars.iter().enumerate() {
-            let (a, b) = (self.offsets[i], self.offsets[i + 1]);
-            let out = &mut self.g[a..b];
-            match grads.get(var.as_tensor()) {
-                Some(g) => read_f64(g, out)?,
-                None => out.iter_mut().for_each(|x| *x = 0.0),
+            let g = match grads.get(var.as_tensor()) {
+                Some(g) => Some(if g.is_contiguous() { g.clone() } else { g.contiguous()? }),
+                None => None,
+            };
+            if let Some(g) = &g {
+                if g.elem_count() != var.elem_count() {
+                    return Err(Error::InvalidArgument(format!("gradient of {} has the wrong size", self.names[i])));
+                }
+                if !with_slice!(g, |s| all_finite(s))? {
+                    return Err(Error::NonFiniteGradient { index: i, param: self.names[i].clone() });
+                }
             }
-            if out.iter().any(|x| !x.is_finite()) {
-                return Err(Error::NonFiniteGradient { index: i, param: self.names[i].clone() });
-            }
+            gs.push(g);
         }
-        // Coupled weight decay: the vector entering the window is g + wd·w (u is scratch here).
+        // 2. Write g (+ wd·w, coupled weight decay) into slot j of the window, in place.
         let j = self.ring;
-        if self.cfg.weight_decay > 0.0 {
-            for (i, var) in self.vars.iter().enumerate() {
-                let (a, b) = (self.offsets[i], self.offsets[i + 1]);
-                read_f64(var.as_tensor(), &mut self.u[a..b])?;
+        let wd = self.cfg.weight_decay;
+        for (i, (var, g)) in self.vars.iter().zip(&gs).enumerate() {
+            let (a, b) = (self.offsets[i], self.offsets[i + 1]);
+            if wd > 0.0 {
+                // u is scratch until pass 2.
+                let seg = &mut self.u[a..b];
+                with_slice!(var.as_tensor(), |s| to_f64_into(s, seg))?;
+                match g {
+                    Some(g) => with_slice!(g, |s| {
+                        for (x, gk) in seg.iter_mut().zip(s) {
+                            *x = gk.to_f64() + wd * *x;
+                        }
+                    })?,
+                    None => seg.iter_mut().for_each(|x| *x *= wd),
+                }
+                self.window.write_segment(j, d, a, &self.u[a..b]);
+            } else {
+                match g {
+                    Some(g) => {
+                        let window = &mut self.window;
+                        with_slice!(g, |s| window.write_segment(j, d, a, s))?
+                    }
+                    None => self.window.write_segment(j, d, a, &vec![0.0f64; b - a]),
+                }
             }
-            let wd = self.cfg.weight_decay;
-            for (u, g) in self.u.iter_mut().zip(&self.g) {
-                *u = g + wd * *u;
-            }
-            self.window.write_row(j, d, &self.u);
-        } else {
-            self.window.write_row(j, d, &self.g);
         }
-        // 2. Pass 1: row/column j of K = G·g (over the filled rows; the rest are zero).
+        // 3. Pass 1: row/column j of K = G·g over the filled rows (the rest are zero).
         let rows = self.filled.max(j + 1);
         let mut krow = self.window.gram_row(j, rows, d);
         krow.resize(m, 0.0);
-        // 3. c = (mλI + K)⁻¹ e_j, then pass 2: u = m·Gᵀc.
+        // 4. c = (mλI + K)⁻¹ e_j in f64, then pass 2: u = m·Gᵀc.
         let c = self.gram.replace(j, &krow);
-        self.window.combine(&c, rows, d, m as f64, &mut self.u);
+        let (uu, ug) = self.window.combine(&c, rows, d, m as f64, j, &mut self.u);
         self.last_c = c;
-        // 4. Momentum.
-        let dir: &[f64] = match &mut self.v {
+        let gg = krow[j];
+        // 5. Momentum.
+        let (dir, dd, dg): (&[f64], f64, f64) = match &mut self.v {
             Some(v) => {
                 let beta = self.cfg.momentum;
+                let mut vv = 0.0;
                 for (vk, uk) in v.iter_mut().zip(&self.u) {
                     *vk = beta * *vk + (1.0 - beta) * uk;
+                    vv += *vk * *vk;
                 }
-                v
+                let vg = self.window.row_dot(j, d, v);
+                (v, vv, vg)
             }
-            None => &self.u,
+            None => (&self.u, uu, ug),
         };
-        // 5. w −= lr·dir, in place.
+        // 6. w −= lr·dir, in place.
         let lr = self.cfg.lr;
         for (i, var) in self.vars.iter().enumerate() {
             let (a, b) = (self.offsets[i], self.offsets[i + 1]);
             var.as_tensor().inplace_op1(&SubScaled { dir: &dir[a..b], lr })?;
         }
-        let (mut dd, mut gg, mut dg) = (0.0, 0.0, 0.0);
-        for (x, g) in dir.iter().zip(&self.g) {
-            dd += x * x;
-            gg += g * g;
-            dg += x * g;
-        }
         let cosine = if dd > 0.0 && gg > 0.0 { dg / (dd.sqrt() * gg.sqrt()) } else { 0.0 };
         let step = MFacStep { slot: j, update_norm: lr * dd.sqrt(), cosine, grad_norm: gg.sqrt() };
-        // 6. Advance the ring.
+        // 7. Advance the ring.
         self.ring = (j + 1) % m;
         self.filled = rows;
         self.steps += 1;
@@ -409,7 +439,7 @@ impl MFac {
     pub fn last_update_norm(&self) -> f64 {
         self.last.map(|s| s.update_norm).unwrap_or(0.0)
     }
-    /// cos(direction, raw gradient) of the last step.
+    /// cos(direction, gradient) of the last step.
     pub fn last_cosine(&self) -> f64 {
         self.last.map(|s| s.cosine).unwrap_or(0.0)
     }

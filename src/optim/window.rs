@@ -9,8 +9,9 @@
 use candle_core::DType;
 use half::bf16;
 
-/// Columns per block: 2048 f64 accumulators (16 KiB) plus the streamed rows fit in L1/L2.
-const BLOCK: usize = 2048;
+/// Columns per block. Long enough (64 KiB of an f32 row) for the hardware prefetchers to ramp
+/// up on every row stream; the f64 block of g or u (128 KiB) stays in L2.
+const BLOCK: usize = 16384;
 
 /// Storage of the window in its dtype.
 #[derive(Debug)]
@@ -45,6 +46,16 @@ impl Elem for f64 {
         self
     }
 }
+impl Elem for half::f16 {
+    #[inline(always)]
+    fn from_f64(x: f64) -> Self {
+        half::f16::from_f64(x)
+    }
+    #[inline(always)]
+    fn to_f64(self) -> f64 {
+        self.to_f32() as f64
+    }
+}
 impl Elem for bf16 {
     #[inline(always)]
     fn from_f64(x: f64) -> Self {
@@ -74,6 +85,35 @@ fn try_zeroed_vec<T: Elem>(n: usize) -> Option<Vec<T>> {
     }
 }
 
+/// Runs `f` on matching pieces of `out` and `src` (equal lengths) across the threads; d-sized
+/// element-wise work is memory-bound, and one core alone does not saturate memory.
+pub(crate) fn par_zip_mut<T: Send, U: Sync>(out: &mut [T], src: &[U], f: impl Fn(&mut [T], &[U]) + Sync) {
+    let t = threads();
+    if t == 1 || out.len() < 1 << 16 {
+        return f(out, src);
+    }
+    let chunk = out.len().div_ceil(t);
+    std::thread::scope(|s| {
+        for (o, i) in out.chunks_mut(chunk).zip(src.chunks(chunk)) {
+            let f = &f;
+            s.spawn(move || f(o, i));
+        }
+    });
+}
+
+/// Whether every value is finite, in one vectorisable sweep (x·0 is 0 for finite x, NaN else).
+pub(crate) fn all_finite<E: Elem>(s: &[E]) -> bool {
+    let mut acc = [0.0f64; 8];
+    let chunks = s.chunks_exact(8);
+    let tail = chunks.remainder();
+    for c in chunks {
+        for l in 0..8 {
+            acc[l] += c[l].to_f64() * 0.0;
+        }
+    }
+    acc.iter().all(|a| *a == 0.0) && tail.iter().all(|x| x.to_f64().is_finite())
+}
+
 pub(crate) fn threads() -> usize {
     std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1).min(64)
 }
@@ -88,47 +128,293 @@ fn ranges(d: usize, t: usize) -> Vec<(usize, usize)> {
         .collect()
 }
 
-/// Σ x[k]·y[k] in f64 with 8 independent accumulators (so the loop vectorises).
+/// out[r] += Σ_k G_r[k]·y[k] for the (up to) four rows `g`, over one column block. Four rows
+/// share each load of y; four lanes per row keep the sums independent so the loop vectorises.
 #[inline(always)]
-fn dot<E: Elem>(x: &[E], y: &[f64]) -> f64 {
-    let mut acc = [0.0f64; 8];
-    let n8 = x.len() / 8 * 8;
-    for (xc, yc) in x[..n8].chunks_exact(8).zip(y[..n8].chunks_exact(8)) {
-        for k in 0..8 {
-            acc[k] += xc[k].to_f64() * yc[k];
+fn dot4<E: Elem>(g: [&[E]; 4], y: &[f64], out: &mut [f64; 4]) {
+    let n = y.len();
+    let g = [&g[0][..n], &g[1][..n], &g[2][..n], &g[3][..n]];
+    let mut acc = [[0.0f64; 4]; 4];
+    let n4 = n / 4 * 4;
+    let mut k = 0;
+    while k < n4 {
+        let yk = [y[k], y[k + 1], y[k + 2], y[k + 3]];
+        for r in 0..4 {
+            let gr = &g[r][k..k + 4];
+            for l in 0..4 {
+                acc[r][l] += gr[l].to_f64() * yk[l];
+            }
         }
+        k += 4;
     }
-    let mut s = 0.0;
-    for k in n8..x.len() {
-        s += x[k].to_f64() * y[k];
+    for r in 0..4 {
+        let mut s = (acc[r][0] + acc[r][1]) + (acc[r][2] + acc[r][3]);
+        for k in n4..n {
+            s += g[r][k].to_f64() * y[k];
+        }
+        out[r] += s;
     }
-    acc.iter().sum::<f64>() + s
 }
 
-/// u[k] += c · x[k].
+/// u[k] += Σ_r c[r]·G_r[k] over four rows at once (one load and store of u per four rows).
 #[inline(always)]
-fn axpy<E: Elem>(c: f64, x: &[E], u: &mut [f64]) {
-    for (uk, xk) in u.iter_mut().zip(x) {
-        *uk += c * xk.to_f64();
+fn axpy4<E: Elem>(c: [f64; 4], g: [&[E]; 4], u: &mut [f64]) {
+    let n = u.len();
+    let g = [&g[0][..n], &g[1][..n], &g[2][..n], &g[3][..n]];
+    for k in 0..n {
+        u[k] += (c[0] * g[0][k].to_f64() + c[1] * g[1][k].to_f64()) + (c[2] * g[2][k].to_f64() + c[3] * g[3][k].to_f64());
     }
 }
 
-/// bf16 dot with an f32 accumulator per block (exact products: bf16·bf16 fits f32's mantissa
-/// for the first factor; the other factor is rounded to f32).
+/// Pass 1 over one thread's columns [a, b): partial dots of the first `rows` rows with row j.
 #[inline(always)]
-fn dot_bf16(x: &[bf16], y: &[f32]) -> f64 {
-    let mut acc = [0.0f32; 16];
-    let n = x.len() / 16 * 16;
-    for (xc, yc) in x[..n].chunks_exact(16).zip(y[..n].chunks_exact(16)) {
-        for k in 0..16 {
-            acc[k] += xc[k].to_f32() * yc[k];
+fn pass1_range<E: Elem>(g: &[E], j: usize, rows: usize, d: usize, a: usize, b: usize) -> Vec<f64> {
+    let mut out = vec![0.0f64; rows.div_ceil(4) * 4];
+    let zero: Vec<E> = vec![E::from_f64(0.0); BLOCK];
+    let mut gj = vec![0.0f64; BLOCK];
+    let mut c0 = a;
+    while c0 < b {
+        let c1 = (c0 + BLOCK).min(b);
+        let n = c1 - c0;
+        for (x, y) in gj[..n].iter_mut().zip(&g[j * d + c0..j * d + c1]) {
+            *x = y.to_f64();
+        }
+        let row = |i: usize| if i < rows { &g[i * d + c0..i * d + c1] } else { &zero[..n] };
+        for i in (0..rows).step_by(4) {
+            let mut o = [0.0; 4];
+            dot4([row(i), row(i + 1), row(i + 2), row(i + 3)], &gj[..n], &mut o);
+            for r in 0..4 {
+                out[i + r] += o[r];
+            }
+        }
+        c0 = c1;
+    }
+    out.truncate(rows);
+    out
+}
+
+/// (Σ u², Σ u·x) with independent lanes (vectorisable).
+#[inline(always)]
+fn norm_and_dot<E: Elem>(u: &[f64], x: &[E]) -> (f64, f64) {
+    let n = u.len();
+    let x = &x[..n];
+    let (mut uu, mut ux) = ([0.0f64; 4], [0.0f64; 4]);
+    let n4 = n / 4 * 4;
+    for k in (0..n4).step_by(4) {
+        for l in 0..4 {
+            let v = u[k + l];
+            uu[l] += v * v;
+            ux[l] += v * x[k + l].to_f64();
         }
     }
-    let mut s = 0.0f64;
-    for k in n..x.len() {
-        s += (x[k].to_f32() * y[k]) as f64;
+    let (mut a, mut b) = ((uu[0] + uu[1]) + (uu[2] + uu[3]), (ux[0] + ux[1]) + (ux[2] + ux[3]));
+    for k in n4..n {
+        a += u[k] * u[k];
+        b += u[k] * x[k].to_f64();
     }
-    acc.iter().map(|&a| a as f64).sum::<f64>() + s
+    (a, b)
+}
+
+/// Pass 2 over one thread's columns: u[a..b] = scale·Σ_i c[i]·G_i[a..b]; returns
+/// (Σ u², Σ u·G_j) over those columns, computed while the blocks are in cache.
+#[inline(always)]
+fn pass2_range<E: Elem>(g: &[E], c: &[f64], rows: usize, d: usize, scale: f64, j: usize, a: usize, mine: &mut [f64]) -> (f64, f64) {
+    let b = a + mine.len();
+    let mut stats = (0.0, 0.0);
+    let zero: Vec<E> = vec![E::from_f64(0.0); BLOCK];
+    let mut c0 = a;
+    while c0 < b {
+        let c1 = (c0 + BLOCK).min(b);
+        let n = c1 - c0;
+        let out = &mut mine[c0 - a..c1 - a];
+        out.iter_mut().for_each(|x| *x = 0.0);
+        let row = |i: usize| if i < rows { &g[i * d + c0..i * d + c1] } else { &zero[..n] };
+        let ci = |i: usize| if i < rows { c[i] } else { 0.0 };
+        for i in (0..rows).step_by(4) {
+            axpy4([ci(i), ci(i + 1), ci(i + 2), ci(i + 3)], [row(i), row(i + 1), row(i + 2), row(i + 3)], out);
+        }
+        out.iter_mut().for_each(|x| *x *= scale);
+        let (uu, ug) = norm_and_dot(out, &g[j * d + c0..j * d + c1]);
+        stats = (stats.0 + uu, stats.1 + ug);
+        c0 = c1;
+    }
+    stats
+}
+
+/// The kernels compiled for AVX2 + FMA, chosen at run time when the CPU has them.
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use super::*;
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn pass1<E: Elem>(g: &[E], j: usize, rows: usize, d: usize, a: usize, b: usize) -> Vec<f64> {
+        pass1_range(g, j, rows, d, a, b)
+    }
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn pass2<E: Elem>(g: &[E], c: &[f64], rows: usize, d: usize, scale: f64, j: usize, a: usize, mine: &mut [f64]) -> (f64, f64) {
+        pass2_range(g, c, rows, d, scale, j, a, mine)
+    }
+}
+
+/// Hand-written AVX2 + FMA kernels for the f32 window (the default): f32 rows widened to f64
+/// and accumulated with FMA, four rows per sweep.
+#[cfg(target_arch = "x86_64")]
+mod avx2_f32 {
+    use std::arch::x86_64::*;
+
+    /// Partial dots of rows `g[r]` (n f32 each) with `y` (n f64), added to `out`; eight rows
+    /// share each load of y.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn dot8(g: [*const f32; 8], y: *const f64, n: usize, out: &mut [f64; 8]) {
+        let mut acc = [_mm256_setzero_pd(); 8];
+        let mut k = 0;
+        while k + 4 <= n {
+            let yv = _mm256_loadu_pd(y.add(k));
+            for r in 0..8 {
+                acc[r] = _mm256_fmadd_pd(_mm256_cvtps_pd(_mm_loadu_ps(g[r].add(k))), yv, acc[r]);
+            }
+            k += 4;
+        }
+        for r in 0..8 {
+            let mut lanes = [0.0f64; 4];
+            _mm256_storeu_pd(lanes.as_mut_ptr(), acc[r]);
+            let mut s = (lanes[0] + lanes[1]) + (lanes[2] + lanes[3]);
+            for t in k..n {
+                s += *g[r].add(t) as f64 * *y.add(t);
+            }
+            out[r] += s;
+        }
+    }
+
+    /// u[k] += Σ_r c[r]·g[r][k] for k < n, eight rows per sweep (one load and store of u).
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn axpy8(c: [f64; 8], g: [*const f32; 8], u: *mut f64, n: usize) {
+        let mut cv = [_mm256_setzero_pd(); 8];
+        for r in 0..8 {
+            cv[r] = _mm256_set1_pd(c[r]);
+        }
+        let mut k = 0;
+        while k + 4 <= n {
+            let mut a0 = _mm256_loadu_pd(u.add(k));
+            let mut a1 = _mm256_setzero_pd();
+            for r in (0..8).step_by(2) {
+                a0 = _mm256_fmadd_pd(cv[r], _mm256_cvtps_pd(_mm_loadu_ps(g[r].add(k))), a0);
+                a1 = _mm256_fmadd_pd(cv[r + 1], _mm256_cvtps_pd(_mm_loadu_ps(g[r + 1].add(k))), a1);
+            }
+            _mm256_storeu_pd(u.add(k), _mm256_add_pd(a0, a1));
+            k += 4;
+        }
+        while k < n {
+            let mut s = *u.add(k);
+            for r in 0..8 {
+                s += c[r] * *g[r].add(k) as f64;
+            }
+            *u.add(k) = s;
+            k += 1;
+        }
+    }
+}
+
+/// The f32 window's passes with the AVX2 kernels (same blocking as the generic ones).
+#[cfg(target_arch = "x86_64")]
+fn pass1_f32_avx2(g: &[f32], j: usize, rows: usize, d: usize, a: usize, b: usize) -> Vec<f64> {
+    let mut out = vec![0.0f64; rows.div_ceil(8) * 8];
+    let zero = vec![0.0f32; BLOCK];
+    let mut gj = vec![0.0f64; BLOCK];
+    let mut c0 = a;
+    while c0 < b {
+        let c1 = (c0 + BLOCK).min(b);
+        let n = c1 - c0;
+        for (x, y) in gj[..n].iter_mut().zip(&g[j * d + c0..j * d + c1]) {
+            *x = *y as f64;
+        }
+        let row = |i: usize| if i < rows { g[i * d + c0..i * d + c1].as_ptr() } else { zero.as_ptr() };
+        for i in (0..rows).step_by(8) {
+            let mut o = [0.0; 8];
+            let ps: [*const f32; 8] = std::array::from_fn(|r| row(i + r));
+            // SAFETY: each pointer addresses n valid f32 (a row block, or the zero block of
+            // BLOCK ≥ n); gj holds n f64; the caller checked AVX2 and FMA.
+            unsafe { avx2_f32::dot8(ps, gj.as_ptr(), n, &mut o) };
+            for r in 0..8 {
+                out[i + r] += o[r];
+            }
+        }
+        c0 = c1;
+    }
+    out.truncate(rows);
+    out
+}
+
+#[cfg(target_arch = "x86_64")]
+fn pass2_f32_avx2(g: &[f32], c: &[f64], rows: usize, d: usize, scale: f64, j: usize, a: usize, mine: &mut [f64]) -> (f64, f64) {
+    let b = a + mine.len();
+    let mut stats = (0.0, 0.0);
+    let zero = vec![0.0f32; BLOCK];
+    let mut c0 = a;
+    while c0 < b {
+        let c1 = (c0 + BLOCK).min(b);
+        let n = c1 - c0;
+        let out = &mut mine[c0 - a..c1 - a];
+        out.iter_mut().for_each(|x| *x = 0.0);
+        let row = |i: usize| if i < rows { g[i * d + c0..i * d + c1].as_ptr() } else { zero.as_ptr() };
+        let ci = |i: usize| if i < rows { c[i] } else { 0.0 };
+        for i in (0..rows).step_by(8) {
+            let cs: [f64; 8] = std::array::from_fn(|r| ci(i + r));
+            let ps: [*const f32; 8] = std::array::from_fn(|r| row(i + r));
+            // SAFETY: as in pass1_f32_avx2; `out` holds n f64.
+            unsafe { avx2_f32::axpy8(cs, ps, out.as_mut_ptr(), n) };
+        }
+        out.iter_mut().for_each(|x| *x *= scale);
+        let (uu, ug) = norm_and_dot(out, &g[j * d + c0..j * d + c1]);
+        stats = (stats.0 + uu, stats.1 + ug);
+        c0 = c1;
+    }
+    stats
+}
+
+/// `g` as `&[f32]` when E is f32.
+fn as_f32<E: Elem>(g: &[E]) -> Option<&[f32]> {
+    if std::any::TypeId::of::<E>() == std::any::TypeId::of::<f32>() {
+        // SAFETY: E is f32 (same type id), so the slice is a slice of f32.
+        Some(unsafe { std::slice::from_raw_parts(g.as_ptr() as *const f32, g.len()) })
+    } else {
+        None
+    }
+}
+
+fn has_avx2() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+fn pass1_dispatch<E: Elem>(g: &[E], j: usize, rows: usize, d: usize, a: usize, b: usize) -> Vec<f64> {
+    #[cfg(target_arch = "x86_64")]
+    if has_avx2() {
+        if let Some(g32) = as_f32(g) {
+            return pass1_f32_avx2(g32, j, rows, d, a, b);
+        }
+        // SAFETY: the CPU supports AVX2 and FMA (checked just above).
+        return unsafe { avx2::pass1(g, j, rows, d, a, b) };
+    }
+    pass1_range(g, j, rows, d, a, b)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn pass2_dispatch<E: Elem>(g: &[E], c: &[f64], rows: usize, d: usize, scale: f64, j: usize, a: usize, mine: &mut [f64]) -> (f64, f64) {
+    #[cfg(target_arch = "x86_64")]
+    if has_avx2() {
+        if let Some(g32) = as_f32(g) {
+            return pass2_f32_avx2(g32, c, rows, d, scale, j, a, mine);
+        }
+        // SAFETY: the CPU supports AVX2 and FMA (checked just above).
+        return unsafe { avx2::pass2(g, c, rows, d, scale, j, a, mine) };
+    }
+    pass2_range(g, c, rows, d, scale, j, a, mine)
 }
 
 impl HostWindow {
@@ -141,20 +427,6 @@ impl HostWindow {
             DType::F64 => HostWindow::F64(try_zeroed_vec(n)?),
             _ => HostWindow::F32(try_zeroed_vec(n)?),
         })
-    }
-
-    /// Writes row `j` in place from `src(k)` for k in 0..d.
-    pub fn write_row(&mut self, j: usize, d: usize, src: &[f64]) {
-        fn w<E: Elem>(v: &mut [E], j: usize, d: usize, src: &[f64]) {
-            for (x, s) in v[j * d..(j + 1) * d].iter_mut().zip(src) {
-                *x = E::from_f64(*s);
-            }
-        }
-        match self {
-            HostWindow::F32(v) => w(v, j, d, src),
-            HostWindow::BF16(v) => w(v, j, d, src),
-            HostWindow::F64(v) => w(v, j, d, src),
-        }
     }
 
     /// Row `j` as f64 (for checks and introspection).
@@ -171,16 +443,50 @@ impl HostWindow {
         match self {
             HostWindow::F32(v) => gram_row_generic(v, j, rows, d),
             HostWindow::F64(v) => gram_row_generic(v, j, rows, d),
-            HostWindow::BF16(v) => gram_row_bf16(v, j, rows, d),
+            HostWindow::BF16(v) => gram_row_generic(v, j, rows, d),
         }
     }
 
     /// Pass 2: u = scale · Σ_i c[i] G_i over the first `rows` rows, into `u` (length d).
-    pub fn combine(&self, c: &[f64], rows: usize, d: usize, scale: f64, u: &mut [f64]) {
+    /// Returns (‖u‖², ⟨u, G_j⟩), gathered on the way.
+    pub fn combine(&self, c: &[f64], rows: usize, d: usize, scale: f64, j: usize, u: &mut [f64]) -> (f64, f64) {
         match self {
-            HostWindow::F32(v) => combine_generic(v, c, rows, d, scale, u),
-            HostWindow::F64(v) => combine_generic(v, c, rows, d, scale, u),
-            HostWindow::BF16(v) => combine_generic(v, c, rows, d, scale, u),
+            HostWindow::F32(v) => combine_generic(v, c, rows, d, scale, j, u),
+            HostWindow::F64(v) => combine_generic(v, c, rows, d, scale, j, u),
+            HostWindow::BF16(v) => combine_generic(v, c, rows, d, scale, j, u),
+        }
+    }
+
+    /// ⟨G_j, x⟩ (one read of row j).
+    pub fn row_dot(&self, j: usize, d: usize, x: &[f64]) -> f64 {
+        fn f<E: Elem>(v: &[E], j: usize, d: usize, x: &[f64]) -> f64 {
+            norm_and_dot(x, &v[j * d..(j + 1) * d]).1
+        }
+        match self {
+            HostWindow::F32(v) => f(v, j, d, x),
+            HostWindow::F64(v) => f(v, j, d, x),
+            HostWindow::BF16(v) => f(v, j, d, x),
+        }
+    }
+
+    /// Writes `src` (any float slice) into row `j` at column `offset`, converting.
+    pub fn write_segment<T: Elem>(&mut self, j: usize, d: usize, offset: usize, src: &[T]) {
+        fn w<E: Elem, T: Elem>(v: &mut [E], start: usize, src: &[T]) {
+            par_zip_mut(&mut v[start..start + src.len()], src, |o, i| {
+                for (x, s) in o.iter_mut().zip(i) {
+                    *x = E::from_f64(s.to_f64());
+                }
+            });
+        }
+        let start = j * d + offset;
+        match self {
+            HostWindow::F32(v) => match as_f32(src) {
+                // f32 → f32 is a plain copy.
+                Some(s32) => par_zip_mut(&mut v[start..start + s32.len()], s32, |o, i| o.copy_from_slice(i)),
+                None => w(v, start, src),
+            },
+            HostWindow::F64(v) => w(v, start, src),
+            HostWindow::BF16(v) => w(v, start, src),
         }
     }
 }
@@ -189,61 +495,10 @@ fn gram_row_generic<E: Elem>(g: &[E], j: usize, rows: usize, d: usize) -> Vec<f6
     let parts: Vec<Vec<f64>> = std::thread::scope(|s| {
         let handles: Vec<_> = ranges(d, threads())
             .into_iter()
-            .map(|(a, b)| {
-                s.spawn(move || {
-                    let mut out = vec![0.0f64; rows];
-                    let mut gj = vec![0.0f64; BLOCK];
-                    let mut c0 = a;
-                    while c0 < b {
-                        let c1 = (c0 + BLOCK).min(b);
-                        let n = c1 - c0;
-                        for (x, y) in gj[..n].iter_mut().zip(&g[j * d + c0..j * d + c1]) {
-                            *x = y.to_f64();
-                        }
-                        for (i, o) in out.iter_mut().enumerate() {
-                            *o += dot(&g[i * d + c0..i * d + c1], &gj[..n]);
-                        }
-                        c0 = c1;
-                    }
-                    out
-                })
-            })
+            .map(|(a, b)| s.spawn(move || pass1_dispatch(g, j, rows, d, a, b)))
             .collect();
         handles.into_iter().map(|h| h.join().expect("M-FAC pass 1 worker")).collect()
     });
-    sum_parts(parts, rows)
-}
-
-fn gram_row_bf16(g: &[bf16], j: usize, rows: usize, d: usize) -> Vec<f64> {
-    let parts: Vec<Vec<f64>> = std::thread::scope(|s| {
-        let handles: Vec<_> = ranges(d, threads())
-            .into_iter()
-            .map(|(a, b)| {
-                s.spawn(move || {
-                    let mut out = vec![0.0f64; rows];
-                    let mut gj = vec![0.0f32; BLOCK];
-                    let mut c0 = a;
-                    while c0 < b {
-                        let c1 = (c0 + BLOCK).min(b);
-                        let n = c1 - c0;
-                        for (x, y) in gj[..n].iter_mut().zip(&g[j * d + c0..j * d + c1]) {
-                            *x = y.to_f32();
-                        }
-                        for (i, o) in out.iter_mut().enumerate() {
-                            *o += dot_bf16(&g[i * d + c0..i * d + c1], &gj[..n]);
-                        }
-                        c0 = c1;
-                    }
-                    out
-                })
-            })
-            .collect();
-        handles.into_iter().map(|h| h.join().expect("M-FAC pass 1 worker")).collect()
-    });
-    sum_parts(parts, rows)
-}
-
-fn sum_parts(parts: Vec<Vec<f64>>, rows: usize) -> Vec<f64> {
     let mut out = vec![0.0; rows];
     for p in parts {
         for (o, x) in out.iter_mut().zip(p) {
@@ -253,33 +508,24 @@ fn sum_parts(parts: Vec<Vec<f64>>, rows: usize) -> Vec<f64> {
     out
 }
 
-fn combine_generic<E: Elem>(g: &[E], c: &[f64], rows: usize, d: usize, scale: f64, u: &mut [f64]) {
+fn combine_generic<E: Elem>(g: &[E], c: &[f64], rows: usize, d: usize, scale: f64, j: usize, u: &mut [f64]) -> (f64, f64) {
     let rs = ranges(d, threads());
     std::thread::scope(|s| {
         let mut rest: &mut [f64] = u;
         let mut start = 0;
+        let mut handles = vec![];
         for (a, b) in rs {
             let (_, tail) = rest.split_at_mut(a - start);
             let (mine, tail) = tail.split_at_mut(b - a);
             rest = tail;
             start = b;
-            s.spawn(move || {
-                let mut c0 = a;
-                while c0 < b {
-                    let c1 = (c0 + BLOCK).min(b);
-                    let out = &mut mine[c0 - a..c1 - a];
-                    out.iter_mut().for_each(|x| *x = 0.0);
-                    for (i, &ci) in c[..rows].iter().enumerate() {
-                        if ci != 0.0 {
-                            axpy(ci, &g[i * d + c0..i * d + c1], out);
-                        }
-                    }
-                    out.iter_mut().for_each(|x| *x *= scale);
-                    c0 = c1;
-                }
-            });
+            handles.push(s.spawn(move || pass2_dispatch(g, c, rows, d, scale, j, a, mine)));
         }
-    });
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("M-FAC pass 2 worker"))
+            .fold((0.0, 0.0), |x, y| (x.0 + y.0, x.1 + y.1))
+    })
 }
 
 /// Two plain streaming reads of `bytes` (the floor an M-FAC step is compared with): the sum of

@@ -1,0 +1,90 @@
+//! Benchmark of one M-FAC step on the CPU, against the memory-bandwidth floor.
+//!
+//! ```sh
+//! cargo run --release --example bench_mfac -- [--d 4386307] [--m 32,128,256] [--dtype f32,bf16] [--steps 10]
+//! ```
+//! For each window size m and window dtype: fills the window (m steps), then times `--steps`
+//! more steps and prints the median ms per step, the effective bandwidth over the two passes
+//! (2·m·d·s bytes), and, measured in the same run, two plain streaming reads of the same bytes
+//! (the floor) and the ratio step / floor.
+
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Device, Tensor, Var};
+use mfac_lab::optim::{streaming_read, MFac, MFacConfig};
+use mfac_lab::rng::SeededRng;
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+fn arg(args: &[String], key: &str, default: &str) -> String {
+    args.iter().position(|a| a == key).and_then(|i| args.get(i + 1)).cloned().unwrap_or_else(|| default.to_string())
+}
+
+fn main() -> Result<()> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let d: usize = arg(&args, "--d", "4386307").parse().context("--d")?;
+    let steps: usize = arg(&args, "--steps", "10").parse().context("--steps")?;
+    let ms: Vec<usize> = arg(&args, "--m", "32,128,256").split(',').map(|s| s.parse()).collect::<Result<_, _>>()?;
+    let dtypes: Vec<DType> = arg(&args, "--dtype", "f32,bf16")
+        .split(',')
+        .map(|s| match s {
+            "f32" => Ok(DType::F32),
+            "bf16" => Ok(DType::BF16),
+            other => bail!("unknown dtype {other}"),
+        })
+        .collect::<Result<_>>()?;
+    println!(
+        "M-FAC step benchmark: d = {d}, {} threads, {steps} timed steps after filling the window",
+        std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
+    );
+    println!("| m | window | window GB | step ms (median) | GB/s over 2 passes | floor ms (2 reads) | step / floor |");
+    println!("|---|---|---|---|---|---|---|");
+    let mut rng = SeededRng::new(1);
+    let w = Var::from_tensor(&Tensor::from_vec(rng.normal_vec(d, 0.0, 1.0), d, &Device::Cpu)?.to_dtype(DType::F32)?)?;
+    let grads: Vec<Tensor> = (0..4)
+        .map(|_| Ok(Tensor::from_vec(rng.normal_vec(d, 0.0, 1e-3), d, &Device::Cpu)?.to_dtype(DType::F32)?))
+        .collect::<Result<_>>()?;
+    for &m in &ms {
+        for &dt in &dtypes {
+            let cfg = MFacConfig { num_grads: m, window_dtype: dt, ..MFacConfig::model_card() };
+            let mut opt = MFac::try_new(vec![w.clone()], cfg)?;
+            let bytes = opt.window_bytes() as f64;
+            let mut times = vec![];
+            for t in 0..m + steps {
+                let store = (w.as_tensor() * &grads[t % grads.len()])?.sum_all()?.backward()?;
+                let t0 = Instant::now();
+                opt.try_step(&store)?;
+                if t >= m {
+                    times.push(t0.elapsed().as_secs_f64());
+                }
+            }
+            let step = median(times);
+            drop(opt);
+            // The floor: the same number of bytes, read twice, same threads.
+            let buf = vec![1.0f32; (bytes / 4.0) as usize];
+            let mut reads = vec![];
+            let mut check = 0.0;
+            for _ in 0..5 {
+                let t0 = Instant::now();
+                check += streaming_read(&buf);
+                check += streaming_read(&buf);
+                reads.push(t0.elapsed().as_secs_f64());
+            }
+            assert!(check > 0.0);
+            let floor = median(reads);
+            println!(
+                "| {m} | {dt:?} | {:.3} | {:.1} | {:.1} | {:.1} | {:.2} |",
+                bytes / 1e9,
+                step * 1e3,
+                2.0 * bytes / step / 1e9,
+                floor * 1e3,
+                step / floor
+            );
+        }
+    }
+    Ok(())
+}

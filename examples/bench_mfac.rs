@@ -21,14 +21,21 @@ fn median(mut v: Vec<f64>) -> f64 {
 }
 
 fn arg(args: &[String], key: &str, default: &str) -> String {
-    args.iter().position(|a| a == key).and_then(|i| args.get(i + 1)).cloned().unwrap_or_else(|| default.to_string())
+    args.iter()
+        .position(|a| a == key)
+        .and_then(|i| args.get(i + 1))
+        .cloned()
+        .unwrap_or_else(|| default.to_string())
 }
 
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let d: usize = arg(&args, "--d", "4386307").parse().context("--d")?;
     let steps: usize = arg(&args, "--steps", "10").parse().context("--steps")?;
-    let ms: Vec<usize> = arg(&args, "--m", "32,128,256").split(',').map(|s| s.parse()).collect::<Result<_, _>>()?;
+    let ms: Vec<usize> = arg(&args, "--m", "32,128,256")
+        .split(',')
+        .map(|s| s.parse())
+        .collect::<Result<_, _>>()?;
     let dtypes: Vec<DType> = arg(&args, "--dtype", "f32,bf16")
         .split(',')
         .map(|s| match s {
@@ -39,18 +46,31 @@ fn main() -> Result<()> {
         .collect::<Result<_>>()?;
     println!(
         "M-FAC step benchmark: d = {d}, {} threads, {steps} timed steps after filling the window",
-        std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1)
     );
     println!("| m | window | window GB | step ms (median) | GB/s over 2 passes | floor ms (2 reads) | step / floor |");
     println!("|---|---|---|---|---|---|---|");
     let mut rng = SeededRng::new(1);
-    let w = Var::from_tensor(&Tensor::from_vec(rng.normal_vec(d, 0.0, 1.0), d, &Device::Cpu)?.to_dtype(DType::F32)?)?;
+    let w = Var::from_tensor(
+        &Tensor::from_vec(rng.normal_vec(d, 0.0, 1.0), d, &Device::Cpu)?.to_dtype(DType::F32)?,
+    )?;
     let grads: Vec<Tensor> = (0..4)
-        .map(|_| Ok(Tensor::from_vec(rng.normal_vec(d, 0.0, 1e-3), d, &Device::Cpu)?.to_dtype(DType::F32)?))
+        .map(|_| {
+            Ok(
+                Tensor::from_vec(rng.normal_vec(d, 0.0, 1e-3), d, &Device::Cpu)?
+                    .to_dtype(DType::F32)?,
+            )
+        })
         .collect::<Result<_>>()?;
     for &m in &ms {
         for &dt in &dtypes {
-            let cfg = MFacConfig { num_grads: m, window_dtype: dt, ..MFacConfig::model_card() };
+            let cfg = MFacConfig {
+                num_grads: m,
+                window_dtype: dt,
+                ..MFacConfig::model_card()
+            };
             let mut opt = MFac::try_new(vec![w.clone()], cfg)?;
             let bytes = opt.window_bytes() as f64;
             // The floor: the same number of bytes, read twice by the same threads. It is timed
@@ -59,7 +79,9 @@ fn main() -> Result<()> {
             let (mut times, mut reads) = (vec![], vec![]);
             let mut check = 0.0;
             for t in 0..m + steps {
-                let store = (w.as_tensor() * &grads[t % grads.len()])?.sum_all()?.backward()?;
+                let store = (w.as_tensor() * &grads[t % grads.len()])?
+                    .sum_all()?
+                    .backward()?;
                 let t0 = Instant::now();
                 opt.try_step(&store)?;
                 if t >= m {

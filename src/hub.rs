@@ -49,7 +49,10 @@ impl Default for Hub {
 }
 
 fn truthy(v: &str) -> bool {
-    matches!(v.trim().to_ascii_lowercase().as_str(), "1" | "true" | "yes" | "on")
+    matches!(
+        v.trim().to_ascii_lowercase().as_str(),
+        "1" | "true" | "yes" | "on"
+    )
 }
 
 impl Hub {
@@ -85,10 +88,15 @@ impl Hub {
             .or_else(|| nonempty("HUGGINGFACE_HUB_CACHE"))
             .map(PathBuf::from)
             .or_else(|| nonempty("HF_HOME").map(|h| PathBuf::from(h).join("hub")))
-            .or_else(|| nonempty("XDG_CACHE_HOME").map(|h| PathBuf::from(h).join("huggingface").join("hub")))
+            .or_else(|| {
+                nonempty("XDG_CACHE_HOME").map(|h| PathBuf::from(h).join("huggingface").join("hub"))
+            })
             .unwrap_or_else(|| {
                 let home = nonempty("HOME").unwrap_or_else(|| ".".into());
-                PathBuf::from(home).join(".cache").join("huggingface").join("hub")
+                PathBuf::from(home)
+                    .join(".cache")
+                    .join("huggingface")
+                    .join("hub")
             });
         let mut hub = Hub::new(endpoint, cache_dir);
         hub.offline = nonempty("HF_HUB_OFFLINE").is_some_and(|v| truthy(&v));
@@ -142,7 +150,13 @@ impl Hub {
 
     /// Like [`Hub::file`], but `Ok(None)` when the repository has no such file (or, offline,
     /// when the cache does not hold it).
-    pub fn try_file(&self, kind: RepoKind, repo: &str, revision: &str, file: &str) -> Result<Option<PathBuf>> {
+    pub fn try_file(
+        &self,
+        kind: RepoKind,
+        repo: &str,
+        revision: &str,
+        file: &str,
+    ) -> Result<Option<PathBuf>> {
         match self.fetch(kind, repo, revision, file) {
             Ok(p) => Ok(Some(p)),
             Err(Fetch::NotFound(_)) => Ok(None),
@@ -161,13 +175,20 @@ impl Hub {
     }
 
     fn error(&self, repo: &str, revision: &str, file: &str, message: String) -> Error {
-        Error::Hub { repo: repo.into(), revision: revision.into(), file: file.into(), message }
+        Error::Hub {
+            repo: repo.into(),
+            revision: revision.into(),
+            file: file.into(),
+            message,
+        }
     }
 
     fn split(repo: &str) -> std::result::Result<(&str, &str), Fetch> {
         match repo.split_once('/') {
             Some((o, n)) if !o.is_empty() && !n.is_empty() && !n.contains('/') => Ok((o, n)),
-            _ => Err(Fetch::Other(format!("{repo:?} is not a repository id of the form owner/name"))),
+            _ => Err(Fetch::Other(format!(
+                "{repo:?} is not a repository id of the form owner/name"
+            ))),
         }
     }
 }
@@ -208,7 +229,11 @@ mod client {
             let rate = done as f64 / secs;
             let mb = |b: u64| b as f64 / 1e6;
             if total > 0 {
-                let eta = if rate > 0.0 { (total.saturating_sub(done)) as f64 / rate } else { f64::NAN };
+                let eta = if rate > 0.0 {
+                    (total.saturating_sub(done)) as f64 / rate
+                } else {
+                    f64::NAN
+                };
                 eprintln!(
                     "downloading {}: {:.1}/{:.1} MB ({:.0}%), {:.1} MB/s, ETA {:.0} s",
                     self.label,
@@ -219,7 +244,12 @@ mod client {
                     eta
                 );
             } else {
-                eprintln!("downloading {}: {:.1} MB, {:.1} MB/s", self.label, mb(done), rate / 1e6);
+                eprintln!(
+                    "downloading {}: {:.1} MB, {:.1} MB/s",
+                    self.label,
+                    mb(done),
+                    rate / 1e6
+                );
             }
             if finished {
                 s.2 = u64::MAX;
@@ -235,16 +265,24 @@ mod client {
                         self.report(f.bytes_completed, f.total_bytes);
                     }
                 }
-                ProgressEvent::Download(DownloadEvent::AggregateProgress { bytes_completed, total_bytes, .. }) => {
-                    self.report(*bytes_completed, *total_bytes)
-                }
+                ProgressEvent::Download(DownloadEvent::AggregateProgress {
+                    bytes_completed,
+                    total_bytes,
+                    ..
+                }) => self.report(*bytes_completed, *total_bytes),
                 _ => {}
             }
         }
     }
 
     impl Hub {
-        pub(super) fn fetch(&self, kind: RepoKind, repo: &str, revision: &str, file: &str) -> std::result::Result<PathBuf, Fetch> {
+        pub(super) fn fetch(
+            &self,
+            kind: RepoKind,
+            repo: &str,
+            revision: &str,
+            file: &str,
+        ) -> std::result::Result<PathBuf, Fetch> {
             let (owner, name) = Self::split(repo)?;
             let mut builder = HFClient::builder()
                 .endpoint(self.endpoint.clone())
@@ -254,10 +292,15 @@ mod client {
             if let Some(t) = &self.token {
                 builder = builder.token(t.clone());
             }
-            let client = builder.build_sync().map_err(|e| Fetch::Other(e.to_string()))?;
+            let client = builder
+                .build_sync()
+                .map_err(|e| Fetch::Other(e.to_string()))?;
             let progress = self.progress.then(|| {
                 let now = Instant::now();
-                StderrProgress { label: format!("{repo}/{file}"), state: Mutex::new((now, now, 0)) }
+                StderrProgress {
+                    label: format!("{repo}/{file}"),
+                    state: Mutex::new((now, now, 0)),
+                }
             });
             let res = match kind {
                 RepoKind::Model => {
@@ -298,8 +341,16 @@ mod client {
 
 #[cfg(not(feature = "hub"))]
 impl Hub {
-    fn fetch(&self, _kind: RepoKind, repo: &str, _revision: &str, _file: &str) -> std::result::Result<PathBuf, Fetch> {
+    fn fetch(
+        &self,
+        _kind: RepoKind,
+        repo: &str,
+        _revision: &str,
+        _file: &str,
+    ) -> std::result::Result<PathBuf, Fetch> {
         Self::split(repo)?;
-        Err(Fetch::Other("mfac-lab was built without the `hub` feature; use a local model folder".into()))
+        Err(Fetch::Other(
+            "mfac-lab was built without the `hub` feature; use a local model folder".into(),
+        ))
     }
 }

@@ -26,9 +26,12 @@ pub mod prelude {
     pub use crate::error::{Error, Result};
     pub use crate::hub::Hub;
     pub use crate::model::{
-        best_device, load_bert_tiny, Batch, BertClassifier, BertConfig, LoadOptions, LoadReport, PairTokenizer,
+        best_device, load_bert_tiny, Batch, BertClassifier, BertConfig, LoadOptions, LoadReport,
+        PairTokenizer,
     };
-    pub use crate::optim::{clip_grad_norm, AdamW, AdamWConfig, LinearSchedule, MFac, MFacConfig, OptimizerSpec};
+    pub use crate::optim::{
+        clip_grad_norm, AdamW, AdamWConfig, LinearSchedule, MFac, MFacConfig, OptimizerSpec,
+    };
     pub use candle_core::{DType, Device, Tensor, Var};
     pub use candle_nn::Optimizer;
 }

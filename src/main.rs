@@ -22,7 +22,10 @@ fn main() -> Result<()> {
             Ok(())
         }
         Some("info") => {
-            let src = args.get(1).map(String::as_str).unwrap_or(mfac_lab::model::BERT_TINY_REPO);
+            let src = args
+                .get(1)
+                .map(String::as_str)
+                .unwrap_or(mfac_lab::model::BERT_TINY_REPO);
             let model = BertClassifier::from_pretrained(src, &LoadOptions::default())?;
             println!("{model:?}");
             println!("{:#?}", model.load_report());

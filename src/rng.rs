@@ -40,10 +40,18 @@ impl SeededRng {
     }
 
     /// A tensor of N(0, std²) draws with the given shape, dtype and device.
-    pub fn normal_tensor(&mut self, shape: &[usize], std: f64, dtype: DType, device: &Device) -> Result<Tensor> {
+    pub fn normal_tensor(
+        &mut self,
+        shape: &[usize],
+        std: f64,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Tensor> {
         let n = shape.iter().product();
         let v = self.normal_vec(n, 0.0, std);
-        Ok(Tensor::from_vec(v, shape, &Device::Cpu)?.to_dtype(dtype)?.to_device(device)?)
+        Ok(Tensor::from_vec(v, shape, &Device::Cpu)?
+            .to_dtype(dtype)?
+            .to_device(device)?)
     }
 
     /// An inverted-dropout mask: each entry is 0 with probability `p`, else `1 / (1 - p)`.
@@ -54,12 +62,22 @@ impl SeededRng {
     /// let v: Vec<f64> = m.to_vec1().unwrap();
     /// assert!(v.iter().all(|&x| x == 0.0 || x == 2.0));
     /// ```
-    pub fn dropout_mask(&mut self, shape: &[usize], p: f64, dtype: DType, device: &Device) -> Result<Tensor> {
+    pub fn dropout_mask(
+        &mut self,
+        shape: &[usize],
+        p: f64,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Tensor> {
         let n: usize = shape.iter().product();
         // Keep when a uniform u32 is at or above p·2³².
         let threshold = (p * 4_294_967_296.0) as u64;
-        let keep: Vec<u8> = (0..n).map(|_| (self.0.next_u32() as u64 >= threshold) as u8).collect();
-        let mask = Tensor::from_vec(keep, shape, &Device::Cpu)?.to_device(device)?.to_dtype(dtype)?;
+        let keep: Vec<u8> = (0..n)
+            .map(|_| (self.0.next_u32() as u64 >= threshold) as u8)
+            .collect();
+        let mask = Tensor::from_vec(keep, shape, &Device::Cpu)?
+            .to_device(device)?
+            .to_dtype(dtype)?;
         Ok(mask.affine(1.0 / (1.0 - p), 0.0)?)
     }
 

@@ -8,12 +8,20 @@ use mfac_lab::optim::{clip_grad_norm, AdamW, AdamWConfig};
 use mfac_lab::prelude::*;
 
 /// A model at the reference start point and a GradStore holding exactly the reference gradients.
-fn setup() -> (BertClassifier, candle_core::backprop::GradStore, std::collections::HashMap<String, Tensor>) {
+fn setup() -> (
+    BertClassifier,
+    candle_core::backprop::GradStore,
+    std::collections::HashMap<String, Tensor>,
+) {
     let dir = fixture("bert-tiny-random");
     let r = load_st(&dir.join("reference.safetensors"));
     let m = BertClassifier::from_dir(&dir, 3, &Device::Cpu, DType::F64).unwrap();
     let batch = reference_batch(&r);
-    let loss = BertClassifier::loss(&m.forward(&batch, false).unwrap(), batch.labels.as_ref().unwrap()).unwrap();
+    let loss = BertClassifier::loss(
+        &m.forward(&batch, false).unwrap(),
+        batch.labels.as_ref().unwrap(),
+    )
+    .unwrap();
     let mut grads = loss.backward().unwrap();
     for (n, v) in m.named_vars() {
         grads.insert(v.as_tensor(), r[&format!("grad.{n}")].clone());
@@ -22,7 +30,13 @@ fn setup() -> (BertClassifier, candle_core::backprop::GradStore, std::collection
 }
 
 fn param(m: &BertClassifier, name: &str) -> Tensor {
-    m.named_vars().iter().find(|(n, _)| n == name).unwrap().1.as_tensor().clone()
+    m.named_vars()
+        .iter()
+        .find(|(n, _)| n == name)
+        .unwrap()
+        .1
+        .as_tensor()
+        .clone()
 }
 
 // The update is lr·m̂/(sqrt(v̂)+eps) on float64 values; the only differences from torch are the
@@ -32,10 +46,23 @@ const TOL: f64 = 1e-12;
 #[test]
 fn one_step_matches_torch_adamw() {
     let (m, grads, r) = setup();
-    let start = param(&m, "bert.embeddings.word_embeddings.weight").copy().unwrap();
-    let mut opt = AdamW::new(m.vars(), AdamWConfig { lr: 1e-4, ..Default::default() }).unwrap();
+    let start = param(&m, "bert.embeddings.word_embeddings.weight")
+        .copy()
+        .unwrap();
+    let mut opt = AdamW::new(
+        m.vars(),
+        AdamWConfig {
+            lr: 1e-4,
+            ..Default::default()
+        },
+    )
+    .unwrap();
     opt.step(&grads).unwrap();
-    for name in ["classifier.weight", "classifier.bias", "bert.embeddings.word_embeddings.weight"] {
+    for name in [
+        "classifier.weight",
+        "classifier.bias",
+        "bert.embeddings.word_embeddings.weight",
+    ] {
         let e = rel_l2(&param(&m, name), &r[&format!("adamw.{name}")]);
         assert!(e <= TOL, "adamw.{name}: {e:e}");
     }
@@ -56,13 +83,25 @@ fn one_step_matches_torch_adamw() {
 #[test]
 fn one_step_with_weight_decay_matches_torch() {
     let (m, grads, r) = setup();
-    let cfg = AdamWConfig { lr: 1e-4, weight_decay: 0.01, ..Default::default() };
+    let cfg = AdamWConfig {
+        lr: 1e-4,
+        weight_decay: 0.01,
+        ..Default::default()
+    };
     let mut opt = AdamW::new(m.vars(), cfg).unwrap();
     opt.step(&grads).unwrap();
-    let e = rel_l2(&param(&m, "classifier.weight"), &r["adamw_wd0.01.classifier.weight"]);
+    let e = rel_l2(
+        &param(&m, "classifier.weight"),
+        &r["adamw_wd0.01.classifier.weight"],
+    );
     assert!(e <= TOL, "{e:e}");
     // And it differs from the step without decay (the test can fail).
-    assert!(rel_l2(&r["adamw_wd0.01.classifier.weight"], &r["adamw.classifier.weight"]) > 1e-9);
+    assert!(
+        rel_l2(
+            &r["adamw_wd0.01.classifier.weight"],
+            &r["adamw.classifier.weight"]
+        ) > 1e-9
+    );
 }
 
 #[test]
@@ -71,9 +110,19 @@ fn one_step_after_clipping_matches_torch() {
     let norm = clip_grad_norm(&mut grads, &m.vars(), 1.0).unwrap();
     let ref_norm = r["grad_global_norm"].to_vec1::<f64>().unwrap()[0];
     assert!((norm - ref_norm).abs() <= 1e-12 * ref_norm);
-    let mut opt = AdamW::new(m.vars(), AdamWConfig { lr: 1e-4, ..Default::default() }).unwrap();
+    let mut opt = AdamW::new(
+        m.vars(),
+        AdamWConfig {
+            lr: 1e-4,
+            ..Default::default()
+        },
+    )
+    .unwrap();
     opt.step(&grads).unwrap();
-    let e = rel_l2(&param(&m, "classifier.weight"), &r["adamw_clip1.classifier.weight"]);
+    let e = rel_l2(
+        &param(&m, "classifier.weight"),
+        &r["adamw_clip1.classifier.weight"],
+    );
     assert!(e <= TOL, "{e:e}");
 }
 
@@ -86,8 +135,20 @@ fn hf_grouping_skips_decay_for_biases_and_layernorm() {
     for (_, v) in m.named_vars() {
         grads.insert(v.as_tensor(), v.as_tensor().zeros_like().unwrap());
     }
-    let before: Vec<Tensor> = m.vars().iter().map(|v| v.as_tensor().copy().unwrap()).collect();
-    let mut opt = AdamW::new_named(m.named_vars(), AdamWConfig { lr: 0.1, weight_decay: 0.5, ..Default::default() }).unwrap();
+    let before: Vec<Tensor> = m
+        .vars()
+        .iter()
+        .map(|v| v.as_tensor().copy().unwrap())
+        .collect();
+    let mut opt = AdamW::new_named(
+        m.named_vars(),
+        AdamWConfig {
+            lr: 0.1,
+            weight_decay: 0.5,
+            ..Default::default()
+        },
+    )
+    .unwrap();
     opt.step(&grads).unwrap();
     for ((n, v), b) in m.named_vars().iter().zip(&before) {
         let moved = rel_l2(v.as_tensor(), b) > 0.0;

@@ -17,7 +17,9 @@ fn micro(p: Option<f64>) -> BertClassifier {
 }
 
 fn batch() -> Batch {
-    reference_batch(&load_st(&fixture("bert-micro-random").join("reference.safetensors")))
+    reference_batch(&load_st(
+        &fixture("bert-micro-random").join("reference.safetensors"),
+    ))
 }
 
 #[test]
@@ -34,7 +36,11 @@ fn train_passes_differ_and_the_same_seed_repeats() {
     let m = micro(None);
     let b = batch();
     let eval = m.forward(&b, false).unwrap();
-    assert_eq!(rel_l2(&m.forward(&b, false).unwrap(), &eval), 0.0, "eval is deterministic");
+    assert_eq!(
+        rel_l2(&m.forward(&b, false).unwrap(), &eval),
+        0.0,
+        "eval is deterministic"
+    );
     m.set_dropout_seed(11);
     let t1 = m.forward(&b, true).unwrap();
     let t2 = m.forward(&b, true).unwrap();
@@ -54,13 +60,19 @@ fn inverted_dropout_mask_is_unbiased() {
     let mut rng = SeededRng::new(5);
     let n = 200_000;
     for p in [0.1, 0.5] {
-        let m: Vec<f64> = rng.dropout_mask(&[n], p, DType::F64, &Device::Cpu).unwrap().to_vec1().unwrap();
+        let m: Vec<f64> = rng
+            .dropout_mask(&[n], p, DType::F64, &Device::Cpu)
+            .unwrap()
+            .to_vec1()
+            .unwrap();
         let kept = m.iter().filter(|&&x| x != 0.0).count() as f64 / n as f64;
         let mean = m.iter().sum::<f64>() / n as f64;
         // Binomial: std of the kept fraction is sqrt(p(1-p)/n) ≤ 0.0012; allow 5 sigma.
         assert!((kept - (1.0 - p)).abs() < 0.006, "p {p}: kept {kept}");
         assert!((mean - 1.0).abs() < 0.006 / (1.0 - p), "p {p}: mean {mean}");
-        assert!(m.iter().all(|&x| x == 0.0 || (x - 1.0 / (1.0 - p)).abs() < 1e-15));
+        assert!(m
+            .iter()
+            .all(|&x| x == 0.0 || (x - 1.0 / (1.0 - p)).abs() < 1e-15));
     }
 }
 
@@ -83,5 +95,8 @@ fn mean_of_many_training_passes_approaches_eval() {
     let avg_err = rel_l2(&mean, &eval);
     // The network is nonlinear, so the mean is not exactly the eval output, but averaging 120
     // passes removes most of the per-pass noise: it must be far closer than one pass is.
-    assert!(avg_err < 0.25 * single, "mean of passes {avg_err:e} vs one pass {single:e}");
+    assert!(
+        avg_err < 0.25 * single,
+        "mean of passes {avg_err:e} vs one pass {single:e}"
+    );
 }

@@ -15,7 +15,12 @@ fn load(dir: &Path) -> Result<BertClassifier> {
 /// A writable copy of bert-micro-random's HF folder.
 fn copy_micro() -> tempfile::TempDir {
     let tmp = tempfile::tempdir().unwrap();
-    for f in ["config.json", "model.safetensors", "tokenizer.json", "vocab.txt"] {
+    for f in [
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "vocab.txt",
+    ] {
         std::fs::copy(fixture("bert-micro-random").join(f), tmp.path().join(f)).unwrap();
     }
     tmp
@@ -26,7 +31,9 @@ fn missing_folder() {
     let e = load(Path::new("/definitely/not/here")).unwrap_err();
     assert!(matches!(e, Error::MissingDir(_)), "{e}");
     assert!(e.to_string().contains("/definitely/not/here"));
-    let e = BertClassifier::from_pretrained("./not/here", &LoadOptions::default().device(Device::Cpu)).unwrap_err();
+    let e =
+        BertClassifier::from_pretrained("./not/here", &LoadOptions::default().device(Device::Cpu))
+            .unwrap_err();
     assert!(matches!(e, Error::MissingDir(_)), "{e}");
 }
 
@@ -35,7 +42,10 @@ fn missing_config() {
     let tmp = copy_micro();
     std::fs::remove_file(tmp.path().join("config.json")).unwrap();
     let e = load(tmp.path()).unwrap_err();
-    assert!(matches!(&e, Error::MissingFile { file, .. } if file == "config.json"), "{e}");
+    assert!(
+        matches!(&e, Error::MissingFile { file, .. } if file == "config.json"),
+        "{e}"
+    );
 }
 
 #[test]
@@ -51,10 +61,17 @@ fn malformed_config_json() {
 fn unknown_hidden_act() {
     let tmp = copy_micro();
     let text = std::fs::read_to_string(tmp.path().join("config.json")).unwrap();
-    std::fs::write(tmp.path().join("config.json"), text.replace("\"gelu\"", "\"swishy\"")).unwrap();
+    std::fs::write(
+        tmp.path().join("config.json"),
+        text.replace("\"gelu\"", "\"swishy\""),
+    )
+    .unwrap();
     let e = load(tmp.path()).unwrap_err();
     assert!(matches!(e, Error::Config { .. }), "{e}");
-    assert!(e.to_string().contains("swishy") && e.to_string().contains("hidden_act"), "{e}");
+    assert!(
+        e.to_string().contains("swishy") && e.to_string().contains("hidden_act"),
+        "{e}"
+    );
 }
 
 #[test]
@@ -62,7 +79,10 @@ fn missing_weights() {
     let tmp = copy_micro();
     std::fs::remove_file(tmp.path().join("model.safetensors")).unwrap();
     let e = load(tmp.path()).unwrap_err();
-    assert!(matches!(&e, Error::MissingFile { file, .. } if file.contains("model.safetensors")), "{e}");
+    assert!(
+        matches!(&e, Error::MissingFile { file, .. } if file.contains("model.safetensors")),
+        "{e}"
+    );
 }
 
 #[test]
@@ -81,11 +101,18 @@ fn tensor_with_the_wrong_shape_is_named() {
     let tmp = copy_micro();
     let mut st = load_st(&tmp.path().join("model.safetensors"));
     let name = "bert.encoder.layer.1.intermediate.dense.weight";
-    st.insert(name.into(), Tensor::zeros((64, 31), DType::F32, &Device::Cpu).unwrap());
+    st.insert(
+        name.into(),
+        Tensor::zeros((64, 31), DType::F32, &Device::Cpu).unwrap(),
+    );
     candle_core::safetensors::save(&st, tmp.path().join("model.safetensors")).unwrap();
     let e = load(tmp.path()).unwrap_err();
     match &e {
-        Error::ShapeMismatch { name: n, expected, found } => {
+        Error::ShapeMismatch {
+            name: n,
+            expected,
+            found,
+        } => {
             assert_eq!(n, name);
             assert_eq!(expected, &vec![64, 32]);
             assert_eq!(found, &vec![64, 31]);
@@ -102,7 +129,10 @@ fn missing_base_tensor_is_named() {
     st.remove("bert.encoder.layer.0.output.LayerNorm.bias");
     candle_core::safetensors::save(&st, tmp.path().join("model.safetensors")).unwrap();
     let e = load(tmp.path()).unwrap_err();
-    assert!(matches!(&e, Error::MissingTensor { name, .. } if name == "bert.encoder.layer.0.output.LayerNorm.bias"), "{e}");
+    assert!(
+        matches!(&e, Error::MissingTensor { name, .. } if name == "bert.encoder.layer.0.output.LayerNorm.bias"),
+        "{e}"
+    );
 }
 
 #[test]
@@ -110,36 +140,50 @@ fn legacy_pickle_says_how_to_convert() {
     let e = load(&fixture("bert-micro-random").join("pytorch-bin-legacy")).unwrap_err();
     assert!(matches!(e, Error::Weights { .. }), "{e}");
     let msg = e.to_string();
-    assert!(msg.contains("legacy") && msg.contains("safetensors") && msg.contains("pytorch_model.bin"), "{msg}");
+    assert!(
+        msg.contains("legacy") && msg.contains("safetensors") && msg.contains("pytorch_model.bin"),
+        "{msg}"
+    );
 }
 
 #[test]
 fn garbage_pickle_is_an_error_not_a_panic() {
     let tmp = copy_micro();
     std::fs::remove_file(tmp.path().join("model.safetensors")).unwrap();
-    std::fs::write(tmp.path().join("pytorch_model.bin"), b"PK\x03\x04 not really a zip").unwrap();
+    std::fs::write(
+        tmp.path().join("pytorch_model.bin"),
+        b"PK\x03\x04 not really a zip",
+    )
+    .unwrap();
     let e = load(tmp.path()).unwrap_err();
     assert!(matches!(e, Error::Weights { .. }), "{e}");
 }
 
 #[test]
 fn zero_labels() {
-    let e = BertClassifier::from_dir(fixture("bert-micro-random"), 0, &Device::Cpu, DType::F32).unwrap_err();
+    let e = BertClassifier::from_dir(fixture("bert-micro-random"), 0, &Device::Cpu, DType::F32)
+        .unwrap_err();
     assert!(matches!(e, Error::InvalidArgument(_)), "{e}");
     assert!(e.to_string().contains("num_labels"));
-    let e = BertClassifier::random(&BertConfig::bert_tiny(), 0, 1, &Device::Cpu, DType::F32).unwrap_err();
+    let e = BertClassifier::random(&BertConfig::bert_tiny(), 0, 1, &Device::Cpu, DType::F32)
+        .unwrap_err();
     assert!(matches!(e, Error::InvalidArgument(_)), "{e}");
 }
 
 #[test]
 fn a_head_of_another_size_is_a_shape_error() {
-    let e = BertClassifier::from_dir(fixture("bert-micro-random"), 2, &Device::Cpu, DType::F32).unwrap_err();
-    assert!(matches!(&e, Error::ShapeMismatch { name, .. } if name == "classifier.weight"), "{e}");
+    let e = BertClassifier::from_dir(fixture("bert-micro-random"), 2, &Device::Cpu, DType::F32)
+        .unwrap_err();
+    assert!(
+        matches!(&e, Error::ShapeMismatch { name, .. } if name == "classifier.weight"),
+        "{e}"
+    );
 }
 
 #[test]
 fn unsupported_dtype() {
-    let e = BertClassifier::from_dir(fixture("bert-micro-random"), 3, &Device::Cpu, DType::U8).unwrap_err();
+    let e = BertClassifier::from_dir(fixture("bert-micro-random"), 3, &Device::Cpu, DType::U8)
+        .unwrap_err();
     assert!(matches!(e, Error::InvalidArgument(_)), "{e}");
 }
 
@@ -159,8 +203,15 @@ fn unwritable_output_folder_leaves_nothing_behind() {
     assert_eq!(std::fs::read(&blocker).unwrap(), b"x");
     // /proc refuses new folders for everyone.
     assert!(m.save_pretrained("/proc/mfac-lab-test/model").is_err());
-    let entries: Vec<_> = std::fs::read_dir(tmp.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
-    assert_eq!(entries, vec![std::ffi::OsString::from("blocker")], "nothing left behind");
+    let entries: Vec<_> = std::fs::read_dir(tmp.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(
+        entries,
+        vec![std::ffi::OsString::from("blocker")],
+        "nothing left behind"
+    );
 }
 
 #[test]

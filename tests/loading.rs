@@ -9,7 +9,10 @@ use mfac_lab::prelude::*;
 
 fn base_outputs(m: &BertClassifier, batch: &Batch) -> (Tensor, Tensor) {
     let out = m.forward_full(batch, false).unwrap();
-    (out.bert.last_hidden_state().clone(), out.bert.pooled.clone())
+    (
+        out.bert.last_hidden_state().clone(),
+        out.bert.pooled.clone(),
+    )
 }
 
 #[test]
@@ -19,7 +22,8 @@ fn pytorch_bin_gives_the_same_base_outputs_and_reports_the_new_head() {
         let r = load_st(&dir.join("reference.safetensors"));
         let batch = reference_batch(&r);
         let st = BertClassifier::from_dir(&dir, 3, &Device::Cpu, DType::F64).unwrap();
-        let bin = BertClassifier::from_dir(dir.join("pytorch-bin"), 3, &Device::Cpu, DType::F64).unwrap();
+        let bin =
+            BertClassifier::from_dir(dir.join("pytorch-bin"), 3, &Device::Cpu, DType::F64).unwrap();
         let (h1, p1) = base_outputs(&st, &batch);
         let (h2, p2) = base_outputs(&bin, &batch);
         // Same float32 weights, same f64 arithmetic: identical.
@@ -28,7 +32,11 @@ fn pytorch_bin_gives_the_same_base_outputs_and_reports_the_new_head() {
         assert!(rel_l2(&p2, &r["pooled_output"]) <= 1e-10);
 
         let rep = bin.load_report();
-        assert_eq!(rep.newly_initialized, vec!["classifier.weight", "classifier.bias"], "{name}");
+        assert_eq!(
+            rep.newly_initialized,
+            vec!["classifier.weight", "classifier.bias"],
+            "{name}"
+        );
         let mut expected_unused = vec![
             "cls.predictions.bias",
             "cls.predictions.decoder.bias",
@@ -56,8 +64,22 @@ fn new_head_is_hf_initialised_and_seeded() {
     let c = BertClassifier::from_pretrained(dir.to_str().unwrap(), &opts.seed(2)).unwrap();
     let head = |m: &BertClassifier| -> (Vec<f64>, Vec<f64>) {
         let v = m.named_vars();
-        let w = v.iter().find(|(n, _)| n == "classifier.weight").unwrap().1.as_tensor().flatten_all().unwrap();
-        let bias = v.iter().find(|(n, _)| n == "classifier.bias").unwrap().1.as_tensor().to_vec1().unwrap();
+        let w = v
+            .iter()
+            .find(|(n, _)| n == "classifier.weight")
+            .unwrap()
+            .1
+            .as_tensor()
+            .flatten_all()
+            .unwrap();
+        let bias = v
+            .iter()
+            .find(|(n, _)| n == "classifier.bias")
+            .unwrap()
+            .1
+            .as_tensor()
+            .to_vec1()
+            .unwrap();
         (w.to_vec1().unwrap(), bias)
     };
     let (wa, ba) = head(&a);
@@ -94,7 +116,10 @@ fn unprefixed_names_load_like_prefixed_ones() {
     let (h2, p2) = base_outputs(&full, &batch);
     assert_eq!(rel_l2(&h1, &h2), 0.0);
     assert_eq!(rel_l2(&p1, &p2), 0.0);
-    assert_eq!(bare_model.load_report().newly_initialized, vec!["classifier.weight", "classifier.bias"]);
+    assert_eq!(
+        bare_model.load_report().newly_initialized,
+        vec!["classifier.weight", "classifier.bias"]
+    );
 }
 
 #[test]
@@ -107,15 +132,28 @@ fn save_then_load_gives_identical_logits() {
         m.save_pretrained(&out).unwrap();
         // Saving over an existing model replaces it.
         m.save_pretrained(&out).unwrap();
-        let leftovers: Vec<_> = std::fs::read_dir(tmp.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
-        assert_eq!(leftovers, vec![std::ffi::OsString::from("saved")], "no temporary folders left");
+        let leftovers: Vec<_> = std::fs::read_dir(tmp.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(
+            leftovers,
+            vec![std::ffi::OsString::from("saved")],
+            "no temporary folders left"
+        );
         let cfg: serde_json::Value =
-            serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap()).unwrap();
+            serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap())
+                .unwrap();
         assert_eq!(cfg["model_type"], "bert");
         assert_eq!(cfg["architectures"][0], "BertForSequenceClassification");
         assert_eq!(cfg["id2label"]["1"], "neutral");
         assert_eq!(cfg["label2id"]["contradiction"], 2);
-        for f in ["model.safetensors", "vocab.txt", "tokenizer.json", "tokenizer_config.json"] {
+        for f in [
+            "model.safetensors",
+            "vocab.txt",
+            "tokenizer.json",
+            "tokenizer_config.json",
+        ] {
             assert!(out.join(f).is_file(), "{f} missing");
         }
         // HF names with the `bert.` prefix.
@@ -126,10 +164,24 @@ fn save_then_load_gives_identical_logits() {
 
         let back = BertClassifier::from_dir(&out, 3, &Device::Cpu, dtype).unwrap();
         assert!(back.load_report().newly_initialized.is_empty());
-        let pairs = [("A man is playing a guitar.", "Music is played."), ("Naïve résumé", "Short")];
-        let b1 = m.tokenizer().unwrap().batch(&pairs, None, &Device::Cpu).unwrap();
-        let b2 = back.tokenizer().unwrap().batch(&pairs, None, &Device::Cpu).unwrap();
-        assert_eq!(b1.input_ids.to_vec2::<u32>().unwrap(), b2.input_ids.to_vec2::<u32>().unwrap());
+        let pairs = [
+            ("A man is playing a guitar.", "Music is played."),
+            ("Naïve résumé", "Short"),
+        ];
+        let b1 = m
+            .tokenizer()
+            .unwrap()
+            .batch(&pairs, None, &Device::Cpu)
+            .unwrap();
+        let b2 = back
+            .tokenizer()
+            .unwrap()
+            .batch(&pairs, None, &Device::Cpu)
+            .unwrap();
+        assert_eq!(
+            b1.input_ids.to_vec2::<u32>().unwrap(),
+            b2.input_ids.to_vec2::<u32>().unwrap()
+        );
         let l1 = m.forward(&b1, false).unwrap();
         let l2 = back.forward(&b2, false).unwrap();
         assert_eq!(rel_l2(&l1, &l2), 0.0, "{dtype:?}: logits after save → load");
@@ -142,7 +194,14 @@ fn random_model_is_reproducible_from_its_seed() {
     let a = BertClassifier::random(&cfg, 3, 5, &Device::Cpu, DType::F32).unwrap();
     let b = BertClassifier::random(&cfg, 3, 5, &Device::Cpu, DType::F32).unwrap();
     let c = BertClassifier::random(&cfg, 3, 6, &Device::Cpu, DType::F32).unwrap();
-    let w = |m: &BertClassifier| m.vars()[5].as_tensor().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    let w = |m: &BertClassifier| {
+        m.vars()[5]
+            .as_tensor()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap()
+    };
     assert_eq!(w(&a), w(&b));
     assert_ne!(w(&a), w(&c));
     // [PAD] row is zero (nn.Embedding padding_idx), LayerNorm weight one.

@@ -19,7 +19,11 @@ fn case(name: &str) -> Case {
     let path = fixture("mfac").join(format!("case_{name}.safetensors"));
     let t = load_st(&path);
     let meta = st_metadata(&path);
-    let num = |k: &str| meta[k].parse::<f64>().unwrap_or_else(|_| panic!("metadata {k}"));
+    let num = |k: &str| {
+        meta[k]
+            .parse::<f64>()
+            .unwrap_or_else(|_| panic!("metadata {k}"))
+    };
     let rows = |k: &str| t[k].to_vec2::<f64>().unwrap();
     Case {
         cfg: MFacConfig {
@@ -42,22 +46,46 @@ fn case(name: &str) -> Case {
 /// direction) errors over all steps.
 fn run(c: &Case, window: DType) -> (f64, f64, f64) {
     let w = Var::new(c.params0.as_slice(), &Device::Cpu).unwrap();
-    let mut opt = MFac::try_new(vec![w.clone()], MFacConfig { window_dtype: window, ..c.cfg }).unwrap();
+    let mut opt = MFac::try_new(
+        vec![w.clone()],
+        MFacConfig {
+            window_dtype: window,
+            ..c.cfg
+        },
+    )
+    .unwrap();
     let (mut e_u, mut e_p, mut e_d) = (0.0f64, 0.0f64, 0.0f64);
     for (t, g) in c.grads.iter().enumerate() {
         // d/dw Σ w·g = g exactly: the GradStore holds the stored gradient bit for bit.
         let gt = Tensor::new(g.as_slice(), &Device::Cpu).unwrap();
-        let grads = (w.as_tensor() * &gt).unwrap().sum_all().unwrap().backward().unwrap();
+        let grads = (w.as_tensor() * &gt)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
         opt.try_step(&grads).unwrap();
         e_u = e_u.max(rel_l2_vec(opt.preconditioned_gradient(), &c.ihvp[t]));
         let now: Vec<f64> = w.as_tensor().to_vec1().unwrap();
         let moved: Vec<f64> = now.iter().zip(&c.params0).map(|(a, b)| a - b).collect();
-        let want: Vec<f64> = c.params[t].iter().zip(&c.params0).map(|(a, b)| a - b).collect();
+        let want: Vec<f64> = c.params[t]
+            .iter()
+            .zip(&c.params0)
+            .map(|(a, b)| a - b)
+            .collect();
         e_p = e_p.max(rel_l2_vec(&moved, &want));
         if let Some(dir) = &c.direction {
             // v_t = (w_{t-1} − w_t)/lr, from consecutive parameter rows of ours.
-            let prev = if t == 0 { c.params0.clone() } else { c.params[t - 1].clone() };
-            let ours: Vec<f64> = prev.iter().zip(&now).map(|(a, b)| (a - b) / c.cfg.lr).collect();
+            let prev = if t == 0 {
+                c.params0.clone()
+            } else {
+                c.params[t - 1].clone()
+            };
+            let ours: Vec<f64> = prev
+                .iter()
+                .zip(&now)
+                .map(|(a, b)| (a - b) / c.cfg.lr)
+                .collect();
             e_d = e_d.max(rel_l2_vec(&ours, &dir[t]));
         }
     }
@@ -80,13 +108,27 @@ fn tolerances(name: &str, window: DType) -> f64 {
 
 fn check(name: &str, window: DType) {
     let c = case(name);
-    assert!(c.grads.len() > 2 * c.cfg.num_grads, "the ring must wrap at least twice");
+    assert!(
+        c.grads.len() > 2 * c.cfg.num_grads,
+        "the ring must wrap at least twice"
+    );
     let tol = tolerances(name, window);
     let (e_u, e_p, e_d) = run(&c, window);
-    eprintln!("case {name} {window:?}: ihvp {e_u:.2e}, params−params0 {e_p:.2e}, direction {e_d:.2e}");
-    assert!(e_u <= tol, "case {name} {window:?}: ihvp error {e_u:e} > {tol:e}");
-    assert!(e_p <= tol, "case {name} {window:?}: params − params0 error {e_p:e} > {tol:e}");
-    assert!(e_d <= tol.max(1e-8), "case {name} {window:?}: direction error {e_d:e}");
+    eprintln!(
+        "case {name} {window:?}: ihvp {e_u:.2e}, params−params0 {e_p:.2e}, direction {e_d:.2e}"
+    );
+    assert!(
+        e_u <= tol,
+        "case {name} {window:?}: ihvp error {e_u:e} > {tol:e}"
+    );
+    assert!(
+        e_p <= tol,
+        "case {name} {window:?}: params − params0 error {e_p:e} > {tol:e}"
+    );
+    assert!(
+        e_d <= tol.max(1e-8),
+        "case {name} {window:?}: direction error {e_d:e}"
+    );
 }
 
 #[test]
@@ -131,7 +173,10 @@ fn momentum_and_weight_decay_order_matters() {
     let mut c = case("c");
     c.cfg.weight_decay = 0.0;
     let (e_u, e_p, _) = run(&c, DType::F64);
-    assert!(e_u > 1e-3 || e_p > 1e-3, "case c is insensitive to weight decay? {e_u:e} {e_p:e}");
+    assert!(
+        e_u > 1e-3 || e_p > 1e-3,
+        "case c is insensitive to weight decay? {e_u:e} {e_p:e}"
+    );
     let mut c = case("c");
     c.cfg.momentum = 0.0;
     let (_, e_p, _) = run(&c, DType::F64);
@@ -150,10 +195,18 @@ fn bf16_window_error_is_measured_and_bounded() {
     for (name, bound) in [("a", 5e-3), ("b", 5e-3), ("c", 5e-3), ("d", 5e-3)] {
         let c = case(name);
         let (e_u, e_p, _) = run(&c, DType::BF16);
-        eprintln!("bf16 window, case {name}: ihvp {e_u:.3e}, params−params0 {e_p:.3e} (bound {bound:e})");
-        assert!(e_u <= bound && e_p <= bound, "case {name}: bf16 errors {e_u:e} / {e_p:e} exceed {bound:e}");
+        eprintln!(
+            "bf16 window, case {name}: ihvp {e_u:.3e}, params−params0 {e_p:.3e} (bound {bound:e})"
+        );
+        assert!(
+            e_u <= bound && e_p <= bound,
+            "case {name}: bf16 errors {e_u:e} / {e_p:e} exceed {bound:e}"
+        );
         // …and bf16 is measurably worse than f32 (the test can tell them apart).
         let (e32, _, _) = run(&c, DType::F32);
-        assert!(e_u > e32, "case {name}: bf16 {e_u:e} should exceed f32 {e32:e}");
+        assert!(
+            e_u > e32,
+            "case {name}: bf16 {e_u:e} should exceed f32 {e32:e}"
+        );
     }
 }

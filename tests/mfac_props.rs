@@ -12,11 +12,22 @@ use mfac_lab::Error;
 /// A GradStore whose gradient for `w` is exactly `g` (d/dw Σ w·g = g).
 fn grads_for(w: &Var, g: &[f64]) -> candle_core::backprop::GradStore {
     let gt = Tensor::new(g, &Device::Cpu).unwrap();
-    (w.as_tensor() * &gt).unwrap().sum_all().unwrap().backward().unwrap()
+    (w.as_tensor() * &gt)
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .backward()
+        .unwrap()
 }
 
 fn f64_cfg(m: usize, damp: f64) -> MFacConfig {
-    MFacConfig { lr: 1e-3, num_grads: m, damp, window_dtype: DType::F64, ..Default::default() }
+    MFacConfig {
+        lr: 1e-3,
+        num_grads: m,
+        damp,
+        window_dtype: DType::F64,
+        ..Default::default()
+    }
 }
 
 /// Correlated gradients: a shared direction plus a slowly drifting one plus noise.
@@ -33,6 +44,7 @@ fn correlated(rng: &mut SeededRng, d: usize, t: usize) -> Vec<Vec<f64>> {
 }
 
 /// u = (λI + (1/m) Σ gᵢgᵢᵀ)⁻¹ g by dense Gaussian elimination with partial pivoting, in f64.
+#[allow(clippy::needless_range_loop)]
 fn dense_ihvp(window: &[Vec<f64>], m: usize, damp: f64, g: &[f64]) -> Vec<f64> {
     let d = g.len();
     let mut a = vec![vec![0.0; d + 1]; d];
@@ -44,7 +56,9 @@ fn dense_ihvp(window: &[Vec<f64>], m: usize, damp: f64, g: &[f64]) -> Vec<f64> {
         a[i][d] = g[i];
     }
     for col in 0..d {
-        let p = (col..d).max_by(|&x, &y| a[x][col].abs().total_cmp(&a[y][col].abs())).unwrap();
+        let p = (col..d)
+            .max_by(|&x, &y| a[x][col].abs().total_cmp(&a[y][col].abs()))
+            .unwrap();
         a.swap(col, p);
         for r in col + 1..d {
             let f = a[r][col] / a[col][col];
@@ -78,7 +92,10 @@ fn matches_a_dense_f64_inverse_with_the_ring_wrapped_several_times() {
     }
     // Both sides are f64; the dense system's condition number here is ~1e4, so agreement is
     // at rounding level (~1e-12): 1e-10 catches any algebraic slip (a missing 1/m, a stale row).
-    assert!(worst <= 1e-10, "worst relative error vs dense F⁻¹g: {worst:e}");
+    assert!(
+        worst <= 1e-10,
+        "worst relative error vs dense F⁻¹g: {worst:e}"
+    );
 }
 
 #[test]
@@ -89,14 +106,20 @@ fn first_step_is_m_g_over_m_lambda_plus_g_squared() {
     let mut opt = MFac::try_new(vec![w.clone()], f64_cfg(m, damp)).unwrap();
     opt.try_step(&grads_for(&w, &g)).unwrap();
     let g2: f64 = g.iter().map(|x| x * x).sum();
-    let want: Vec<f64> = g.iter().map(|x| m as f64 * x / (m as f64 * damp + g2)).collect();
+    let want: Vec<f64> = g
+        .iter()
+        .map(|x| m as f64 * x / (m as f64 * damp + g2))
+        .collect();
     assert!(rel_l2_vec(opt.preconditioned_gradient(), &want) <= 1e-13);
     assert_eq!((opt.filled_slots(), opt.ring_index()), (1, 1));
     // The step taken was lr·u.
     let now: Vec<f64> = w.as_tensor().to_vec1().unwrap();
     let moved: Vec<f64> = now.iter().map(|x| (1.0 - x) / 1e-3).collect();
     assert!(rel_l2_vec(&moved, &want) <= 1e-9);
-    assert!((opt.last_cosine() - 1.0).abs() < 1e-12, "first step is along g");
+    assert!(
+        (opt.last_cosine() - 1.0).abs() < 1e-12,
+        "first step is along g"
+    );
 }
 
 #[test]
@@ -116,7 +139,11 @@ fn scaling_all_gradients_by_alpha_scales_the_update_by_one_over_alpha() {
             o1.try_step(&grads_for(&w1, g)).unwrap();
             let ga: Vec<f64> = g.iter().map(|x| x * alpha).collect();
             o2.try_step(&grads_for(&w2, &ga)).unwrap();
-            let scaled: Vec<f64> = o2.preconditioned_gradient().iter().map(|u| u * alpha).collect();
+            let scaled: Vec<f64> = o2
+                .preconditioned_gradient()
+                .iter()
+                .map(|u| u * alpha)
+                .collect();
             let e = rel_l2_vec(&scaled, o1.preconditioned_gradient());
             assert!(e <= 1e-8, "alpha {alpha}: {e:e}");
         }
@@ -130,17 +157,30 @@ fn long_run_keeps_the_o_m2_path_on_the_from_scratch_solve() {
     let mut rng = SeededRng::new(11);
     let gs = correlated(&mut rng, d, steps);
     let w = Var::new(vec![0.0f64; d].as_slice(), &Device::Cpu).unwrap();
-    let mut opt = MFac::try_new(vec![w.clone()], MFacConfig { window_dtype: DType::F32, ..f64_cfg(m, 1e-6) }).unwrap();
+    let mut opt = MFac::try_new(
+        vec![w.clone()],
+        MFacConfig {
+            window_dtype: DType::F32,
+            ..f64_cfg(m, 1e-6)
+        },
+    )
+    .unwrap();
     let mut worst = 0.0f64;
     for g in &gs {
         opt.try_step(&grads_for(&w, g)).unwrap();
         let e = rel_l2_vec(opt.coefficients(), &opt.coefficients_from_scratch());
         worst = worst.max(e);
     }
-    assert!(worst <= 1e-9, "O(m²) path drifted from the from-scratch solve: {worst:e}");
+    assert!(
+        worst <= 1e-9,
+        "O(m²) path drifted from the from-scratch solve: {worst:e}"
+    );
     // And it is the O(m²) path: full refreshes only about once per m steps.
     let refreshes = opt.refresh_count();
-    assert!(refreshes <= steps / m + 3, "{refreshes} refreshes in {steps} steps");
+    assert!(
+        refreshes <= steps / m + 3,
+        "{refreshes} refreshes in {steps} steps"
+    );
 }
 
 #[test]
@@ -148,7 +188,11 @@ fn non_finite_gradient_is_an_error_and_changes_nothing() {
     let (d, m) = (30, 4);
     let mut rng = SeededRng::new(5);
     let gs: Vec<Vec<f64>> = (0..9).map(|_| rng.normal_vec(d, 0.0, 1.0)).collect();
-    let cfg = MFacConfig { momentum: 0.5, weight_decay: 0.01, ..f64_cfg(m, 1e-4) };
+    let cfg = MFacConfig {
+        momentum: 0.5,
+        weight_decay: 0.01,
+        ..f64_cfg(m, 1e-4)
+    };
     let wa = Var::new(vec![0.5f64; d].as_slice(), &Device::Cpu).unwrap();
     let wb = Var::new(vec![0.5f64; d].as_slice(), &Device::Cpu).unwrap();
     let mut a = MFac::try_new(vec![wa.clone()], cfg).unwrap();
@@ -160,18 +204,34 @@ fn non_finite_gradient_is_an_error_and_changes_nothing() {
                 g_bad[7] = bad;
                 let before: Vec<f64> = wa.as_tensor().to_vec1().unwrap();
                 let e = a.try_step(&grads_for(&wa, &g_bad)).unwrap_err();
-                assert!(matches!(e, Error::NonFiniteGradient { index: 0, .. }), "{e}");
+                assert!(
+                    matches!(e, Error::NonFiniteGradient { index: 0, .. }),
+                    "{e}"
+                );
                 assert!(e.to_string().contains("unchanged"));
-                assert_eq!(wa.as_tensor().to_vec1::<f64>().unwrap(), before, "parameters untouched");
-                assert_eq!((a.ring_index(), a.filled_slots(), a.step_count()), (b.ring_index(), b.filled_slots(), b.step_count()));
+                assert_eq!(
+                    wa.as_tensor().to_vec1::<f64>().unwrap(),
+                    before,
+                    "parameters untouched"
+                );
+                assert_eq!(
+                    (a.ring_index(), a.filled_slots(), a.step_count()),
+                    (b.ring_index(), b.filled_slots(), b.step_count())
+                );
             }
         }
         a.try_step(&grads_for(&wa, g)).unwrap();
         b.try_step(&grads_for(&wb, g)).unwrap();
         // Exactly what it would have been without the bad batch: window, K, momentum, params.
-        assert_eq!(wa.as_tensor().to_vec1::<f64>().unwrap(), wb.as_tensor().to_vec1::<f64>().unwrap());
+        assert_eq!(
+            wa.as_tensor().to_vec1::<f64>().unwrap(),
+            wb.as_tensor().to_vec1::<f64>().unwrap()
+        );
         assert_eq!(a.preconditioned_gradient(), b.preconditioned_gradient());
-        assert_eq!(a.gram_matrix().unwrap().to_vec2::<f64>().unwrap(), b.gram_matrix().unwrap().to_vec2::<f64>().unwrap());
+        assert_eq!(
+            a.gram_matrix().unwrap().to_vec2::<f64>().unwrap(),
+            b.gram_matrix().unwrap().to_vec2::<f64>().unwrap()
+        );
     }
     // Through candle's Optimizer trait the typed error is wrapped, not lost.
     use candle_nn::Optimizer;
@@ -185,29 +245,83 @@ fn non_finite_gradient_is_an_error_and_changes_nothing() {
 fn a_window_that_cannot_fit_fails_before_allocating() {
     let w = Var::zeros(100_000, DType::F32, &Device::Cpu).unwrap();
     // 1e7 × 1e5 × 4 bytes = 4 PB: no machine has that.
-    let cfg = MFacConfig { num_grads: 10_000_000, ..Default::default() };
+    let cfg = MFacConfig {
+        num_grads: 10_000_000,
+        ..Default::default()
+    };
     let t = std::time::Instant::now();
     let e = MFac::try_new(vec![w], cfg).unwrap_err();
     let msg = e.to_string();
     assert!(matches!(e, Error::OutOfMemory { .. }), "{msg}");
-    assert!(msg.contains("num_grads") && msg.contains("bf16") && msg.contains("available"), "{msg}");
-    assert!(t.elapsed().as_secs_f64() < 1.0, "it must not try to allocate");
+    assert!(
+        msg.contains("num_grads") && msg.contains("bf16") && msg.contains("available"),
+        "{msg}"
+    );
+    assert!(
+        t.elapsed().as_secs_f64() < 1.0,
+        "it must not try to allocate"
+    );
 }
 
 #[test]
 fn config_is_validated() {
     let w = || vec![Var::zeros(10, DType::F32, &Device::Cpu).unwrap()];
     for (cfg, key) in [
-        (MFacConfig { num_grads: 0, ..Default::default() }, "num_grads"),
-        (MFacConfig { damp: 0.0, ..Default::default() }, "damp"),
-        (MFacConfig { damp: f64::INFINITY, ..Default::default() }, "damp"),
-        (MFacConfig { lr: -1.0, ..Default::default() }, "lr"),
-        (MFacConfig { momentum: 1.0, ..Default::default() }, "momentum"),
-        (MFacConfig { weight_decay: -0.1, ..Default::default() }, "weight_decay"),
-        (MFacConfig { window_dtype: DType::U8, ..Default::default() }, "window_dtype"),
+        (
+            MFacConfig {
+                num_grads: 0,
+                ..Default::default()
+            },
+            "num_grads",
+        ),
+        (
+            MFacConfig {
+                damp: 0.0,
+                ..Default::default()
+            },
+            "damp",
+        ),
+        (
+            MFacConfig {
+                damp: f64::INFINITY,
+                ..Default::default()
+            },
+            "damp",
+        ),
+        (
+            MFacConfig {
+                lr: -1.0,
+                ..Default::default()
+            },
+            "lr",
+        ),
+        (
+            MFacConfig {
+                momentum: 1.0,
+                ..Default::default()
+            },
+            "momentum",
+        ),
+        (
+            MFacConfig {
+                weight_decay: -0.1,
+                ..Default::default()
+            },
+            "weight_decay",
+        ),
+        (
+            MFacConfig {
+                window_dtype: DType::U8,
+                ..Default::default()
+            },
+            "window_dtype",
+        ),
     ] {
         let e = MFac::try_new(w(), cfg).unwrap_err();
-        assert!(matches!(&e, Error::OptimizerOption { key: k, .. } if k == key), "{key}: {e}");
+        assert!(
+            matches!(&e, Error::OptimizerOption { key: k, .. } if k == key),
+            "{key}: {e}"
+        );
     }
     assert!(MFac::try_new(vec![], MFacConfig::default()).is_err());
 }
@@ -220,9 +334,20 @@ fn works_as_a_candle_optimizer_on_f32_parameters_with_a_bf16_window() {
     let b = Var::new(&[0.5f32, -0.5], &Device::Cpu).unwrap();
     let loss = |a: &Var, b: &Var| {
         let x = Tensor::new(&[[1.0f32], [1.0]], &Device::Cpu).unwrap();
-        (a.as_tensor().matmul(&x).unwrap().squeeze(1).unwrap() + b.as_tensor()).unwrap().sqr().unwrap().sum_all().unwrap()
+        (a.as_tensor().matmul(&x).unwrap().squeeze(1).unwrap() + b.as_tensor())
+            .unwrap()
+            .sqr()
+            .unwrap()
+            .sum_all()
+            .unwrap()
     };
-    let cfg = MFacConfig { lr: 0.5, num_grads: 4, damp: 1e-2, window_dtype: DType::BF16, ..Default::default() };
+    let cfg = MFacConfig {
+        lr: 0.5,
+        num_grads: 4,
+        damp: 1e-2,
+        window_dtype: DType::BF16,
+        ..Default::default()
+    };
     let mut opt = MFac::new(vec![a.clone(), b.clone()], cfg).unwrap();
     let l0 = loss(&a, &b).to_scalar::<f32>().unwrap();
     for _ in 0..30 {
@@ -236,7 +361,11 @@ fn works_as_a_candle_optimizer_on_f32_parameters_with_a_bf16_window() {
     assert_eq!(opt.learning_rate(), 0.0);
     let before = a.as_tensor().to_vec2::<f32>().unwrap();
     opt.backward_step(&loss(&a, &b)).unwrap();
-    assert_eq!(a.as_tensor().to_vec2::<f32>().unwrap(), before, "lr 0 moves nothing");
+    assert_eq!(
+        a.as_tensor().to_vec2::<f32>().unwrap(),
+        before,
+        "lr 0 moves nothing"
+    );
     assert_eq!(opt.num_params(), 6);
     assert_eq!(opt.gram_matrix().unwrap().dims(), &[4, 4]);
     assert!(opt.last_update_norm() == 0.0);
@@ -246,15 +375,38 @@ fn works_as_a_candle_optimizer_on_f32_parameters_with_a_bf16_window() {
 fn option_parsing() {
     // The seed's exact string, the JSON form and HF's key=value form.
     let want = OptimizerSpec::mfac(MFacConfig::model_card());
-    assert_eq!(OptimizerSpec::parse("MFAC", "lr: 1e-4, num_grads: 1024, damp: 1e-6").unwrap(), want);
-    assert_eq!(OptimizerSpec::parse("MFAC", r#"{"lr": 1e-4, "num_grads": 1024, "damp": 1e-6}"#).unwrap(), want);
-    assert_eq!(OptimizerSpec::parse("mfac", "lr=1e-4,num_grads=1024,damp=1e-6").unwrap(), want);
-    let full = OptimizerSpec::parse("MFAC", "lr: 0.01, num_grads: 8, damp: 1e-3, momentum: 0.9, weight_decay: 0.1, window_dtype: bf16").unwrap();
+    assert_eq!(
+        OptimizerSpec::parse("MFAC", "lr: 1e-4, num_grads: 1024, damp: 1e-6").unwrap(),
+        want
+    );
+    assert_eq!(
+        OptimizerSpec::parse("MFAC", r#"{"lr": 1e-4, "num_grads": 1024, "damp": 1e-6}"#).unwrap(),
+        want
+    );
+    assert_eq!(
+        OptimizerSpec::parse("mfac", "lr=1e-4,num_grads=1024,damp=1e-6").unwrap(),
+        want
+    );
+    let full = OptimizerSpec::parse(
+        "MFAC",
+        "lr: 0.01, num_grads: 8, damp: 1e-3, momentum: 0.9, weight_decay: 0.1, window_dtype: bf16",
+    )
+    .unwrap();
     assert_eq!(
         full,
-        OptimizerSpec::mfac(MFacConfig { lr: 0.01, num_grads: 8, damp: 1e-3, momentum: 0.9, weight_decay: 0.1, window_dtype: DType::BF16 })
+        OptimizerSpec::mfac(MFacConfig {
+            lr: 0.01,
+            num_grads: 8,
+            damp: 1e-3,
+            momentum: 0.9,
+            weight_decay: 0.1,
+            window_dtype: DType::BF16
+        })
     );
-    assert_eq!(OptimizerSpec::parse("MFAC", "").unwrap(), OptimizerSpec::mfac(MFacConfig::default()));
+    assert_eq!(
+        OptimizerSpec::parse("MFAC", "").unwrap(),
+        OptimizerSpec::mfac(MFacConfig::default())
+    );
     match OptimizerSpec::parse("adamw_torch", "lr: 2e-5, weight_decay: 0.01").unwrap() {
         OptimizerSpec::AdamW(c) => assert_eq!((c.lr, c.weight_decay, c.beta2), (2e-5, 0.01, 0.999)),
         other => panic!("{other:?}"),
@@ -283,11 +435,17 @@ fn option_parsing() {
     ] {
         let e = OptimizerSpec::parse(name, args).unwrap_err();
         let msg = e.to_string();
-        assert!(matches!(&e, Error::OptimizerOption { key: k, .. } if k == key), "{name} {args:?}: {msg}");
+        assert!(
+            matches!(&e, Error::OptimizerOption { key: k, .. } if k == key),
+            "{name} {args:?}: {msg}"
+        );
         assert!(msg.contains("valid keys"), "{msg}");
         let listed = if name == "MFAC" { "num_grads" } else { "beta1" };
         assert!(msg.contains(listed), "{msg}");
     }
     let e = OptimizerSpec::parse("sgd", "").unwrap_err();
-    assert!(e.to_string().contains("MFAC") && e.to_string().contains("adamw_torch"), "{e}");
+    assert!(
+        e.to_string().contains("MFAC") && e.to_string().contains("adamw_torch"),
+        "{e}"
+    );
 }

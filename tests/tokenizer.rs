@@ -15,7 +15,8 @@ struct Example {
 }
 
 fn examples() -> Vec<Example> {
-    let text = std::fs::read_to_string(fixture("bert-tiny-random").join("reference_inputs.json")).unwrap();
+    let text =
+        std::fs::read_to_string(fixture("bert-tiny-random").join("reference_inputs.json")).unwrap();
     let v: serde_json::Value = serde_json::from_str(&text).unwrap();
     v["examples"]
         .as_array()
@@ -24,8 +25,18 @@ fn examples() -> Vec<Example> {
         .map(|e| Example {
             premise: e["premise"].as_str().unwrap().into(),
             hypothesis: e["hypothesis"].as_str().unwrap().into(),
-            tokens: e["tokens"].as_array().unwrap().iter().map(|t| t.as_str().unwrap().into()).collect(),
-            segment_lens: e["segment_lens"].as_array().unwrap().iter().map(|t| t.as_u64().unwrap() as usize).collect(),
+            tokens: e["tokens"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|t| t.as_str().unwrap().into())
+                .collect(),
+            segment_lens: e["segment_lens"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|t| t.as_u64().unwrap() as usize)
+                .collect(),
         })
         .collect()
 }
@@ -33,7 +44,10 @@ fn examples() -> Vec<Example> {
 fn check(tok: &PairTokenizer, what: &str) {
     let ex = examples();
     assert_eq!(ex.len(), 8);
-    let pairs: Vec<(&str, &str)> = ex.iter().map(|e| (e.premise.as_str(), e.hypothesis.as_str())).collect();
+    let pairs: Vec<(&str, &str)> = ex
+        .iter()
+        .map(|e| (e.premise.as_str(), e.hypothesis.as_str()))
+        .collect();
     let r = load_st(&fixture("bert-tiny-random").join("reference.safetensors"));
     let batch = tok.batch(&pairs, None, &Device::Cpu).unwrap();
     for key in ["input_ids", "token_type_ids", "attention_mask"] {
@@ -64,48 +78,74 @@ fn check(tok: &PairTokenizer, what: &str) {
 
 #[test]
 fn tokenizer_json_matches_hf_ids_types_masks_and_tokens() {
-    let tok = PairTokenizer::from_tokenizer_json(fixture("bert-tiny-random").join("tokenizer.json")).unwrap();
+    let tok =
+        PairTokenizer::from_tokenizer_json(fixture("bert-tiny-random").join("tokenizer.json"))
+            .unwrap();
     check(&tok, "tokenizer.json");
 }
 
 #[test]
 fn vocab_txt_alone_matches_hf_ids_types_masks_and_tokens() {
-    let tok = PairTokenizer::from_vocab(fixture("bert-tiny-random").join("pytorch-bin/vocab.txt"), true).unwrap();
+    let tok = PairTokenizer::from_vocab(
+        fixture("bert-tiny-random").join("pytorch-bin/vocab.txt"),
+        true,
+    )
+    .unwrap();
     check(&tok, "vocab.txt");
 }
 
 #[test]
 fn model_folder_tokenizers_match_hf() {
     // The one loaded with a model: tokenizer.json in the HF folder, vocab.txt in pytorch-bin/.
-    let m = BertClassifier::from_dir(fixture("bert-micro-random"), 3, &Device::Cpu, DType::F32).unwrap();
+    let m = BertClassifier::from_dir(fixture("bert-micro-random"), 3, &Device::Cpu, DType::F32)
+        .unwrap();
     check(m.tokenizer().unwrap(), "model folder");
-    let m = BertClassifier::from_dir(fixture("bert-micro-random").join("pytorch-bin"), 3, &Device::Cpu, DType::F32).unwrap();
+    let m = BertClassifier::from_dir(
+        fixture("bert-micro-random").join("pytorch-bin"),
+        3,
+        &Device::Cpu,
+        DType::F32,
+    )
+    .unwrap();
     check(m.tokenizer().unwrap(), "pytorch-bin folder");
 }
 
 #[test]
 fn longest_first_splits_two_long_segments_like_hf() {
     // (159, 128) -> (63, 62) at max_length 128: the shorter gets floor((128-3)/2)... as HF does.
-    let tok = PairTokenizer::from_tokenizer_json(fixture("bert-tiny-random").join("tokenizer.json")).unwrap();
+    let tok =
+        PairTokenizer::from_tokenizer_json(fixture("bert-tiny-random").join("tokenizer.json"))
+            .unwrap();
     let ex = examples();
-    let e = &tok.encode_pairs(&[(ex[5].premise.as_str(), ex[5].hypothesis.as_str())]).unwrap()[0];
+    let e = &tok
+        .encode_pairs(&[(ex[5].premise.as_str(), ex[5].hypothesis.as_str())])
+        .unwrap()[0];
     assert_eq!(e.len(), 128);
     let b = e.get_type_ids().iter().filter(|t| **t == 1).count() - 1;
     let a = 128 - 3 - b;
     assert_eq!((a, b), (63, 62));
     // A shorter max length applies too.
     let short = tok.clone().with_max_length(32).unwrap();
-    assert_eq!(short.encode_pairs(&[(ex[5].premise.as_str(), ex[5].hypothesis.as_str())]).unwrap()[0].len(), 32);
+    assert_eq!(
+        short
+            .encode_pairs(&[(ex[5].premise.as_str(), ex[5].hypothesis.as_str())])
+            .unwrap()[0]
+            .len(),
+        32
+    );
     assert!(tok.clone().with_max_length(2).is_err());
 }
 
 #[test]
 fn pad_to_max_length_pads_every_batch_to_128() {
-    let tok = PairTokenizer::from_tokenizer_json(fixture("bert-tiny-random").join("tokenizer.json"))
-        .unwrap()
-        .with_pad_to_max_length(true)
+    let tok =
+        PairTokenizer::from_tokenizer_json(fixture("bert-tiny-random").join("tokenizer.json"))
+            .unwrap()
+            .with_pad_to_max_length(true)
+            .unwrap();
+    let b = tok
+        .batch(&[("a b", "c")], Some(&[1]), &Device::Cpu)
         .unwrap();
-    let b = tok.batch(&[("a b", "c")], Some(&[1]), &Device::Cpu).unwrap();
     assert_eq!(b.input_ids.dims(), &[1, 128]);
     let mask: Vec<u32> = b.attention_mask.flatten_all().unwrap().to_vec1().unwrap();
     assert_eq!(mask.iter().sum::<u32>(), 6);

@@ -27,7 +27,12 @@ pub struct Batch {
 
 impl Batch {
     /// A batch from tensors; shapes are checked.
-    pub fn new(input_ids: Tensor, token_type_ids: Tensor, attention_mask: Tensor, labels: Option<Tensor>) -> Result<Self> {
+    pub fn new(
+        input_ids: Tensor,
+        token_type_ids: Tensor,
+        attention_mask: Tensor,
+        labels: Option<Tensor>,
+    ) -> Result<Self> {
         let dims = input_ids.dims().to_vec();
         if dims.len() != 2 || token_type_ids.dims() != dims || attention_mask.dims() != dims {
             return Err(Error::InvalidArgument(format!(
@@ -39,21 +44,36 @@ impl Batch {
         }
         if let Some(l) = &labels {
             if l.dims() != [dims[0]] {
-                return Err(Error::InvalidArgument(format!("labels {:?} must be [B] = [{}]", l.dims(), dims[0])));
+                return Err(Error::InvalidArgument(format!(
+                    "labels {:?} must be [B] = [{}]",
+                    l.dims(),
+                    dims[0]
+                )));
             }
         }
-        Ok(Batch { input_ids, token_type_ids, attention_mask, labels })
+        Ok(Batch {
+            input_ids,
+            token_type_ids,
+            attention_mask,
+            labels,
+        })
     }
 
     /// Packs tokenizer encodings (all of one length) into a batch on `device`.
-    pub fn from_encodings(enc: &[Encoding], labels: Option<&[u32]>, device: &Device) -> Result<Self> {
+    pub fn from_encodings(
+        enc: &[Encoding],
+        labels: Option<&[u32]>,
+        device: &Device,
+    ) -> Result<Self> {
         let b = enc.len();
         if b == 0 {
             return Err(Error::InvalidArgument("an empty batch".into()));
         }
         let t = enc[0].len();
         if enc.iter().any(|e| e.len() != t) {
-            return Err(Error::InvalidArgument("encodings of different lengths: pad them first".into()));
+            return Err(Error::InvalidArgument(
+                "encodings of different lengths: pad them first".into(),
+            ));
         }
         let flat = |f: &dyn Fn(&Encoding) -> &[u32]| -> Result<Tensor> {
             let v: Vec<u32> = enc.iter().flat_map(|e| f(e).iter().copied()).collect();
@@ -61,7 +81,10 @@ impl Batch {
         };
         let labels = match labels {
             Some(l) if l.len() != b => {
-                return Err(Error::InvalidArgument(format!("{} labels for {b} pairs", l.len())));
+                return Err(Error::InvalidArgument(format!(
+                    "{} labels for {b} pairs",
+                    l.len()
+                )));
             }
             Some(l) => Some(Tensor::from_slice(l, b, device)?),
             None => None,

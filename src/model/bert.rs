@@ -8,9 +8,20 @@ use crate::model::layers::{activation, dropout, dtype_min, LayerNorm, Linear};
 use crate::model::weights::{Init, ParamBuilder};
 use crate::rng::SeededRng;
 
-fn linear(pb: &mut ParamBuilder, name: &str, out_dim: usize, in_dim: usize, optional: bool) -> Result<Linear> {
+fn linear(
+    pb: &mut ParamBuilder,
+    name: &str,
+    out_dim: usize,
+    in_dim: usize,
+    optional: bool,
+) -> Result<Linear> {
     Ok(Linear {
-        weight: pb.param(&format!("{name}.weight"), &[out_dim, in_dim], Init::Normal(None), optional)?,
+        weight: pb.param(
+            &format!("{name}.weight"),
+            &[out_dim, in_dim],
+            Init::Normal(None),
+            optional,
+        )?,
         bias: pb.param(&format!("{name}.bias"), &[out_dim], Init::Zeros, optional)?,
     })
 }
@@ -39,7 +50,12 @@ impl BertEmbeddings {
         let h = cfg.hidden_size;
         let pad = Some(cfg.pad_token_id as usize);
         Ok(BertEmbeddings {
-            word: pb.param("bert.embeddings.word_embeddings.weight", &[cfg.vocab_size, h], Init::Normal(pad), false)?,
+            word: pb.param(
+                "bert.embeddings.word_embeddings.weight",
+                &[cfg.vocab_size, h],
+                Init::Normal(pad),
+                false,
+            )?,
             position: pb.param(
                 "bert.embeddings.position_embeddings.weight",
                 &[cfg.max_position_embeddings, h],
@@ -58,7 +74,12 @@ impl BertEmbeddings {
         })
     }
 
-    fn forward(&self, input_ids: &Tensor, token_type_ids: &Tensor, rng: &mut Option<&mut SeededRng>) -> Result<Tensor> {
+    fn forward(
+        &self,
+        input_ids: &Tensor,
+        token_type_ids: &Tensor,
+        rng: &mut Option<&mut SeededRng>,
+    ) -> Result<Tensor> {
         let (b, t) = input_ids.dims2()?;
         let h = self.word.dim(1)?;
         let ids = input_ids.flatten_all()?;
@@ -68,13 +89,19 @@ impl BertEmbeddings {
         let is_pad = ids.eq(self.pad_token_id)?;
         let words = if is_pad.max_all()?.to_scalar::<u8>()? > 0 {
             let frozen = self.word.detach().index_select(&ids, 0)?;
-            is_pad.unsqueeze(1)?.broadcast_as(words.shape())?.where_cond(&frozen, &words)?
+            is_pad
+                .unsqueeze(1)?
+                .broadcast_as(words.shape())?
+                .where_cond(&frozen, &words)?
         } else {
             words
         };
         let words = words.reshape((b, t, h))?;
         let positions = self.position.narrow(0, 0, t)?;
-        let types = self.token_type.index_select(&token_type_ids.flatten_all()?, 0)?.reshape((b, t, h))?;
+        let types = self
+            .token_type
+            .index_select(&token_type_ids.flatten_all()?, 0)?
+            .reshape((b, t, h))?;
         let x = words.broadcast_add(&positions)?.add(&types)?;
         let x = self.norm.forward(&x)?;
         dropout(&x, self.p, rng.as_deref_mut())
@@ -117,11 +144,18 @@ impl BertLayer {
         })
     }
 
-    fn forward(&self, x: &Tensor, mask: &Tensor, rng: &mut Option<&mut SeededRng>) -> Result<Tensor> {
+    fn forward(
+        &self,
+        x: &Tensor,
+        mask: &Tensor,
+        rng: &mut Option<&mut SeededRng>,
+    ) -> Result<Tensor> {
         let (b, t, h) = x.dims3()?;
         let d = h / self.heads;
         let split = |y: Tensor| -> Result<Tensor> {
-            Ok(y.reshape((b, t, self.heads, d))?.transpose(1, 2)?.contiguous()?)
+            Ok(y.reshape((b, t, self.heads, d))?
+                .transpose(1, 2)?
+                .contiguous()?)
         };
         let q = split(self.query.forward(x)?)?;
         let k = split(self.key.forward(x)?)?;
@@ -130,7 +164,11 @@ impl BertLayer {
         let probs = candle_nn::ops::softmax(&scores, D::Minus1)?;
         let probs = dropout(&probs, self.p_attn, rng.as_deref_mut())?;
         let ctx = probs.matmul(&v)?.transpose(1, 2)?.reshape((b, t, h))?;
-        let a = dropout(&self.attn_out.forward(&ctx)?, self.p_hidden, rng.as_deref_mut())?;
+        let a = dropout(
+            &self.attn_out.forward(&ctx)?,
+            self.p_hidden,
+            rng.as_deref_mut(),
+        )?;
         let a = self.attn_norm.forward(&(a + x)?)?;
         let f = activation(&self.intermediate.forward(&a)?, self.act)?;
         let f = dropout(&self.output.forward(&f)?, self.p_hidden, rng.as_deref_mut())?;
@@ -150,7 +188,9 @@ pub struct BertOutput {
 impl BertOutput {
     /// The last layer's output `[B, T, H]`.
     pub fn last_hidden_state(&self) -> &Tensor {
-        self.hidden_states.last().expect("at least the embedding output")
+        self.hidden_states
+            .last()
+            .expect("at least the embedding output")
     }
 }
 
@@ -167,10 +207,24 @@ pub struct BertModel {
 impl BertModel {
     pub(crate) fn load(pb: &mut ParamBuilder, cfg: &BertConfig) -> Result<Self> {
         let embeddings = BertEmbeddings::load(pb, cfg)?;
-        let layers = (0..cfg.num_hidden_layers).map(|i| BertLayer::load(pb, cfg, i)).collect::<Result<_>>()?;
+        let layers = (0..cfg.num_hidden_layers)
+            .map(|i| BertLayer::load(pb, cfg, i))
+            .collect::<Result<_>>()?;
         // A bare encoder export may lack the pooler; HF initialises it then.
-        let pooler = linear(pb, "bert.pooler.dense", cfg.hidden_size, cfg.hidden_size, true)?;
-        Ok(BertModel { embeddings, layers, pooler, dtype: pb.dtype, device: pb.device.clone() })
+        let pooler = linear(
+            pb,
+            "bert.pooler.dense",
+            cfg.hidden_size,
+            cfg.hidden_size,
+            true,
+        )?;
+        Ok(BertModel {
+            embeddings,
+            layers,
+            pooler,
+            dtype: pb.dtype,
+            device: pb.device.clone(),
+        })
     }
 
     /// Runs the encoder and pooler. Ids are `u32`/`i64` `[B, T]`; `attention_mask` is 1 for real
@@ -186,9 +240,13 @@ impl BertModel {
         let token_type_ids = token_type_ids.to_device(&self.device)?;
         let (b, t) = input_ids.dims2()?;
         // HF's extended mask: (1 - mask) * finfo(dtype).min, broadcast over heads and queries.
-        let keep = attention_mask.to_device(&self.device)?.to_dtype(self.dtype)?;
+        let keep = attention_mask
+            .to_device(&self.device)?
+            .to_dtype(self.dtype)?;
         let mask = ((keep - 1.0)? * (-dtype_min(self.dtype)))?.reshape((b, 1, 1, t))?;
-        let mut x = self.embeddings.forward(&input_ids, &token_type_ids, &mut rng)?;
+        let mut x = self
+            .embeddings
+            .forward(&input_ids, &token_type_ids, &mut rng)?;
         let mut hidden_states = vec![x.clone()];
         for layer in &self.layers {
             x = layer.forward(&x, &mask, &mut rng)?;
@@ -196,6 +254,9 @@ impl BertModel {
         }
         let cls = x.narrow(1, 0, 1)?.squeeze(1)?;
         let pooled = self.pooler.forward(&cls)?.tanh()?;
-        Ok(BertOutput { hidden_states, pooled })
+        Ok(BertOutput {
+            hidden_states,
+            pooled,
+        })
     }
 }

@@ -132,11 +132,13 @@ impl ModelFiles {
             file: "config.json".into(),
             hint: "; is this an HF model folder?".into(),
         })?;
-        let weights = opt("model.safetensors").or_else(|| opt("pytorch_model.bin")).ok_or_else(|| Error::MissingFile {
-            dir: dir.to_path_buf(),
-            file: "model.safetensors or pytorch_model.bin".into(),
-            hint: "; sharded and TF/Flax checkpoints are not supported".into(),
-        })?;
+        let weights = opt("model.safetensors")
+            .or_else(|| opt("pytorch_model.bin"))
+            .ok_or_else(|| Error::MissingFile {
+                dir: dir.to_path_buf(),
+                file: "model.safetensors or pytorch_model.bin".into(),
+                hint: "; sharded and TF/Flax checkpoints are not supported".into(),
+            })?;
         Ok(ModelFiles {
             source: dir.display().to_string(),
             config,
@@ -160,7 +162,11 @@ impl ModelFiles {
             })?,
         };
         let tokenizer_json = get("tokenizer.json")?;
-        let vocab = if tokenizer_json.is_none() { get("vocab.txt")? } else { None };
+        let vocab = if tokenizer_json.is_none() {
+            get("vocab.txt")?
+        } else {
+            None
+        };
         Ok(ModelFiles {
             source: format!("{repo}@{revision}"),
             config,
@@ -262,10 +268,14 @@ impl BertClassifier {
         dtype: DType,
     ) -> Result<(Self, LoadReport)> {
         if num_labels == 0 {
-            return Err(Error::InvalidArgument("num_labels must be at least 1".into()));
+            return Err(Error::InvalidArgument(
+                "num_labels must be at least 1".into(),
+            ));
         }
         if !matches!(dtype, DType::F32 | DType::F64) {
-            return Err(Error::InvalidArgument(format!("dtype {dtype:?} is not supported: use F32 or F64")));
+            return Err(Error::InvalidArgument(format!(
+                "dtype {dtype:?} is not supported: use F32 or F64"
+            )));
         }
         let mut seeds = SeededRng::new(seed);
         let init_seed = seeds.next_u64();
@@ -282,10 +292,19 @@ impl BertClassifier {
         let bert = BertModel::load(&mut pb, &config)?;
         let h = config.hidden_size;
         let classifier = Linear {
-            weight: pb.param("classifier.weight", &[num_labels, h], Init::Normal(None), true)?,
+            weight: pb.param(
+                "classifier.weight",
+                &[num_labels, h],
+                Init::Normal(None),
+                true,
+            )?,
             bias: pb.param("classifier.bias", &[num_labels], Init::Zeros, true)?,
         };
-        let ParamBuilder { vars, newly_initialized, .. } = pb;
+        let ParamBuilder {
+            vars,
+            newly_initialized,
+            ..
+        } = pb;
         let report = LoadReport {
             source: String::new(),
             weights_file: weights.as_ref().map(|w| w.path.clone()),
@@ -318,8 +337,17 @@ impl BertClassifier {
     /// assert_eq!(m.vars().len(), 41);
     /// # Ok::<(), mfac_lab::Error>(())
     /// ```
-    pub fn random(config: &BertConfig, num_labels: usize, seed: u64, device: &Device, dtype: DType) -> Result<Self> {
-        config.validate().map_err(|message| Error::Config { path: "<BertConfig>".into(), message })?;
+    pub fn random(
+        config: &BertConfig,
+        num_labels: usize,
+        seed: u64,
+        device: &Device,
+        dtype: DType,
+    ) -> Result<Self> {
+        config.validate().map_err(|message| Error::Config {
+            path: "<BertConfig>".into(),
+            message,
+        })?;
         let (mut m, _) = Self::build(config.clone(), num_labels, None, seed, device, dtype)?;
         m.report.source = "random initialisation".into();
         Ok(m)
@@ -327,8 +355,16 @@ impl BertClassifier {
 
     /// Loads an HF-layout folder (config.json; model.safetensors or pytorch_model.bin;
     /// tokenizer.json or vocab.txt). A missing classifier is initialised (seed 42) and reported.
-    pub fn from_dir(dir: impl AsRef<Path>, num_labels: usize, device: &Device, dtype: DType) -> Result<Self> {
-        let opts = LoadOptions::default().num_labels(num_labels).device(device.clone()).dtype(dtype);
+    pub fn from_dir(
+        dir: impl AsRef<Path>,
+        num_labels: usize,
+        device: &Device,
+        dtype: DType,
+    ) -> Result<Self> {
+        let opts = LoadOptions::default()
+            .num_labels(num_labels)
+            .device(device.clone())
+            .dtype(dtype);
         Self::load_files(ModelFiles::in_dir(dir.as_ref())?, &opts)
     }
 
@@ -344,11 +380,18 @@ impl BertClassifier {
         let path = Path::new(repo_or_dir);
         let files = if path.is_dir() {
             ModelFiles::in_dir(path)?
-        } else if path.is_absolute() || repo_or_dir.starts_with('.') || repo_or_dir.matches('/').count() != 1 {
+        } else if path.is_absolute()
+            || repo_or_dir.starts_with('.')
+            || repo_or_dir.matches('/').count() != 1
+        {
             return Err(Error::MissingDir(path.to_path_buf()));
         } else {
             let hub = opts.hub.clone().unwrap_or_default();
-            ModelFiles::from_hub(&hub, repo_or_dir, opts.revision.as_deref().unwrap_or("main"))?
+            ModelFiles::from_hub(
+                &hub,
+                repo_or_dir,
+                opts.revision.as_deref().unwrap_or("main"),
+            )?
         };
         Self::load_files(files, opts)
     }
@@ -356,8 +399,14 @@ impl BertClassifier {
     fn load_files(files: ModelFiles, opts: &LoadOptions) -> Result<Self> {
         let config = BertConfig::from_file(&files.config)?;
         let weights = WeightMap::read(&files.weights)?;
-        let (mut model, mut report) =
-            Self::build(config, opts.num_labels, Some(weights), opts.seed, &opts.device, opts.dtype)?;
+        let (mut model, mut report) = Self::build(
+            config,
+            opts.num_labels,
+            Some(weights),
+            opts.seed,
+            &opts.device,
+            opts.dtype,
+        )?;
         report.source = files.source.clone();
         model.tokenizer = files.tokenizer(opts.max_seq_length)?;
         if model.tokenizer.is_none() {
@@ -388,7 +437,9 @@ impl BertClassifier {
     /// The tokenizer loaded with the model.
     pub fn tokenizer(&self) -> Result<&PairTokenizer> {
         self.tokenizer.as_ref().ok_or_else(|| {
-            Error::InvalidArgument("this model has no tokenizer; attach one with with_tokenizer()".into())
+            Error::InvalidArgument(
+                "this model has no tokenizer; attach one with with_tokenizer()".into(),
+            )
         })
     }
 
@@ -440,8 +491,15 @@ impl BertClassifier {
     }
 
     /// The last hidden state `[B, T, H]` (eval mode).
-    pub fn encode(&self, input_ids: &Tensor, token_type_ids: &Tensor, attention_mask: &Tensor) -> Result<Tensor> {
-        let out = self.bert.forward(input_ids, token_type_ids, attention_mask, None)?;
+    pub fn encode(
+        &self,
+        input_ids: &Tensor,
+        token_type_ids: &Tensor,
+        attention_mask: &Tensor,
+    ) -> Result<Tensor> {
+        let out = self
+            .bert
+            .forward(input_ids, token_type_ids, attention_mask, None)?;
         Ok(out.last_hidden_state().clone())
     }
 
@@ -454,12 +512,21 @@ impl BertClassifier {
     /// Like [`BertClassifier::forward`], also returning hidden states and the pooled output.
     pub fn forward_full(&self, batch: &Batch, train: bool) -> Result<ClassifierOutput> {
         let mut guard = if train {
-            Some(self.dropout_rng.lock().map_err(|_| Error::InvalidArgument("dropout RNG poisoned".into()))?)
+            Some(
+                self.dropout_rng
+                    .lock()
+                    .map_err(|_| Error::InvalidArgument("dropout RNG poisoned".into()))?,
+            )
         } else {
             None
         };
         let mut rng = guard.as_deref_mut();
-        let bert = self.bert.forward(&batch.input_ids, &batch.token_type_ids, &batch.attention_mask, rng.as_deref_mut())?;
+        let bert = self.bert.forward(
+            &batch.input_ids,
+            &batch.token_type_ids,
+            &batch.attention_mask,
+            rng.as_deref_mut(),
+        )?;
         let pooled = dropout(&bert.pooled, self.config.classifier_dropout_prob(), rng)?;
         let logits = self.classifier.forward(&pooled)?;
         Ok(ClassifierOutput { bert, logits })
@@ -469,7 +536,10 @@ impl BertClassifier {
     pub fn per_example_loss(logits: &Tensor, labels: &Tensor) -> Result<Tensor> {
         let labels = labels.to_device(logits.device())?.to_dtype(DType::U32)?;
         let log_probs = candle_nn::ops::log_softmax(logits, D::Minus1)?;
-        Ok(log_probs.gather(&labels.unsqueeze(1)?, 1)?.squeeze(1)?.neg()?)
+        Ok(log_probs
+            .gather(&labels.unsqueeze(1)?, 1)?
+            .squeeze(1)?
+            .neg()?)
     }
 
     /// Mean cross-entropy over the batch (HF's single-label classification loss), a scalar.

@@ -179,9 +179,14 @@ impl BertConfig {
     }
 
     fn parse_at(text: &str, path: &Path) -> Result<Self> {
-        let cfg: BertConfig = serde_json::from_str(text)
-            .map_err(|e| Error::Config { path: path.to_path_buf(), message: e.to_string() })?;
-        cfg.validate().map_err(|message| Error::Config { path: path.to_path_buf(), message })?;
+        let cfg: BertConfig = serde_json::from_str(text).map_err(|e| Error::Config {
+            path: path.to_path_buf(),
+            message: e.to_string(),
+        })?;
+        cfg.validate().map_err(|message| Error::Config {
+            path: path.to_path_buf(),
+            message,
+        })?;
         Ok(cfg)
     }
 
@@ -220,7 +225,10 @@ impl BertConfig {
         }
         let p = [
             ("hidden_dropout_prob", Some(self.hidden_dropout_prob)),
-            ("attention_probs_dropout_prob", Some(self.attention_probs_dropout_prob)),
+            (
+                "attention_probs_dropout_prob",
+                Some(self.attention_probs_dropout_prob),
+            ),
             ("classifier_dropout", self.classifier_dropout),
         ];
         for (name, v) in p {
@@ -231,7 +239,10 @@ impl BertConfig {
             }
         }
         if !(self.layer_norm_eps > 0.0 && self.layer_norm_eps.is_finite()) {
-            return Err(format!("layer_norm_eps = {} must be positive", self.layer_norm_eps));
+            return Err(format!(
+                "layer_norm_eps = {} must be positive",
+                self.layer_norm_eps
+            ));
         }
         if self.position_embedding_type != "absolute" {
             return Err(format!(
@@ -240,7 +251,10 @@ impl BertConfig {
             ));
         }
         if self.pad_token_id as usize >= self.vocab_size {
-            return Err(format!("pad_token_id {} is outside the vocabulary", self.pad_token_id));
+            return Err(format!(
+                "pad_token_id {} is outside the vocabulary",
+                self.pad_token_id
+            ));
         }
         Ok(())
     }
@@ -270,8 +284,9 @@ impl BertConfig {
     /// ```
     pub fn label_names(&self, num_labels: usize) -> Vec<String> {
         if let Some(map) = &self.id2label {
-            let names: Option<Vec<String>> =
-                (0..num_labels).map(|i| map.get(&i.to_string()).cloned()).collect();
+            let names: Option<Vec<String>> = (0..num_labels)
+                .map(|i| map.get(&i.to_string()).cloned())
+                .collect();
             if let Some(names) = names {
                 if map.len() == num_labels && !names.iter().all(|n| n.starts_with("LABEL_")) {
                     return names;
@@ -279,7 +294,10 @@ impl BertConfig {
             }
         }
         if num_labels == 3 {
-            return ["entailment", "neutral", "contradiction"].iter().map(|s| s.to_string()).collect();
+            return ["entailment", "neutral", "contradiction"]
+                .iter()
+                .map(|s| s.to_string())
+                .collect();
         }
         (0..num_labels).map(|i| format!("LABEL_{i}")).collect()
     }

@@ -12,7 +12,8 @@ mod weights;
 pub use batch::Batch;
 pub use bert::{BertModel, BertOutput};
 pub use classifier::{
-    best_device, BertClassifier, ClassifierOutput, LoadOptions, LoadReport, BERT_TINY_REPO, BERT_TINY_REVISION,
+    best_device, BertClassifier, ClassifierOutput, LoadOptions, LoadReport, BERT_TINY_REPO,
+    BERT_TINY_REVISION,
 };
 pub use config::{BertConfig, HiddenAct};
 pub use tokenizer::PairTokenizer;

@@ -9,8 +9,8 @@ use tokenizers::normalizers::BertNormalizer;
 use tokenizers::pre_tokenizers::bert::BertPreTokenizer;
 use tokenizers::processors::bert::BertProcessing;
 use tokenizers::{
-    AddedToken, Encoding, PaddingDirection, PaddingParams, PaddingStrategy, Tokenizer, TruncationDirection,
-    TruncationParams, TruncationStrategy,
+    AddedToken, Encoding, PaddingDirection, PaddingParams, PaddingStrategy, Tokenizer,
+    TruncationDirection, TruncationParams, TruncationStrategy,
 };
 
 use crate::error::{Error, Result};
@@ -54,7 +54,8 @@ impl PairTokenizer {
     /// Loads a `tokenizer.json`. Truncation and padding baked into the file are replaced by ours.
     pub fn from_tokenizer_json(path: impl AsRef<Path>) -> Result<Self> {
         let path = path.as_ref();
-        let inner = Tokenizer::from_file(path).map_err(|e| tok_err(format!("{}: {e}", path.display())))?;
+        let inner =
+            Tokenizer::from_file(path).map_err(|e| tok_err(format!("{}: {e}", path.display())))?;
         Self::wrap(inner)
     }
 
@@ -64,12 +65,18 @@ impl PairTokenizer {
     pub fn from_vocab(vocab: impl AsRef<Path>, lowercase: bool) -> Result<Self> {
         let vocab = vocab.as_ref();
         if !vocab.is_file() {
-            return Err(Error::io("reading", vocab, std::io::ErrorKind::NotFound.into()));
+            return Err(Error::io(
+                "reading",
+                vocab,
+                std::io::ErrorKind::NotFound.into(),
+            ));
         }
         let map = WordPiece::read_file(&vocab.to_string_lossy())
             .map_err(|e| tok_err(format!("{}: {e}", vocab.display())))?;
         let id = |t: &str| {
-            map.get(t).copied().ok_or_else(|| tok_err(format!("{} has no {t} token", vocab.display())))
+            map.get(t)
+                .copied()
+                .ok_or_else(|| tok_err(format!("{} has no {t} token", vocab.display())))
         };
         let (cls, sep) = (id("[CLS]")?, id("[SEP]")?);
         id("[UNK]")?;
@@ -84,17 +91,28 @@ impl PairTokenizer {
         inner
             .with_normalizer(Some(BertNormalizer::new(true, true, None, lowercase)))
             .with_pre_tokenizer(Some(BertPreTokenizer))
-            .with_post_processor(Some(BertProcessing::new(("[SEP]".into(), sep), ("[CLS]".into(), cls))))
+            .with_post_processor(Some(BertProcessing::new(
+                ("[SEP]".into(), sep),
+                ("[CLS]".into(), cls),
+            )))
             .with_decoder(Some(tokenizers::decoders::wordpiece::WordPiece::default()));
-        let specials: Vec<AddedToken> =
-            SPECIALS.iter().filter(|t| map.contains_key(**t)).map(|t| AddedToken::from(*t, true)).collect();
+        let specials: Vec<AddedToken> = SPECIALS
+            .iter()
+            .filter(|t| map.contains_key(**t))
+            .map(|t| AddedToken::from(*t, true))
+            .collect();
         inner.add_special_tokens(&specials);
         Self::wrap(inner)
     }
 
     fn wrap(inner: Tokenizer) -> Result<Self> {
         let pad_id = inner.token_to_id("[PAD]").unwrap_or(0);
-        let mut t = PairTokenizer { inner, max_length: 128, pad_id, pad_to_max_length: false };
+        let mut t = PairTokenizer {
+            inner,
+            max_length: 128,
+            pad_id,
+            pad_to_max_length: false,
+        };
         t.configure()?;
         Ok(t)
     }
@@ -134,7 +152,9 @@ impl PairTokenizer {
     /// ```
     pub fn with_max_length(mut self, max_length: usize) -> Result<Self> {
         if max_length < 4 {
-            return Err(Error::InvalidArgument(format!("max_seq_length {max_length} is too short for a pair (needs ≥ 4)")));
+            return Err(Error::InvalidArgument(format!(
+                "max_seq_length {max_length} is too short for a pair (needs ≥ 4)"
+            )));
         }
         self.max_length = max_length;
         self.configure()?;
@@ -160,7 +180,10 @@ impl PairTokenizer {
     }
 
     /// Tokenizes pairs (in parallel), truncated and padded together.
-    pub fn encode_pairs<A: AsRef<str>, B: AsRef<str>>(&self, pairs: &[(A, B)]) -> Result<Vec<Encoding>> {
+    pub fn encode_pairs<A: AsRef<str>, B: AsRef<str>>(
+        &self,
+        pairs: &[(A, B)],
+    ) -> Result<Vec<Encoding>> {
         let inputs: Vec<tokenizers::EncodeInput> = pairs
             .iter()
             .map(|(a, b)| (a.as_ref().to_string(), b.as_ref().to_string()).into())
@@ -193,7 +216,9 @@ impl PairTokenizer {
         plain.with_truncation(None).map_err(tok_err)?;
         plain.with_padding(None);
         let json = dir.join("tokenizer.json");
-        plain.save(&json, false).map_err(|e| tok_err(format!("writing {}: {e}", json.display())))?;
+        plain
+            .save(&json, false)
+            .map_err(|e| tok_err(format!("writing {}: {e}", json.display())))?;
         let mut vocab: Vec<(String, u32)> = self.inner.get_vocab(false).into_iter().collect();
         vocab.sort_by_key(|(_, id)| *id);
         let mut text = String::new();
@@ -205,4 +230,3 @@ impl PairTokenizer {
         std::fs::write(&path, text).map_err(|e| Error::io("writing", &path, e))
     }
 }
-

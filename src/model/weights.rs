@@ -43,22 +43,34 @@ impl WeightMap {
             candle_core::safetensors::load_buffer(&data, &Device::Cpu)
                 .map_err(|e| Error::Weights {
                     path: path.to_path_buf(),
-                    message: format!("{e} (is the file complete? a truncated download looks like this)"),
+                    message: format!(
+                        "{e} (is the file complete? a truncated download looks like this)"
+                    ),
                 })?
                 .into_iter()
                 .collect()
         } else {
             Self::read_pickle(path)?
         };
-        let tensors = raw.into_iter().map(|(k, t)| (canonical_name(&k), t)).collect();
-        Ok(WeightMap { path: path.to_path_buf(), tensors, used: BTreeSet::new() })
+        let tensors = raw
+            .into_iter()
+            .map(|(k, t)| (canonical_name(&k), t))
+            .collect();
+        Ok(WeightMap {
+            path: path.to_path_buf(),
+            tensors,
+            used: BTreeSet::new(),
+        })
     }
 
     fn read_pickle(path: &Path) -> Result<Vec<(String, Tensor)>> {
         // candle's reader panics on some malformed inputs; keep that from reaching the user.
         let p = path.to_path_buf();
         let res = std::panic::catch_unwind(move || candle_core::pickle::read_all(&p));
-        let err = |message: String| Error::Weights { path: path.to_path_buf(), message };
+        let err = |message: String| Error::Weights {
+            path: path.to_path_buf(),
+            message,
+        };
         match res {
             Ok(Ok(v)) => Ok(v),
             Ok(Err(e)) => {
@@ -74,7 +86,9 @@ impl WeightMap {
                     Err(err(msg))
                 }
             }
-            Err(_) => Err(err("the torch pickle is malformed (the reader gave up)".into())),
+            Err(_) => Err(err(
+                "the torch pickle is malformed (the reader gave up)".into()
+            )),
         }
     }
 
@@ -85,7 +99,9 @@ impl WeightMap {
 
     /// Takes a tensor by canonical name, checking its shape.
     fn take(&mut self, name: &str, shape: &[usize]) -> Result<Option<Tensor>> {
-        let Some(t) = self.tensors.get(name) else { return Ok(None) };
+        let Some(t) = self.tensors.get(name) else {
+            return Ok(None);
+        };
         if t.dims() != shape {
             return Err(Error::ShapeMismatch {
                 name: name.to_string(),
@@ -130,7 +146,13 @@ pub(crate) struct ParamBuilder<'a> {
 impl ParamBuilder<'_> {
     /// The parameter `name` of `shape`. Loaded when the checkpoint has it; otherwise initialised
     /// if `optional` (or when there is no checkpoint), else a [`Error::MissingTensor`].
-    pub fn param(&mut self, name: &str, shape: &[usize], init: Init, optional: bool) -> Result<Tensor> {
+    pub fn param(
+        &mut self,
+        name: &str,
+        shape: &[usize],
+        init: Init,
+        optional: bool,
+    ) -> Result<Tensor> {
         let loaded = match self.weights.as_deref_mut() {
             Some(w) => w.take(name, shape)?,
             None => None,
@@ -140,7 +162,10 @@ impl ParamBuilder<'_> {
             None => {
                 if let Some(w) = self.weights.as_deref() {
                     if !optional {
-                        return Err(Error::MissingTensor { path: w.path.clone(), name: name.to_string() });
+                        return Err(Error::MissingTensor {
+                            path: w.path.clone(),
+                            name: name.to_string(),
+                        });
                     }
                     self.newly_initialized.push(name.to_string());
                 }
@@ -162,9 +187,13 @@ impl ParamBuilder<'_> {
                 let mut v = self.rng.normal_vec(n, 0.0, self.init_std);
                 if let Some(row) = pad_row {
                     let width = shape[1..].iter().product::<usize>();
-                    v[row * width..(row + 1) * width].iter_mut().for_each(|x| *x = 0.0);
+                    v[row * width..(row + 1) * width]
+                        .iter_mut()
+                        .for_each(|x| *x = 0.0);
                 }
-                Tensor::from_vec(v, shape, &Device::Cpu)?.to_dtype(self.dtype)?.to_device(&self.device)?
+                Tensor::from_vec(v, shape, &Device::Cpu)?
+                    .to_dtype(self.dtype)?
+                    .to_device(&self.device)?
             }
         })
     }

@@ -26,7 +26,13 @@ pub struct AdamWConfig {
 
 impl Default for AdamWConfig {
     fn default() -> Self {
-        AdamWConfig { lr: 5e-5, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.0 }
+        AdamWConfig {
+            lr: 5e-5,
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            weight_decay: 0.0,
+        }
     }
 }
 
@@ -64,7 +70,10 @@ impl AdamW {
     /// AdamW over named parameters with HF Trainer's grouping: biases and LayerNorm weights get
     /// no weight decay.
     pub fn new_named(vars: &[(String, Var)], cfg: AdamWConfig) -> candle_core::Result<Self> {
-        let mut opt = <Self as candle_nn::Optimizer>::new(vars.iter().map(|(_, v)| v.clone()).collect(), cfg)?;
+        let mut opt = <Self as candle_nn::Optimizer>::new(
+            vars.iter().map(|(_, v)| v.clone()).collect(),
+            cfg,
+        )?;
         for (slot, (name, _)) in opt.slots.iter_mut().zip(vars) {
             slot.decay = !(name.ends_with(".bias") || name.contains("LayerNorm"));
         }
@@ -92,7 +101,12 @@ impl candle_nn::Optimizer for AdamW {
             .map(|var| {
                 let m = var.zeros_like()?;
                 let v = var.zeros_like()?;
-                Ok(Slot { var, m, v, decay: true })
+                Ok(Slot {
+                    var,
+                    m,
+                    v,
+                    decay: true,
+                })
             })
             .collect::<candle_core::Result<_>>()?;
         Ok(AdamW { slots, cfg, t: 0 })
@@ -108,12 +122,20 @@ impl candle_nn::Optimizer for AdamW {
 
     fn step(&mut self, grads: &GradStore) -> candle_core::Result<()> {
         self.t += 1;
-        let AdamWConfig { lr, beta1, beta2, eps, weight_decay } = self.cfg;
+        let AdamWConfig {
+            lr,
+            beta1,
+            beta2,
+            eps,
+            weight_decay,
+        } = self.cfg;
         let t = self.t as i32;
         let step_size = lr / (1.0 - beta1.powi(t));
         let bc2_sqrt = (1.0 - beta2.powi(t)).sqrt();
         for slot in &mut self.slots {
-            let Some(g) = grads.get(slot.var.as_tensor()) else { continue };
+            let Some(g) = grads.get(slot.var.as_tensor()) else {
+                continue;
+            };
             slot.m = ((&slot.m * beta1)? + (g * (1.0 - beta1))?)?;
             slot.v = ((&slot.v * beta2)? + (g.sqr()? * (1.0 - beta2))?)?;
             let mut w = slot.var.as_tensor().clone();

@@ -2,6 +2,9 @@
 //! date in O(m²) per step when one row/column of K is replaced, with a residual check and a
 //! periodic from-scratch refresh (Cholesky, O(m³), once every m steps: O(m²) amortised).
 
+// Dense linear algebra on index pairs reads best with explicit indices.
+#![allow(clippy::needless_range_loop)]
+
 /// `A = mλ·I + K` and its inverse, both m×m row-major f64.
 #[derive(Debug, Clone)]
 pub(crate) struct GramSolver {
@@ -29,7 +32,14 @@ impl GramSolver {
         for i in 0..m {
             inv[i * m + i] = 1.0 / shift;
         }
-        GramSolver { m, shift, k: vec![0.0; m * m], inv, since_refresh: 0, refreshes: 0 }
+        GramSolver {
+            m,
+            shift,
+            k: vec![0.0; m * m],
+            inv,
+            since_refresh: 0,
+            refreshes: 0,
+        }
     }
 
     fn a(&self, i: usize, j: usize) -> f64 {
@@ -77,7 +87,9 @@ impl GramSolver {
             }
         }
         // 2. Bordering with the new column a = A[:, j]: Cb = C·a₋ⱼ, s = aⱼⱼ − a₋ⱼᵀ C a₋ⱼ.
-        let a: Vec<f64> = (0..m).map(|i| if i == j { 0.0 } else { self.k[i * m + j] }).collect();
+        let a: Vec<f64> = (0..m)
+            .map(|i| if i == j { 0.0 } else { self.k[i * m + j] })
+            .collect();
         let ajj = self.k[j * m + j] + self.shift;
         let mut cb = vec![0.0; m];
         for i in 0..m {
@@ -93,8 +105,12 @@ impl GramSolver {
             }
             cb[i] = s;
         }
-        let s = ajj - (0..m).filter(|&i| i != j).map(|i| a[i] * cb[i]).sum::<f64>();
-        if !(s > 0.0) {
+        let s = ajj
+            - (0..m)
+                .filter(|&i| i != j)
+                .map(|i| a[i] * cb[i])
+                .sum::<f64>();
+        if s.is_nan() || s <= 0.0 {
             // Lost positive definiteness to rounding: start over from scratch.
             self.refresh();
             return;

@@ -36,14 +36,26 @@ pub struct MFacConfig {
 impl Default for MFacConfig {
     /// The authors' defaults: lr 1e-3, 1024 gradients, damp 1e-5, no momentum or decay.
     fn default() -> Self {
-        MFacConfig { lr: 1e-3, num_grads: 1024, damp: 1e-5, momentum: 0.0, weight_decay: 0.0, window_dtype: DType::F32 }
+        MFacConfig {
+            lr: 1e-3,
+            num_grads: 1024,
+            damp: 1e-5,
+            momentum: 0.0,
+            weight_decay: 0.0,
+            window_dtype: DType::F32,
+        }
     }
 }
 
 impl MFacConfig {
     /// The model card's settings for bert-tiny on MNLI: lr 1e-4, 1024 gradients, damp 1e-6.
     pub fn model_card() -> Self {
-        MFacConfig { lr: 1e-4, num_grads: 1024, damp: 1e-6, ..Default::default() }
+        MFacConfig {
+            lr: 1e-4,
+            num_grads: 1024,
+            damp: 1e-6,
+            ..Default::default()
+        }
     }
 
     /// Checks every field; the error names the key.
@@ -62,19 +74,31 @@ impl MFacConfig {
             return Err(bad("num_grads", "must be at least 1".into()));
         }
         if !(self.damp > 0.0 && self.damp.is_finite()) {
-            return Err(bad("damp", format!("{} must be positive and finite", self.damp)));
+            return Err(bad(
+                "damp",
+                format!("{} must be positive and finite", self.damp),
+            ));
         }
         if !(self.lr >= 0.0 && self.lr.is_finite()) {
             return Err(bad("lr", format!("{} must be ≥ 0 and finite", self.lr)));
         }
         if !(0.0..1.0).contains(&self.momentum) {
-            return Err(bad("momentum", format!("{} must be in [0, 1)", self.momentum)));
+            return Err(bad(
+                "momentum",
+                format!("{} must be in [0, 1)", self.momentum),
+            ));
         }
         if !(self.weight_decay >= 0.0 && self.weight_decay.is_finite()) {
-            return Err(bad("weight_decay", format!("{} must be ≥ 0", self.weight_decay)));
+            return Err(bad(
+                "weight_decay",
+                format!("{} must be ≥ 0", self.weight_decay),
+            ));
         }
         if !matches!(self.window_dtype, DType::F32 | DType::BF16 | DType::F64) {
-            return Err(bad("window_dtype", format!("{:?} is not supported: f32, bf16 or f64", self.window_dtype)));
+            return Err(bad(
+                "window_dtype",
+                format!("{:?} is not supported: f32, bf16 or f64", self.window_dtype),
+            ));
         }
         Ok(())
     }
@@ -201,7 +225,6 @@ macro_rules! with_slice {
     }};
 }
 
-
 /// Copies `s` into `out` as f64.
 fn to_f64_into<E: Elem>(s: &[E], out: &mut [f64]) {
     for (o, x) in out.iter_mut().zip(s) {
@@ -252,13 +275,19 @@ impl MFac {
 
     /// Like [`MFac::try_new`], with parameter names (used in error messages).
     pub fn new_named(vars: &[(String, Var)], cfg: MFacConfig) -> Result<Self> {
-        Self::build(vars.iter().map(|(_, v)| v.clone()).collect(), vars.iter().map(|(n, _)| n.clone()).collect(), cfg)
+        Self::build(
+            vars.iter().map(|(_, v)| v.clone()).collect(),
+            vars.iter().map(|(n, _)| n.clone()).collect(),
+            cfg,
+        )
     }
 
     fn build(vars: Vec<Var>, names: Vec<String>, cfg: MFacConfig) -> Result<Self> {
         cfg.validate()?;
         if vars.is_empty() {
-            return Err(Error::InvalidArgument("M-FAC needs at least one parameter".into()));
+            return Err(Error::InvalidArgument(
+                "M-FAC needs at least one parameter".into(),
+            ));
         }
         for v in &vars {
             if !matches!(v.device(), Device::Cpu) {
@@ -268,7 +297,10 @@ impl MFac {
                 )));
             }
             if !v.dtype().is_float() {
-                return Err(Error::InvalidArgument(format!("M-FAC needs float parameters, got {:?}", v.dtype())));
+                return Err(Error::InvalidArgument(format!(
+                    "M-FAC needs float parameters, got {:?}",
+                    v.dtype()
+                )));
             }
         }
         let mut offsets = Vec::with_capacity(vars.len() + 1);
@@ -282,7 +314,8 @@ impl MFac {
         let window = cfg.window_bytes(d);
         let vectors = if cfg.momentum > 0.0 { 2 } else { 1 };
         let needed = window + 2 * (m as u128 * m as u128 * 8) + vectors * d as u128 * 8;
-        let fix = "use fewer gradients (num_grads) or a bf16 window (window_dtype: bf16)".to_string();
+        let fix =
+            "use fewer gradients (num_grads) or a bf16 window (window_dtype: bf16)".to_string();
         if let Some(avail) = available_memory() {
             if needed > avail {
                 return Err(Error::OutOfMemory {
@@ -331,15 +364,25 @@ impl MFac {
         let mut gs: Vec<Option<Tensor>> = Vec::with_capacity(self.vars.len());
         for (i, var) in self.vars.iter().enumerate() {
             let g = match grads.get(var.as_tensor()) {
-                Some(g) => Some(if g.is_contiguous() { g.clone() } else { g.contiguous()? }),
+                Some(g) => Some(if g.is_contiguous() {
+                    g.clone()
+                } else {
+                    g.contiguous()?
+                }),
                 None => None,
             };
             if let Some(g) = &g {
                 if g.elem_count() != var.elem_count() {
-                    return Err(Error::InvalidArgument(format!("gradient of {} has the wrong size", self.names[i])));
+                    return Err(Error::InvalidArgument(format!(
+                        "gradient of {} has the wrong size",
+                        self.names[i]
+                    )));
                 }
                 if !with_slice!(g, |s| all_finite(s))? {
-                    return Err(Error::NonFiniteGradient { index: i, param: self.names[i].clone() });
+                    return Err(Error::NonFiniteGradient {
+                        index: i,
+                        param: self.names[i].clone(),
+                    });
                 }
             }
             gs.push(g);
@@ -399,10 +442,22 @@ impl MFac {
         let lr = self.cfg.lr;
         for (i, var) in self.vars.iter().enumerate() {
             let (a, b) = (self.offsets[i], self.offsets[i + 1]);
-            var.as_tensor().inplace_op1(&SubScaled { dir: &dir[a..b], lr })?;
+            var.as_tensor().inplace_op1(&SubScaled {
+                dir: &dir[a..b],
+                lr,
+            })?;
         }
-        let cosine = if dd > 0.0 && gg > 0.0 { dg / (dd.sqrt() * gg.sqrt()) } else { 0.0 };
-        let step = MFacStep { slot: j, update_norm: lr * dd.sqrt(), cosine, grad_norm: gg.sqrt() };
+        let cosine = if dd > 0.0 && gg > 0.0 {
+            dg / (dd.sqrt() * gg.sqrt())
+        } else {
+            0.0
+        };
+        let step = MFacStep {
+            slot: j,
+            update_norm: lr * dd.sqrt(),
+            cosine,
+            grad_norm: gg.sqrt(),
+        };
         // 7. Advance the ring.
         self.ring = (j + 1) % m;
         self.filled = rows;
@@ -455,7 +510,10 @@ impl MFac {
     /// Row `slot` of the window, as f64 (what the window stores, in its dtype's precision).
     pub fn window_row(&self, slot: usize) -> Result<Vec<f64>> {
         if slot >= self.cfg.num_grads {
-            return Err(Error::InvalidArgument(format!("slot {slot} ≥ num_grads {}", self.cfg.num_grads)));
+            return Err(Error::InvalidArgument(format!(
+                "slot {slot} ≥ num_grads {}",
+                self.cfg.num_grads
+            )));
         }
         Ok(self.window.row(slot, self.d))
     }
@@ -486,7 +544,9 @@ impl candle_nn::Optimizer for MFac {
     }
 
     fn step(&mut self, grads: &GradStore) -> candle_core::Result<()> {
-        self.try_step(grads).map(|_| ()).map_err(candle_core::Error::wrap)
+        self.try_step(grads)
+            .map(|_| ())
+            .map_err(candle_core::Error::wrap)
     }
 
     fn learning_rate(&self) -> f64 {

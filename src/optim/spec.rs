@@ -6,11 +6,24 @@ use crate::error::{Error, Result};
 use crate::optim::{AdamWConfig, MFacConfig};
 
 /// Keys M-FAC accepts in `--optim_args`.
-pub const MFAC_KEYS: [&str; 6] = ["lr", "num_grads", "damp", "momentum", "weight_decay", "window_dtype"];
+pub const MFAC_KEYS: [&str; 6] = [
+    "lr",
+    "num_grads",
+    "damp",
+    "momentum",
+    "weight_decay",
+    "window_dtype",
+];
 /// Keys AdamW accepts in `--optim_args`.
 pub const ADAMW_KEYS: [&str; 5] = ["lr", "beta1", "beta2", "eps", "weight_decay"];
 /// Optimizer names `--optim` accepts.
-pub const OPTIM_NAMES: [&str; 5] = ["MFAC", "adamw_torch", "adamw_torch_fused", "adamw_hf", "adamw"];
+pub const OPTIM_NAMES: [&str; 5] = [
+    "MFAC",
+    "adamw_torch",
+    "adamw_torch_fused",
+    "adamw_hf",
+    "adamw",
+];
 
 /// The optimizer of a run.
 ///
@@ -31,7 +44,11 @@ pub enum OptimizerSpec {
 }
 
 fn option_err(key: &str, message: impl Into<String>, valid: &[&str]) -> Error {
-    Error::OptimizerOption { key: key.into(), message: message.into(), valid: valid.join(", ") }
+    Error::OptimizerOption {
+        key: key.into(),
+        message: message.into(),
+        valid: valid.join(", "),
+    }
 }
 
 /// Splits `a: 1, b: 2` / `a=1,b=2` / a JSON object into (key, value text) pairs.
@@ -41,12 +58,21 @@ fn pairs(args: &str, valid: &[&str]) -> Result<Vec<(String, String)>> {
         return Ok(vec![]);
     }
     if t.starts_with('{') || t.starts_with('[') {
-        let v: serde_json::Value =
-            serde_json::from_str(t).map_err(|e| option_err("<json>", format!("not valid JSON: {e}"), valid))?;
-        let obj = v.as_object().ok_or_else(|| option_err("<json>", "expected a JSON object", valid))?;
+        let v: serde_json::Value = serde_json::from_str(t)
+            .map_err(|e| option_err("<json>", format!("not valid JSON: {e}"), valid))?;
+        let obj = v
+            .as_object()
+            .ok_or_else(|| option_err("<json>", "expected a JSON object", valid))?;
         return Ok(obj
             .iter()
-            .map(|(k, v)| (k.clone(), v.as_str().map(str::to_string).unwrap_or_else(|| v.to_string())))
+            .map(|(k, v)| {
+                (
+                    k.clone(),
+                    v.as_str()
+                        .map(str::to_string)
+                        .unwrap_or_else(|| v.to_string()),
+                )
+            })
             .collect());
     }
     t.split(',')
@@ -55,14 +81,21 @@ fn pairs(args: &str, valid: &[&str]) -> Result<Vec<(String, String)>> {
             let (k, v) = p
                 .split_once(':')
                 .or_else(|| p.split_once('='))
-                .ok_or_else(|| option_err(p.trim(), "expected `key: value` or `key=value`", valid))?;
-            Ok((k.trim().to_string(), v.trim().trim_matches(['"', '\'']).to_string()))
+                .ok_or_else(|| {
+                    option_err(p.trim(), "expected `key: value` or `key=value`", valid)
+                })?;
+            Ok((
+                k.trim().to_string(),
+                v.trim().trim_matches(['"', '\'']).to_string(),
+            ))
         })
         .collect()
 }
 
 fn number(key: &str, v: &str, valid: &[&str]) -> Result<f64> {
-    let x: f64 = v.parse().map_err(|_| option_err(key, format!("{v:?} is not a number"), valid))?;
+    let x: f64 = v
+        .parse()
+        .map_err(|_| option_err(key, format!("{v:?} is not a number"), valid))?;
     if !x.is_finite() {
         return Err(option_err(key, format!("{v:?} is not finite"), valid));
     }
@@ -74,14 +107,21 @@ fn dtype(key: &str, v: &str) -> Result<DType> {
         "f32" | "float32" | "fp32" => Ok(DType::F32),
         "bf16" | "bfloat16" => Ok(DType::BF16),
         "f64" | "float64" | "fp64" => Ok(DType::F64),
-        _ => Err(option_err(key, format!("{v:?} is not a window dtype (f32, bf16, f64)"), &MFAC_KEYS)),
+        _ => Err(option_err(
+            key,
+            format!("{v:?} is not a window dtype (f32, bf16, f64)"),
+            &MFAC_KEYS,
+        )),
     }
 }
 
 impl OptimizerSpec {
     /// AdamW with HF Trainer's defaults and this learning rate.
     pub fn adamw(lr: f64) -> Self {
-        OptimizerSpec::AdamW(AdamWConfig { lr, ..Default::default() })
+        OptimizerSpec::AdamW(AdamWConfig {
+            lr,
+            ..Default::default()
+        })
     }
 
     /// M-FAC with this config.
@@ -120,7 +160,11 @@ impl OptimizerSpec {
                         "num_grads" | "ngrads" => {
                             let n = number(&k, &v, &MFAC_KEYS)?;
                             if n < 1.0 || n.fract() != 0.0 || n > u32::MAX as f64 {
-                                return Err(option_err(&k, format!("{v:?} must be a whole number ≥ 1"), &MFAC_KEYS));
+                                return Err(option_err(
+                                    &k,
+                                    format!("{v:?} must be a whole number ≥ 1"),
+                                    &MFAC_KEYS,
+                                ));
                             }
                             c.num_grads = n as usize;
                         }
@@ -147,7 +191,13 @@ impl OptimizerSpec {
                         _ => return Err(option_err(&k, "unknown key for AdamW", &ADAMW_KEYS)),
                     }
                 }
-                let check = |key: &str, ok: bool, msg: &str| if ok { Ok(()) } else { Err(option_err(key, msg, &ADAMW_KEYS)) };
+                let check = |key: &str, ok: bool, msg: &str| {
+                    if ok {
+                        Ok(())
+                    } else {
+                        Err(option_err(key, msg, &ADAMW_KEYS))
+                    }
+                };
                 check("lr", c.lr >= 0.0, "must be ≥ 0")?;
                 check("beta1", (0.0..1.0).contains(&c.beta1), "must be in [0, 1)")?;
                 check("beta2", (0.0..1.0).contains(&c.beta2), "must be in [0, 1)")?;

@@ -7,6 +7,9 @@
 //! each sweep of eight rows) in f32 and add those in f64. On x86-64 CPUs with AVX2 and FMA,
 //! hand-written kernels are picked at run time for f32 and bf16 windows.
 
+// The pass kernels take the window, the vector and their geometry explicitly.
+#![allow(clippy::too_many_arguments)]
+
 use candle_core::DType;
 use half::bf16;
 
@@ -111,7 +114,11 @@ fn advise_huge_pages<T>(v: &[T]) {
 
 /// Runs `f` on matching pieces of `out` and `src` (equal lengths) across the threads; d-sized
 /// element-wise work is memory-bound, and one core alone does not saturate memory.
-pub(crate) fn par_zip_mut<T: Send, U: Sync>(out: &mut [T], src: &[U], f: impl Fn(&mut [T], &[U]) + Sync) {
+pub(crate) fn par_zip_mut<T: Send, U: Sync>(
+    out: &mut [T],
+    src: &[U],
+    f: impl Fn(&mut [T], &[U]) + Sync,
+) {
     let t = threads();
     if t == 1 || out.len() < 1 << 16 {
         return f(out, src);
@@ -139,7 +146,10 @@ pub(crate) fn all_finite<E: Elem>(s: &[E]) -> bool {
 }
 
 pub(crate) fn threads() -> usize {
-    std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1).min(64)
+    std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1)
+        .min(64)
 }
 
 /// Splits 0..d into `t` contiguous ranges, aligned to BLOCK.
@@ -186,7 +196,8 @@ fn axpy4<E: Elem>(c: [f64; 4], g: [&[E]; 4], u: &mut [f64]) {
     let n = u.len();
     let g = [&g[0][..n], &g[1][..n], &g[2][..n], &g[3][..n]];
     for k in 0..n {
-        u[k] += (c[0] * g[0][k].to_f64() + c[1] * g[1][k].to_f64()) + (c[2] * g[2][k].to_f64() + c[3] * g[3][k].to_f64());
+        u[k] += (c[0] * g[0][k].to_f64() + c[1] * g[1][k].to_f64())
+            + (c[2] * g[2][k].to_f64() + c[3] * g[3][k].to_f64());
     }
 }
 
@@ -203,10 +214,20 @@ fn pass1_range<E: Elem>(g: &[E], j: usize, rows: usize, d: usize, a: usize, b: u
         for (x, y) in gj[..n].iter_mut().zip(&g[j * d + c0..j * d + c1]) {
             *x = y.to_f64();
         }
-        let row = |i: usize| if i < rows { &g[i * d + c0..i * d + c1] } else { &zero[..n] };
+        let row = |i: usize| {
+            if i < rows {
+                &g[i * d + c0..i * d + c1]
+            } else {
+                &zero[..n]
+            }
+        };
         for i in (0..rows).step_by(4) {
             let mut o = [0.0; 4];
-            dot4([row(i), row(i + 1), row(i + 2), row(i + 3)], &gj[..n], &mut o);
+            dot4(
+                [row(i), row(i + 1), row(i + 2), row(i + 3)],
+                &gj[..n],
+                &mut o,
+            );
             for r in 0..4 {
                 out[i + r] += o[r];
             }
@@ -231,7 +252,10 @@ fn norm_and_dot<E: Elem>(u: &[f64], x: &[E]) -> (f64, f64) {
             ux[l] += v * x[k + l].to_f64();
         }
     }
-    let (mut a, mut b) = ((uu[0] + uu[1]) + (uu[2] + uu[3]), (ux[0] + ux[1]) + (ux[2] + ux[3]));
+    let (mut a, mut b) = (
+        (uu[0] + uu[1]) + (uu[2] + uu[3]),
+        (ux[0] + ux[1]) + (ux[2] + ux[3]),
+    );
     for k in n4..n {
         a += u[k] * u[k];
         b += u[k] * x[k].to_f64();
@@ -242,7 +266,16 @@ fn norm_and_dot<E: Elem>(u: &[f64], x: &[E]) -> (f64, f64) {
 /// Pass 2 over one thread's columns: u[a..b] = scale·Σ_i c[i]·G_i[a..b]; returns
 /// (Σ u², Σ u·G_j) over those columns, computed while the blocks are in cache.
 #[inline(always)]
-fn pass2_range<E: Elem>(g: &[E], c: &[f64], rows: usize, d: usize, scale: f64, j: usize, a: usize, mine: &mut [f64]) -> (f64, f64) {
+fn pass2_range<E: Elem>(
+    g: &[E],
+    c: &[f64],
+    rows: usize,
+    d: usize,
+    scale: f64,
+    j: usize,
+    a: usize,
+    mine: &mut [f64],
+) -> (f64, f64) {
     let b = a + mine.len();
     let mut stats = (0.0, 0.0);
     let zero: Vec<E> = vec![E::from_f64(0.0); BLOCK];
@@ -252,10 +285,20 @@ fn pass2_range<E: Elem>(g: &[E], c: &[f64], rows: usize, d: usize, scale: f64, j
         let n = c1 - c0;
         let out = &mut mine[c0 - a..c1 - a];
         out.iter_mut().for_each(|x| *x = 0.0);
-        let row = |i: usize| if i < rows { &g[i * d + c0..i * d + c1] } else { &zero[..n] };
+        let row = |i: usize| {
+            if i < rows {
+                &g[i * d + c0..i * d + c1]
+            } else {
+                &zero[..n]
+            }
+        };
         let ci = |i: usize| if i < rows { c[i] } else { 0.0 };
         for i in (0..rows).step_by(4) {
-            axpy4([ci(i), ci(i + 1), ci(i + 2), ci(i + 3)], [row(i), row(i + 1), row(i + 2), row(i + 3)], out);
+            axpy4(
+                [ci(i), ci(i + 1), ci(i + 2), ci(i + 3)],
+                [row(i), row(i + 1), row(i + 2), row(i + 3)],
+                out,
+            );
         }
         out.iter_mut().for_each(|x| *x *= scale);
         let (uu, ug) = norm_and_dot(out, &g[j * d + c0..j * d + c1]);
@@ -270,11 +313,27 @@ fn pass2_range<E: Elem>(g: &[E], c: &[f64], rows: usize, d: usize, scale: f64, j
 mod avx2 {
     use super::*;
     #[target_feature(enable = "avx2,fma")]
-    pub(super) unsafe fn pass1<E: Elem>(g: &[E], j: usize, rows: usize, d: usize, a: usize, b: usize) -> Vec<f64> {
+    pub(super) unsafe fn pass1<E: Elem>(
+        g: &[E],
+        j: usize,
+        rows: usize,
+        d: usize,
+        a: usize,
+        b: usize,
+    ) -> Vec<f64> {
         pass1_range(g, j, rows, d, a, b)
     }
     #[target_feature(enable = "avx2,fma")]
-    pub(super) unsafe fn pass2<E: Elem>(g: &[E], c: &[f64], rows: usize, d: usize, scale: f64, j: usize, a: usize, mine: &mut [f64]) -> (f64, f64) {
+    pub(super) unsafe fn pass2<E: Elem>(
+        g: &[E],
+        c: &[f64],
+        rows: usize,
+        d: usize,
+        scale: f64,
+        j: usize,
+        a: usize,
+        mine: &mut [f64],
+    ) -> (f64, f64) {
         pass2_range(g, c, rows, d, scale, j, a, mine)
     }
 }
@@ -322,7 +381,11 @@ mod avx2_f32 {
             let mut a1 = _mm256_setzero_pd();
             for r in (0..8).step_by(2) {
                 a0 = _mm256_fmadd_pd(cv[r], _mm256_cvtps_pd(_mm_loadu_ps(g[r].add(k))), a0);
-                a1 = _mm256_fmadd_pd(cv[r + 1], _mm256_cvtps_pd(_mm_loadu_ps(g[r + 1].add(k))), a1);
+                a1 = _mm256_fmadd_pd(
+                    cv[r + 1],
+                    _mm256_cvtps_pd(_mm_loadu_ps(g[r + 1].add(k))),
+                    a1,
+                );
             }
             _mm256_storeu_pd(u.add(k), _mm256_add_pd(a0, a1));
             k += 4;
@@ -351,7 +414,12 @@ mod avx2_bf16 {
     }
 
     #[target_feature(enable = "avx2,fma")]
-    pub(super) unsafe fn dot8(g: [*const half::bf16; 8], y: *const f32, n: usize, out: &mut [f64; 8]) {
+    pub(super) unsafe fn dot8(
+        g: [*const half::bf16; 8],
+        y: *const f32,
+        n: usize,
+        out: &mut [f64; 8],
+    ) {
         let mut acc = [_mm256_setzero_ps(); 8];
         let mut k = 0;
         while k + 8 <= n {
@@ -388,8 +456,14 @@ mod avx2_bf16 {
                 t1 = _mm256_fmadd_ps(cv[r + 1], load8(g[r + 1].add(k)), t1);
             }
             let t = _mm256_add_ps(t0, t1);
-            let lo = _mm256_add_pd(_mm256_loadu_pd(u.add(k)), _mm256_cvtps_pd(_mm256_castps256_ps128(t)));
-            let hi = _mm256_add_pd(_mm256_loadu_pd(u.add(k + 4)), _mm256_cvtps_pd(_mm256_extractf128_ps(t, 1)));
+            let lo = _mm256_add_pd(
+                _mm256_loadu_pd(u.add(k)),
+                _mm256_cvtps_pd(_mm256_castps256_ps128(t)),
+            );
+            let hi = _mm256_add_pd(
+                _mm256_loadu_pd(u.add(k + 4)),
+                _mm256_cvtps_pd(_mm256_extractf128_ps(t, 1)),
+            );
             _mm256_storeu_pd(u.add(k), lo);
             _mm256_storeu_pd(u.add(k + 4), hi);
             k += 8;
@@ -417,7 +491,13 @@ fn pass1_bf16_avx2(g: &[bf16], j: usize, rows: usize, d: usize, a: usize, b: usi
         for (x, y) in gj[..n].iter_mut().zip(&g[j * d + c0..j * d + c1]) {
             *x = y.to_f32();
         }
-        let row = |i: usize| if i < rows { g[i * d + c0..i * d + c1].as_ptr() } else { zero.as_ptr() };
+        let row = |i: usize| {
+            if i < rows {
+                g[i * d + c0..i * d + c1].as_ptr()
+            } else {
+                zero.as_ptr()
+            }
+        };
         for i in (0..rows).step_by(8) {
             let mut o = [0.0; 8];
             let ps: [*const bf16; 8] = std::array::from_fn(|r| row(i + r));
@@ -434,8 +514,16 @@ fn pass1_bf16_avx2(g: &[bf16], j: usize, rows: usize, d: usize, a: usize, b: usi
 }
 
 #[cfg(target_arch = "x86_64")]
-#[allow(clippy::too_many_arguments)]
-fn pass2_bf16_avx2(g: &[bf16], c: &[f64], rows: usize, d: usize, scale: f64, j: usize, a: usize, mine: &mut [f64]) -> (f64, f64) {
+fn pass2_bf16_avx2(
+    g: &[bf16],
+    c: &[f64],
+    rows: usize,
+    d: usize,
+    scale: f64,
+    j: usize,
+    a: usize,
+    mine: &mut [f64],
+) -> (f64, f64) {
     let b = a + mine.len();
     let mut stats = (0.0, 0.0);
     let zero = vec![bf16::ZERO; BLOCK];
@@ -445,7 +533,13 @@ fn pass2_bf16_avx2(g: &[bf16], c: &[f64], rows: usize, d: usize, scale: f64, j: 
         let n = c1 - c0;
         let out = &mut mine[c0 - a..c1 - a];
         out.iter_mut().for_each(|x| *x = 0.0);
-        let row = |i: usize| if i < rows { g[i * d + c0..i * d + c1].as_ptr() } else { zero.as_ptr() };
+        let row = |i: usize| {
+            if i < rows {
+                g[i * d + c0..i * d + c1].as_ptr()
+            } else {
+                zero.as_ptr()
+            }
+        };
         let ci = |i: usize| if i < rows { c[i] } else { 0.0 };
         for i in (0..rows).step_by(8) {
             let cs: [f64; 8] = std::array::from_fn(|r| ci(i + r));
@@ -474,7 +568,13 @@ fn pass1_f32_avx2(g: &[f32], j: usize, rows: usize, d: usize, a: usize, b: usize
         for (x, y) in gj[..n].iter_mut().zip(&g[j * d + c0..j * d + c1]) {
             *x = *y as f64;
         }
-        let row = |i: usize| if i < rows { g[i * d + c0..i * d + c1].as_ptr() } else { zero.as_ptr() };
+        let row = |i: usize| {
+            if i < rows {
+                g[i * d + c0..i * d + c1].as_ptr()
+            } else {
+                zero.as_ptr()
+            }
+        };
         for i in (0..rows).step_by(8) {
             let mut o = [0.0; 8];
             let ps: [*const f32; 8] = std::array::from_fn(|r| row(i + r));
@@ -492,7 +592,16 @@ fn pass1_f32_avx2(g: &[f32], j: usize, rows: usize, d: usize, a: usize, b: usize
 }
 
 #[cfg(target_arch = "x86_64")]
-fn pass2_f32_avx2(g: &[f32], c: &[f64], rows: usize, d: usize, scale: f64, j: usize, a: usize, mine: &mut [f64]) -> (f64, f64) {
+fn pass2_f32_avx2(
+    g: &[f32],
+    c: &[f64],
+    rows: usize,
+    d: usize,
+    scale: f64,
+    j: usize,
+    a: usize,
+    mine: &mut [f64],
+) -> (f64, f64) {
     let b = a + mine.len();
     let mut stats = (0.0, 0.0);
     let zero = vec![0.0f32; BLOCK];
@@ -502,7 +611,13 @@ fn pass2_f32_avx2(g: &[f32], c: &[f64], rows: usize, d: usize, scale: f64, j: us
         let n = c1 - c0;
         let out = &mut mine[c0 - a..c1 - a];
         out.iter_mut().for_each(|x| *x = 0.0);
-        let row = |i: usize| if i < rows { g[i * d + c0..i * d + c1].as_ptr() } else { zero.as_ptr() };
+        let row = |i: usize| {
+            if i < rows {
+                g[i * d + c0..i * d + c1].as_ptr()
+            } else {
+                zero.as_ptr()
+            }
+        };
         let ci = |i: usize| if i < rows { c[i] } else { 0.0 };
         for i in (0..rows).step_by(8) {
             let cs: [f64; 8] = std::array::from_fn(|r| ci(i + r));
@@ -549,7 +664,14 @@ fn has_avx2() -> bool {
     }
 }
 
-fn pass1_dispatch<E: Elem>(g: &[E], j: usize, rows: usize, d: usize, a: usize, b: usize) -> Vec<f64> {
+fn pass1_dispatch<E: Elem>(
+    g: &[E],
+    j: usize,
+    rows: usize,
+    d: usize,
+    a: usize,
+    b: usize,
+) -> Vec<f64> {
     #[cfg(target_arch = "x86_64")]
     if has_avx2() {
         if let Some(g32) = as_f32(g) {
@@ -564,8 +686,16 @@ fn pass1_dispatch<E: Elem>(g: &[E], j: usize, rows: usize, d: usize, a: usize, b
     pass1_range(g, j, rows, d, a, b)
 }
 
-#[allow(clippy::too_many_arguments)]
-fn pass2_dispatch<E: Elem>(g: &[E], c: &[f64], rows: usize, d: usize, scale: f64, j: usize, a: usize, mine: &mut [f64]) -> (f64, f64) {
+fn pass2_dispatch<E: Elem>(
+    g: &[E],
+    c: &[f64],
+    rows: usize,
+    d: usize,
+    scale: f64,
+    j: usize,
+    a: usize,
+    mine: &mut [f64],
+) -> (f64, f64) {
     #[cfg(target_arch = "x86_64")]
     if has_avx2() {
         if let Some(g32) = as_f32(g) {
@@ -612,7 +742,15 @@ impl HostWindow {
 
     /// Pass 2: u = scale · Σ_i c[i] G_i over the first `rows` rows, into `u` (length d).
     /// Returns (‖u‖², ⟨u, G_j⟩), gathered on the way.
-    pub fn combine(&self, c: &[f64], rows: usize, d: usize, scale: f64, j: usize, u: &mut [f64]) -> (f64, f64) {
+    pub fn combine(
+        &self,
+        c: &[f64],
+        rows: usize,
+        d: usize,
+        scale: f64,
+        j: usize,
+        u: &mut [f64],
+    ) -> (f64, f64) {
         match self {
             HostWindow::F32(v) => combine_generic(v, c, rows, d, scale, j, u),
             HostWindow::F64(v) => combine_generic(v, c, rows, d, scale, j, u),
@@ -645,7 +783,9 @@ impl HostWindow {
         match self {
             HostWindow::F32(v) => match as_f32(src) {
                 // f32 → f32 is a plain copy.
-                Some(s32) => par_zip_mut(&mut v[start..start + s32.len()], s32, |o, i| o.copy_from_slice(i)),
+                Some(s32) => par_zip_mut(&mut v[start..start + s32.len()], s32, |o, i| {
+                    o.copy_from_slice(i)
+                }),
                 None => w(v, start, src),
             },
             HostWindow::F64(v) => w(v, start, src),
@@ -667,7 +807,10 @@ fn gram_row_generic<E: Elem>(g: &[E], j: usize, rows: usize, d: usize) -> Vec<f6
             .into_iter()
             .map(|(a, b)| s.spawn(move || pass1_dispatch(g, j, rows, d, a, b)))
             .collect();
-        handles.into_iter().map(|h| h.join().expect("M-FAC pass 1 worker")).collect()
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("M-FAC pass 1 worker"))
+            .collect()
     });
     let mut out = vec![0.0; rows];
     for p in parts {
@@ -678,7 +821,15 @@ fn gram_row_generic<E: Elem>(g: &[E], j: usize, rows: usize, d: usize) -> Vec<f6
     out
 }
 
-fn combine_generic<E: Elem>(g: &[E], c: &[f64], rows: usize, d: usize, scale: f64, j: usize, u: &mut [f64]) -> (f64, f64) {
+fn combine_generic<E: Elem>(
+    g: &[E],
+    c: &[f64],
+    rows: usize,
+    d: usize,
+    scale: f64,
+    j: usize,
+    u: &mut [f64],
+) -> (f64, f64) {
     let rs = ranges(d, threads());
     std::thread::scope(|s| {
         let mut rest: &mut [f64] = u;

@@ -53,7 +53,10 @@ fn percent_decode(s: &str) -> String {
 }
 
 fn sha256_hex(data: &[u8]) -> String {
-    Sha256::digest(data).iter().map(|b| format!("{b:02x}")).collect()
+    Sha256::digest(data)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }
 
 impl MockHub {
@@ -62,11 +65,23 @@ impl MockHub {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = listener.local_addr().unwrap();
         let endpoint = format!("http://{addr}");
-        let repos: Vec<Repo> = repos.into_iter().map(|(kind, id, dir)| Repo { kind, id: id.into(), dir }).collect();
+        let repos: Vec<Repo> = repos
+            .into_iter()
+            .map(|(kind, id, dir)| Repo {
+                kind,
+                id: id.into(),
+                dir,
+            })
+            .collect();
         let requests = Arc::new(AtomicUsize::new(0));
         let log = Arc::new(Mutex::new(Vec::new()));
         let stop = Arc::new(AtomicBool::new(false));
-        let (r2, l2, s2, ep) = (requests.clone(), log.clone(), stop.clone(), endpoint.clone());
+        let (r2, l2, s2, ep) = (
+            requests.clone(),
+            log.clone(),
+            stop.clone(),
+            endpoint.clone(),
+        );
         let thread = std::thread::spawn(move || {
             let cdn: Mutex<HashMap<String, PathBuf>> = Mutex::new(HashMap::new());
             for conn in listener.incoming() {
@@ -78,7 +93,14 @@ impl MockHub {
                 let _ = handle(stream, &repos, &cdn, &l2, &ep);
             }
         });
-        MockHub { endpoint, requests, log, stop, thread: Some(thread), addr }
+        MockHub {
+            endpoint,
+            requests,
+            log,
+            stop,
+            thread: Some(thread),
+            addr,
+        }
     }
 
     pub fn request_count(&self) -> usize {
@@ -129,7 +151,11 @@ fn handle(
     let head = method == "HEAD";
     let path = target.split('?').next().unwrap_or("");
 
-    let respond = |stream: &mut TcpStream, status: &str, hdrs: &[(String, String)], body: &[u8]| -> std::io::Result<()> {
+    let respond = |stream: &mut TcpStream,
+                   status: &str,
+                   hdrs: &[(String, String)],
+                   body: &[u8]|
+     -> std::io::Result<()> {
         let mut out = format!("HTTP/1.1 {status}\r\nConnection: close\r\n");
         for (k, v) in hdrs {
             out.push_str(&format!("{k}: {v}\r\n"));
@@ -151,8 +177,15 @@ fn handle(
         if let Some(range) = headers.get("range").and_then(|r| r.strip_prefix("bytes=")) {
             let (a, b) = range.split_once('-').unwrap_or((range, ""));
             let start: usize = a.parse().unwrap_or(0).min(total);
-            let end: usize = b.parse::<usize>().map(|e| e + 1).unwrap_or(total).min(total);
-            hdrs.push(("Content-Range".into(), format!("bytes {start}-{}/{total}", end.saturating_sub(1))));
+            let end: usize = b
+                .parse::<usize>()
+                .map(|e| e + 1)
+                .unwrap_or(total)
+                .min(total);
+            hdrs.push((
+                "Content-Range".into(),
+                format!("bytes {start}-{}/{total}", end.saturating_sub(1)),
+            ));
             hdrs.push(("Content-Length".into(), (end - start).to_string()));
             return respond(stream, "206 Partial Content", &hdrs, &data[start..end]);
         }
@@ -164,7 +197,12 @@ fn handle(
         let file = cdn.lock().unwrap().get(sha).cloned();
         return match file {
             Some(f) => serve(&mut stream, &std::fs::read(f)?, sha),
-            None => respond(&mut stream, "404 Not Found", &[("Content-Length".into(), "0".into())], b""),
+            None => respond(
+                &mut stream,
+                "404 Not Found",
+                &[("Content-Length".into(), "0".into())],
+                b"",
+            ),
         };
     }
 
@@ -220,4 +258,3 @@ fn handle(
     }
     serve(&mut stream, &data, &sha)
 }
-

@@ -24,7 +24,8 @@ pub fn fixture(name: &str) -> PathBuf {
 
 /// Every tensor of a safetensors file, on the CPU.
 pub fn load_st(path: &std::path::Path) -> HashMap<String, Tensor> {
-    candle_core::safetensors::load(path, &Device::Cpu).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+    candle_core::safetensors::load(path, &Device::Cpu)
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
 }
 
 /// ‖a − b‖ / ‖b‖ computed in f64 (‖a − b‖ when b is all zeros).
@@ -32,8 +33,23 @@ pub fn rel_l2(a: &Tensor, b: &Tensor) -> f64 {
     assert_eq!(a.dims(), b.dims(), "shape mismatch");
     let a = a.to_dtype(DType::F64).unwrap().flatten_all().unwrap();
     let b = b.to_dtype(DType::F64).unwrap().flatten_all().unwrap();
-    let diff = (&a - &b).unwrap().sqr().unwrap().sum_all().unwrap().to_scalar::<f64>().unwrap().sqrt();
-    let nb = b.sqr().unwrap().sum_all().unwrap().to_scalar::<f64>().unwrap().sqrt();
+    let diff = (&a - &b)
+        .unwrap()
+        .sqr()
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .to_scalar::<f64>()
+        .unwrap()
+        .sqrt();
+    let nb = b
+        .sqr()
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .to_scalar::<f64>()
+        .unwrap()
+        .sqrt();
     if nb == 0.0 {
         diff
     } else {
@@ -44,7 +60,13 @@ pub fn rel_l2(a: &Tensor, b: &Tensor) -> f64 {
 /// The reference's int64 inputs as a u32 Batch.
 pub fn reference_batch(r: &HashMap<String, Tensor>) -> mfac_lab::model::Batch {
     let u = |k: &str| r[k].to_dtype(DType::U32).unwrap();
-    mfac_lab::model::Batch::new(u("input_ids"), u("token_type_ids"), u("attention_mask"), Some(u("labels"))).unwrap()
+    mfac_lab::model::Batch::new(
+        u("input_ids"),
+        u("token_type_ids"),
+        u("attention_mask"),
+        Some(u("labels")),
+    )
+    .unwrap()
 }
 
 /// Error of a gradient against its reference. Relative L2, except for gradients that are
@@ -54,10 +76,23 @@ pub fn reference_batch(r: &HashMap<String, Tensor>) -> mfac_lab::model::Batch {
 /// 1e-12 of the global gradient norm) the difference is measured against the global norm
 /// instead, which still requires ours to be zero up to rounding.
 pub fn grad_err(ours: &Tensor, reference: &Tensor, global_norm: f64) -> f64 {
-    let rn = reference.to_dtype(DType::F64).unwrap().sqr().unwrap().sum_all().unwrap().to_scalar::<f64>().unwrap().sqrt();
+    let rn = reference
+        .to_dtype(DType::F64)
+        .unwrap()
+        .sqr()
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .to_scalar::<f64>()
+        .unwrap()
+        .sqrt();
     if rn <= 1e-12 * global_norm {
         let z = reference.zeros_like().unwrap();
-        let diff = rel_l2(&(ours.to_dtype(DType::F64).unwrap() - reference.to_dtype(DType::F64).unwrap()).unwrap(), &z);
+        let diff = rel_l2(
+            &(ours.to_dtype(DType::F64).unwrap() - reference.to_dtype(DType::F64).unwrap())
+                .unwrap(),
+            &z,
+        );
         diff / global_norm
     } else {
         rel_l2(ours, reference)
@@ -76,14 +111,23 @@ pub fn st_metadata(path: &std::path::Path) -> HashMap<String, String> {
     let v: serde_json::Value = serde_json::from_slice(&header).unwrap();
     v["__metadata__"]
         .as_object()
-        .map(|o| o.iter().map(|(k, v)| (k.clone(), v.as_str().unwrap_or_default().to_string())).collect())
+        .map(|o| {
+            o.iter()
+                .map(|(k, v)| (k.clone(), v.as_str().unwrap_or_default().to_string()))
+                .collect()
+        })
         .unwrap_or_default()
 }
 
 /// Relative L2 of two f64 slices (‖a − b‖ when b is all zeros).
 pub fn rel_l2_vec(a: &[f64], b: &[f64]) -> f64 {
     assert_eq!(a.len(), b.len());
-    let diff: f64 = a.iter().zip(b).map(|(x, y)| (x - y) * (x - y)).sum::<f64>().sqrt();
+    let diff: f64 = a
+        .iter()
+        .zip(b)
+        .map(|(x, y)| (x - y) * (x - y))
+        .sum::<f64>()
+        .sqrt();
     let nb: f64 = b.iter().map(|y| y * y).sum::<f64>().sqrt();
     if nb == 0.0 {
         diff

@@ -18,6 +18,7 @@ pub mod hub;
 pub mod model;
 pub mod optim;
 pub mod rng;
+pub mod train;
 
 pub use error::{Error, Result};
 

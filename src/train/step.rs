@@ -1,0 +1,136 @@
+//! One training step with HF Trainer's semantics: loss, backward, clip, optimizer step at the
+//! scheduled learning rate. The Trainer's loop and the trajectory replay both use this code.
+
+use candle_core::Tensor;
+use candle_nn::Optimizer as _;
+
+use crate::error::{Error, Result};
+use crate::model::{Batch, BertClassifier};
+use crate::optim::{clip_grad_norm, AdamW, LinearSchedule, MFac, OptimizerSpec};
+use crate::train::config::{Schedule, TrainConfig};
+
+/// The optimizer of a run, built from an [`OptimizerSpec`].
+pub enum Optim {
+    /// torch AdamW with HF's grouping (no decay on biases and LayerNorm).
+    AdamW(AdamW),
+    /// M-FAC over all parameters.
+    MFac(Box<MFac>),
+}
+
+impl Optim {
+    /// Builds the optimizer for `model`'s parameters.
+    pub fn new(spec: &OptimizerSpec, model: &BertClassifier) -> Result<Self> {
+        Ok(match spec {
+            OptimizerSpec::AdamW(c) => Optim::AdamW(AdamW::new_named(model.named_vars(), *c)?),
+            OptimizerSpec::MFac(c) => {
+                Optim::MFac(Box::new(MFac::new_named(model.named_vars(), *c)?))
+            }
+        })
+    }
+
+    fn set_lr(&mut self, lr: f64) {
+        match self {
+            Optim::AdamW(o) => o.set_learning_rate(lr),
+            Optim::MFac(o) => o.set_learning_rate(lr),
+        }
+    }
+
+    fn step(&mut self, grads: &candle_core::backprop::GradStore) -> Result<()> {
+        match self {
+            Optim::AdamW(o) => Ok(o.step(grads)?),
+            Optim::MFac(o) => o.try_step(grads).map(|_| ()),
+        }
+    }
+}
+
+/// What one step measured.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct StepRecord {
+    /// Mean cross-entropy of the batch before the update.
+    pub loss: f64,
+    /// Learning rate used by the update.
+    pub lr: f64,
+    /// Global gradient norm before clipping.
+    pub grad_norm: f64,
+}
+
+/// The per-step machinery: config, schedule, optimizer.
+pub struct Stepper {
+    cfg: TrainConfig,
+    schedule: LinearSchedule,
+    optim: Optim,
+    peak_lr: f64,
+}
+
+impl Stepper {
+    /// A stepper for `total_steps` updates. The peak learning rate is the optimizer spec's.
+    pub fn new(
+        model: &BertClassifier,
+        spec: &OptimizerSpec,
+        cfg: &TrainConfig,
+        total_steps: usize,
+    ) -> Result<Self> {
+        let peak_lr = spec.lr();
+        Ok(Stepper {
+            cfg: cfg.clone(),
+            schedule: LinearSchedule::new(peak_lr, total_steps),
+            optim: Optim::new(spec, model)?,
+            peak_lr,
+        })
+    }
+
+    /// The learning rate of update `step` (0-based).
+    pub fn lr_at(&self, step: usize) -> f64 {
+        match self.cfg.schedule {
+            Schedule::Linear => self.schedule.lr_at(step),
+            Schedule::Constant => self.peak_lr,
+        }
+    }
+
+    /// The optimizer (e.g. to inspect M-FAC).
+    pub fn optimizer(&self) -> &Optim {
+        &self.optim
+    }
+
+    /// Update `step`: loss of `batch` (dropout per config), backward, clip (HF order: clip,
+    /// optimizer step at lr_at(step), then the schedule moves on). A non-finite loss is an
+    /// error and leaves the parameters untouched.
+    pub fn step(
+        &mut self,
+        model: &BertClassifier,
+        batch: &Batch,
+        step: usize,
+    ) -> Result<StepRecord> {
+        let labels = batch
+            .labels
+            .as_ref()
+            .ok_or_else(|| Error::InvalidArgument("a training batch needs labels".into()))?;
+        let logits = model.forward(batch, self.cfg.dropout)?;
+        let loss = BertClassifier::loss(&logits, labels)?;
+        let loss_value = scalar(&loss)?;
+        if !loss_value.is_finite() {
+            return Err(Error::InvalidArgument(format!(
+                "the loss is {loss_value} at step {step}; training stopped"
+            )));
+        }
+        let mut grads = loss.backward()?;
+        let vars = model.vars();
+        let grad_norm = match self.cfg.max_grad_norm {
+            Some(max) if max > 0.0 => clip_grad_norm(&mut grads, &vars, max)?,
+            _ => crate::optim::grad_norm(&grads, &vars)?,
+        };
+        let lr = self.lr_at(step);
+        self.optim.set_lr(lr);
+        self.optim.step(&grads)?;
+        Ok(StepRecord {
+            loss: loss_value,
+            lr,
+            grad_norm,
+        })
+    }
+}
+
+/// A scalar tensor as f64.
+pub fn scalar(t: &Tensor) -> Result<f64> {
+    Ok(t.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?)
+}

@@ -13,6 +13,7 @@
 //! # Ok::<(), mfac_lab::Error>(())
 //! ```
 
+pub mod data;
 pub mod error;
 pub mod hub;
 pub mod model;

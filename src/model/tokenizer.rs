@@ -191,6 +191,21 @@ impl PairTokenizer {
         self.inner.encode_batch(inputs, true).map_err(tok_err)
     }
 
+    /// Tokenizes pairs (in parallel), truncated but not padded (for datasets tokenized once and
+    /// padded per batch later).
+    pub fn encode_pairs_unpadded<A: AsRef<str>, B: AsRef<str>>(
+        &self,
+        pairs: &[(A, B)],
+    ) -> Result<Vec<Encoding>> {
+        let mut plain = self.inner.clone();
+        plain.with_padding(None);
+        let inputs: Vec<tokenizers::EncodeInput> = pairs
+            .iter()
+            .map(|(a, b)| (a.as_ref().to_string(), b.as_ref().to_string()).into())
+            .collect();
+        plain.encode_batch(inputs, true).map_err(tok_err)
+    }
+
     /// Tokenizes pairs into a [`Batch`] of `u32` tensors on `device`, with optional labels.
     ///
     /// ```

@@ -114,6 +114,17 @@ pub enum Error {
         param: String,
     },
 
+    /// Training produced a NaN or infinite loss; the parameters are those before that step.
+    #[error("the loss is {loss} at step {step}: training stopped{saved}")]
+    NonFiniteLoss {
+        /// The optimizer step (0-based).
+        step: usize,
+        /// The loss value.
+        loss: f64,
+        /// Where the last good model was saved, starting with "; ", or empty.
+        saved: String,
+    },
+
     /// A buffer would not fit in memory; nothing was allocated.
     #[error("{what} needs {needed} but only {available} is available; {fix}")]
     OutOfMemory {
@@ -136,6 +147,15 @@ pub enum Error {
         message: String,
         /// The accepted keys (or names).
         valid: String,
+    },
+
+    /// A data file could not be read or does not have the expected columns.
+    #[error("data {source_name}: {message}")]
+    Data {
+        /// The file (or embedded sample) involved.
+        source_name: String,
+        /// What is wrong, naming the columns expected and found.
+        message: String,
     },
 
     /// JSON could not be written.

@@ -13,6 +13,7 @@
 //! # Ok::<(), mfac_lab::Error>(())
 //! ```
 
+pub mod cli;
 pub mod data;
 pub mod error;
 pub mod hub;
@@ -25,6 +26,7 @@ pub use error::{Error, Result};
 
 /// Everything a notebook needs, in one import.
 pub mod prelude {
+    pub use crate::data::{load_glue, load_glue_dir, load_mnli, mnli_sample, GlueData, GlueTask};
     pub use crate::error::{Error, Result};
     pub use crate::hub::Hub;
     pub use crate::model::{
@@ -34,6 +36,7 @@ pub mod prelude {
     pub use crate::optim::{
         clip_grad_norm, AdamW, AdamWConfig, LinearSchedule, MFac, MFacConfig, OptimizerSpec,
     };
+    pub use crate::train::{RunHistory, TrainConfig, Trainer};
     pub use candle_core::{DType, Device, Tensor, Var};
     pub use candle_nn::Optimizer;
 }

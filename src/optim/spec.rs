@@ -145,6 +145,33 @@ impl OptimizerSpec {
         }
     }
 
+    /// Like [`OptimizerSpec::parse`], with `lr` (run_glue's `--learning_rate`) used unless ARGS
+    /// sets `lr` itself.
+    ///
+    /// ```
+    /// use mfac_lab::optim::OptimizerSpec;
+    /// assert_eq!(OptimizerSpec::parse_with_lr("MFAC", "num_grads: 8", 3e-4).unwrap().lr(), 3e-4);
+    /// assert_eq!(OptimizerSpec::parse_with_lr("MFAC", "lr: 1e-4", 3e-4).unwrap().lr(), 1e-4);
+    /// ```
+    pub fn parse_with_lr(name: &str, args: &str, lr: f64) -> Result<Self> {
+        let mut spec = Self::parse(name, args)?;
+        let valid: &[&str] = if matches!(spec, OptimizerSpec::MFac(_)) {
+            &MFAC_KEYS
+        } else {
+            &ADAMW_KEYS
+        };
+        let sets_lr = pairs(args, valid)?
+            .iter()
+            .any(|(k, _)| k == "lr" || k == "learning_rate");
+        if !sets_lr {
+            match &mut spec {
+                OptimizerSpec::AdamW(c) => c.lr = lr,
+                OptimizerSpec::MFac(c) => c.lr = lr,
+            }
+        }
+        Ok(spec)
+    }
+
     /// Parses run_glue's `--optim NAME --optim_args ARGS`. ARGS is `key: value, …`,
     /// `key=value,…` or a JSON object; missing keys keep the defaults (AdamW: HF Trainer's;
     /// M-FAC: the authors'). An unknown key, a bad number or an out-of-range value is an error

@@ -41,6 +41,18 @@ pub struct TrainConfig {
     pub dropout: bool,
     /// Parameter dtype: F32 (default) or F64.
     pub dtype: DType,
+    /// Evaluate every this many steps (besides each epoch end).
+    pub eval_steps: Option<usize>,
+    /// Use only the first N training rows (`--max_train_samples`).
+    pub max_train_samples: Option<usize>,
+    /// Use only the first N rows of each eval split (`--max_eval_samples`).
+    pub max_eval_samples: Option<usize>,
+    /// Pad every batch to max_seq_length (run_glue's default) instead of the longest pair.
+    pub pad_to_max_length: bool,
+    /// Batch size for evaluation.
+    pub eval_batch_size: usize,
+    /// Print no progress.
+    pub quiet: bool,
 }
 
 impl Default for TrainConfig {
@@ -57,6 +69,12 @@ impl Default for TrainConfig {
             schedule: Schedule::Linear,
             dropout: true,
             dtype: DType::F32,
+            eval_steps: None,
+            max_train_samples: None,
+            max_eval_samples: None,
+            pad_to_max_length: false,
+            eval_batch_size: 64,
+            quiet: false,
         }
     }
 }

@@ -1,8 +1,14 @@
-//! The train stage: run_glue's recipe (`TrainConfig`) and HF Trainer's step semantics.
-//! (The epoch loop, evaluation, history and checkpoints arrive with the rest of issue 4.)
+//! The train stage: run_glue's recipe (`TrainConfig`), HF Trainer's step semantics (`Stepper`),
+//! the training loop with evaluation and history (`Trainer`), metrics and progress.
 
 mod config;
+mod metrics;
+mod progress;
 mod step;
+mod trainer;
 
 pub use config::{Schedule, TrainConfig};
+pub use metrics::{accuracy, f1, matthews};
+pub use progress::Progress;
 pub use step::{scalar, Optim, StepRecord, Stepper};
+pub use trainer::{write_json_atomic, EvalRecord, RunHistory, TrainRecord, Trainer};

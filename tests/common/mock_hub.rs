@@ -167,36 +167,37 @@ fn handle(
         }
         stream.flush()
     };
-    let serve = |stream: &mut TcpStream, data: &[u8], etag: &str| -> std::io::Result<()> {
-        let total = data.len();
-        let mut hdrs = vec![
-            ("ETag".to_string(), format!("\"{etag}\"")),
-            ("X-Repo-Commit".to_string(), COMMIT.to_string()),
-            ("Accept-Ranges".to_string(), "bytes".to_string()),
-        ];
-        if let Some(range) = headers.get("range").and_then(|r| r.strip_prefix("bytes=")) {
-            let (a, b) = range.split_once('-').unwrap_or((range, ""));
-            let start: usize = a.parse().unwrap_or(0).min(total);
-            let end: usize = b
-                .parse::<usize>()
-                .map(|e| e + 1)
-                .unwrap_or(total)
-                .min(total);
-            hdrs.push((
-                "Content-Range".into(),
-                format!("bytes {start}-{}/{total}", end.saturating_sub(1)),
-            ));
-            hdrs.push(("Content-Length".into(), (end - start).to_string()));
-            return respond(stream, "206 Partial Content", &hdrs, &data[start..end]);
-        }
-        hdrs.push(("Content-Length".into(), total.to_string()));
-        respond(stream, "200 OK", &hdrs, data)
-    };
+    let serve =
+        |stream: &mut TcpStream, data: &[u8], etag: &str, commit: &str| -> std::io::Result<()> {
+            let total = data.len();
+            let mut hdrs = vec![
+                ("ETag".to_string(), format!("\"{etag}\"")),
+                ("X-Repo-Commit".to_string(), commit.to_string()),
+                ("Accept-Ranges".to_string(), "bytes".to_string()),
+            ];
+            if let Some(range) = headers.get("range").and_then(|r| r.strip_prefix("bytes=")) {
+                let (a, b) = range.split_once('-').unwrap_or((range, ""));
+                let start: usize = a.parse().unwrap_or(0).min(total);
+                let end: usize = b
+                    .parse::<usize>()
+                    .map(|e| e + 1)
+                    .unwrap_or(total)
+                    .min(total);
+                hdrs.push((
+                    "Content-Range".into(),
+                    format!("bytes {start}-{}/{total}", end.saturating_sub(1)),
+                ));
+                hdrs.push(("Content-Length".into(), (end - start).to_string()));
+                return respond(stream, "206 Partial Content", &hdrs, &data[start..end]);
+            }
+            hdrs.push(("Content-Length".into(), total.to_string()));
+            respond(stream, "200 OK", &hdrs, data)
+        };
 
     if let Some(sha) = path.strip_prefix("/cdn/") {
         let file = cdn.lock().unwrap().get(sha).cloned();
         return match file {
-            Some(f) => serve(&mut stream, &std::fs::read(f)?, sha),
+            Some(f) => serve(&mut stream, &std::fs::read(f)?, sha, COMMIT),
             None => respond(
                 &mut stream,
                 "404 Not Found",
@@ -235,9 +236,16 @@ fn handle(
     let Some(repo) = repos.iter().find(|r| r.kind == kind && r.id == id) else {
         return not_found(&mut stream, "RepoNotFound");
     };
-    if rev != "main" && rev != COMMIT {
+    // "main" resolves to COMMIT; a pinned 40-hex commit resolves to itself.
+    let is_sha = rev.len() == 40 && rev.chars().all(|c| c.is_ascii_hexdigit());
+    if rev != "main" && !is_sha {
         return not_found(&mut stream, "RevisionNotFound");
     }
+    let commit = if is_sha {
+        rev.clone()
+    } else {
+        COMMIT.to_string()
+    };
     let local = file.iter().fold(repo.dir.clone(), |p, s| p.join(s));
     if !local.is_file() {
         return not_found(&mut stream, "EntryNotFound");
@@ -250,11 +258,11 @@ fn handle(
             ("Location".to_string(), format!("{endpoint}/cdn/{sha}")),
             ("X-Linked-Etag".to_string(), format!("\"{sha}\"")),
             ("X-Linked-Size".to_string(), data.len().to_string()),
-            ("X-Repo-Commit".to_string(), COMMIT.to_string()),
+            ("X-Repo-Commit".to_string(), commit.clone()),
             ("ETag".to_string(), format!("\"{}\"", &sha[..40])),
             ("Content-Length".to_string(), "0".to_string()),
         ];
         return respond(&mut stream, "302 Found", &hdrs, b"");
     }
-    serve(&mut stream, &data, &sha)
+    serve(&mut stream, &data, &sha, &commit)
 }

@@ -1,0 +1,82 @@
+//! Throughput of one bert-tiny training step on this machine (forward, backward, clip, update).
+//!
+//! ```sh
+//! cargo run --release --example bench_train -- [--steps 10]
+//! ```
+//! Cases: batch 32 at a fixed sequence length of 128 (run_glue's padding), and batch 32 of real
+//! MNLI pairs from the embedded sample with dynamic padding; AdamW and M-FAC (m = 32, f32).
+//! Prints the median seconds per step.
+
+use std::time::Instant;
+
+use anyhow::Result;
+use mfac_lab::data::{epoch_batches, mnli_sample, EncodedSplit};
+use mfac_lab::model::PairTokenizer;
+use mfac_lab::optim::{MFacConfig, OptimizerSpec};
+use mfac_lab::prelude::*;
+use mfac_lab::train::Stepper;
+
+fn main() -> Result<()> {
+    let args: Vec<String> = std::env::args().collect();
+    let steps: usize = args
+        .iter()
+        .position(|a| a == "--steps")
+        .and_then(|i| args.get(i + 1))
+        .map(|s| s.parse())
+        .transpose()?
+        .unwrap_or(10);
+    let vocab = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../shared/fixtures/bert-tiny-random/vocab.txt");
+    let tok = PairTokenizer::from_vocab(&vocab, true)?;
+    let data = mnli_sample()?;
+    let (pairs, labels) = data.pairs(&data.train)?;
+    let split = EncodedSplit::encode(&tok, &pairs, &labels)?;
+    let batches = epoch_batches(split.len(), 32, 42, 0, true);
+    println!(
+        "bert-tiny training step, batch 32, {} threads, median of {steps} steps after 2 warm-up",
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1)
+    );
+    println!("| optimizer | padding | mean padded length | s per step |");
+    println!("|---|---|---|---|");
+    for spec in [
+        OptimizerSpec::adamw(1e-4),
+        OptimizerSpec::mfac(MFacConfig {
+            num_grads: 32,
+            ..MFacConfig::model_card()
+        }),
+    ] {
+        for pad_to in [Some(128), None] {
+            let model =
+                BertClassifier::random(&BertConfig::bert_tiny(), 3, 42, &Device::Cpu, DType::F32)?;
+            let cfg = TrainConfig::run_glue();
+            let mut stepper = Stepper::new(&model, &spec, &cfg, 1000)?;
+            let mut times = vec![];
+            let mut tokens = 0usize;
+            for k in 0..steps + 2 {
+                let rows = &batches[k % batches.len()];
+                let batch = split.collate(rows, pad_to, &Device::Cpu)?;
+                let t0 = Instant::now();
+                stepper.step(&model, &batch, k)?;
+                if k >= 2 {
+                    times.push(t0.elapsed().as_secs_f64());
+                    tokens += batch.seq_len();
+                }
+            }
+            times.sort_by(f64::total_cmp);
+            println!(
+                "| {} | {} | {} | {:.3} |",
+                spec.name(),
+                if pad_to.is_some() {
+                    "fixed 128"
+                } else {
+                    "dynamic (MNLI mix)"
+                },
+                tokens / steps,
+                times[times.len() / 2]
+            );
+        }
+    }
+    Ok(())
+}

@@ -347,15 +347,7 @@ impl Trainer {
                     grad_norm: rec.grad_norm,
                     elapsed,
                 });
-                progress.update(
-                    step,
-                    &format!(
-                        "loss {:.4} · lr {:.2e} · {:.2} steps/s",
-                        rec.loss,
-                        rec.lr,
-                        step as f64 / elapsed.max(1e-9)
-                    ),
-                );
+                progress.update(step, &format!("loss {:.4} · lr {:.2e}", rec.loss, rec.lr));
                 let epoch_end = step % per_epoch == 0 || step == total;
                 if cfg.eval_steps.is_some_and(|n| n > 0 && step % n == 0) || epoch_end {
                     for (name, s) in &evals {

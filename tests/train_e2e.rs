@@ -189,3 +189,65 @@ fn the_seeds_exact_command_line_parses() {
     );
     assert!(GlueArgs::parse(&["--device", "tpu"]).is_err());
 }
+
+#[test]
+fn a_non_finite_loss_stops_with_a_clear_error() {
+    let data = mnli_sample().unwrap();
+    let out = tempfile::tempdir().unwrap();
+    // An absurd learning rate blows the weights up after the first update.
+    let c = TrainConfig {
+        max_steps: Some(20),
+        eval_steps: Some(1),
+        ..cfg()
+    };
+    let e = Trainer::new(micro(), c)
+        .optimizer(OptimizerSpec::adamw(1e30))
+        .output_dir(out.path().join("run"))
+        .fit(&data)
+        .unwrap_err();
+    match &e {
+        Error::NonFiniteLoss { step, loss, saved } => {
+            assert_eq!(*step, 1, "step 0 starts from finite weights");
+            assert!(!loss.is_finite());
+            // The evaluation after the bad update saw non-finite losses: no checkpoint of it.
+            assert!(saved.contains("no checkpoint"), "{e}");
+        }
+        other => panic!("expected NonFiniteLoss, got {other}"),
+    }
+    assert!(!out.path().join("run/checkpoint-last").exists());
+}
+
+#[test]
+fn a_checkpoint_is_kept_at_each_evaluation() {
+    let data = mnli_sample().unwrap();
+    let out = tempfile::tempdir().unwrap();
+    let c = TrainConfig {
+        max_steps: Some(4),
+        eval_steps: Some(2),
+        ..cfg()
+    };
+    let mut t = Trainer::new(micro(), c).output_dir(out.path().join("run"));
+    let h = t.fit(&data).unwrap();
+    let listing: Vec<_> = std::fs::read_dir(out.path().join("run"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    let ckpt = BertClassifier::from_dir(
+        out.path().join("run/checkpoint-last"),
+        3,
+        &Device::Cpu,
+        DType::F32,
+    )
+    .unwrap_or_else(|e| panic!("{e}: {listing:?}"));
+    // The last evaluation was at step 4, the end: the checkpoint is the final model.
+    let again = Trainer::new(ckpt, cfg()).evaluate(&data).unwrap();
+    assert_eq!(
+        again[0].loss,
+        h.evals
+            .iter()
+            .rev()
+            .find(|e| e.split == "validation_matched")
+            .unwrap()
+            .loss
+    );
+}

@@ -109,9 +109,11 @@ impl Stepper {
         let loss = BertClassifier::loss(&logits, labels)?;
         let loss_value = scalar(&loss)?;
         if !loss_value.is_finite() {
-            return Err(Error::InvalidArgument(format!(
-                "the loss is {loss_value} at step {step}; training stopped"
-            )));
+            return Err(Error::NonFiniteLoss {
+                step,
+                loss: loss_value,
+                saved: String::new(),
+            });
         }
         let mut grads = loss.backward()?;
         let vars = model.vars();

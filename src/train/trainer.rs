@@ -16,6 +16,9 @@ use crate::train::metrics::{accuracy, f1, matthews};
 use crate::train::progress::Progress;
 use crate::train::step::{scalar, Stepper};
 
+/// The sub-folder of the output folder holding the checkpoint of the last evaluation.
+pub const CHECKPOINT: &str = "checkpoint-last";
+
 /// One logged training step.
 #[derive(Debug, Clone, PartialEq)]
 pub struct TrainRecord {
@@ -313,6 +316,7 @@ impl Trainer {
         let (mut records, mut eval_records) = (Vec::<TrainRecord>::new(), Vec::<EvalRecord>::new());
         let mut step = 0usize;
         let mut last_eval = usize::MAX;
+        let mut last_checkpoint: Option<usize> = None;
         let mut epoch = 0u64;
         while step < total {
             for rows in epoch_batches(train.len(), cfg.batch_size, cfg.seed, epoch, true) {
@@ -323,13 +327,15 @@ impl Trainer {
                 let rec = match stepper.step(&self.model, &batch, step) {
                     Ok(r) => r,
                     Err(Error::NonFiniteLoss { step, loss, .. }) => {
-                        let saved = match &self.output_dir {
-                            Some(dir) => {
-                                let p = dir.join("last-good-checkpoint");
-                                self.model.save_pretrained(&p)?;
-                                format!("; the last good model is in {}", p.display())
+                        let saved = match (&self.output_dir, last_checkpoint) {
+                            (Some(dir), Some(at)) => format!(
+                                "; the last good checkpoint (step {at}) is in {}",
+                                dir.join(CHECKPOINT).display()
+                            ),
+                            (Some(_), None) => {
+                                "; no checkpoint was written yet (one is written at each evaluation with a finite loss)".into()
                             }
-                            None => String::new(),
+                            (None, _) => "; set an output folder to keep checkpoints".into(),
                         };
                         progress.finish();
                         return Err(Error::NonFiniteLoss { step, loss, saved });
@@ -371,6 +377,18 @@ impl Trainer {
                         eval_records.push(r);
                     }
                     last_eval = step;
+                    // A checkpoint at each evaluation whose losses are finite: what a later
+                    // non-finite loss falls back to.
+                    let finite = eval_records
+                        .iter()
+                        .rev()
+                        .take(evals.len())
+                        .all(|e| e.loss.is_finite())
+                        && rec.loss.is_finite();
+                    if let (Some(dir), true) = (&self.output_dir, finite) {
+                        self.model.save_pretrained(dir.join(CHECKPOINT))?;
+                        last_checkpoint = Some(step);
+                    }
                 }
             }
             epoch += 1;
@@ -403,7 +421,21 @@ impl Trainer {
         total: usize,
         per_epoch: usize,
     ) -> Result<()> {
-        self.model.save_pretrained(dir)?;
+        // save_pretrained replaces the folder as a whole: keep the checkpoint across it.
+        let ckpt = dir.join(CHECKPOINT);
+        let aside = dir.with_file_name(format!(
+            ".{}.{CHECKPOINT}-{}",
+            dir.file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default(),
+            std::process::id()
+        ));
+        let moved = ckpt.is_dir() && std::fs::rename(&ckpt, &aside).is_ok();
+        let saved = self.model.save_pretrained(dir);
+        if moved {
+            std::fs::rename(&aside, &ckpt).map_err(|e| Error::io("restoring", &ckpt, e))?;
+        }
+        saved?;
         let epoch = total as f64 / per_epoch as f64;
         // eval_results.json: HF's keys; mnli's mismatched split gets the `_mm` suffix.
         let mut results = serde_json::Map::new();

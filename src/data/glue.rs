@@ -222,25 +222,16 @@ pub fn load_glue_dir(task: GlueTask, dir: impl AsRef<Path>) -> Result<GlueData> 
                 .find(|p| p.is_file())
             })
     };
-    let read = |path: &Path| -> Result<DataFrame> {
-        let df = if path.extension().is_some_and(|e| e == "tsv") {
-            read_tsv(task, path)?
-        } else {
-            read_parquet(path)?
-        };
-        check_schema(task, &df, &path.display().to_string())?;
-        Ok(df)
-    };
     let train_path = find("train").ok_or_else(|| Error::MissingFile {
         dir: dir.to_path_buf(),
         file: "train-00000-of-00001.parquet, train.parquet or train.tsv".into(),
         hint: String::new(),
     })?;
-    let train = read(&train_path)?;
+    let train = read_split(task, &train_path)?;
     let mut eval = vec![];
     for split in task.eval_splits() {
         if let Some(p) = find(split) {
-            eval.push((split.to_string(), read(&p)?));
+            eval.push((split.to_string(), read_split(task, &p)?));
         }
     }
     Ok(GlueData { task, train, eval })

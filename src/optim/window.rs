@@ -479,17 +479,58 @@ mod avx2_bf16 {
     }
 }
 
+/// A window element with hand-written AVX2 kernels; pass 1 widens row j to `Y`.
 #[cfg(target_arch = "x86_64")]
-fn pass1_bf16_avx2(g: &[bf16], j: usize, rows: usize, d: usize, a: usize, b: usize) -> Vec<f64> {
+trait Simd8: Elem {
+    type Y: Copy + Default;
+    fn widen(self) -> Self::Y;
+    /// out[r] += ⟨g[r][..n], y[..n]⟩ for eight rows.
+    /// SAFETY (caller): each pointer addresses n valid values; the CPU has AVX2 and FMA.
+    unsafe fn dot8(g: [*const Self; 8], y: *const Self::Y, n: usize, out: &mut [f64; 8]);
+    /// u[..n] += Σ_r c[r]·g[r][..n]. SAFETY (caller): as for `dot8`; u holds n values.
+    unsafe fn axpy8(c: [f64; 8], g: [*const Self; 8], u: *mut f64, n: usize);
+}
+
+#[cfg(target_arch = "x86_64")]
+impl Simd8 for f32 {
+    type Y = f64;
+    fn widen(self) -> f64 {
+        self as f64
+    }
+    unsafe fn dot8(g: [*const f32; 8], y: *const f64, n: usize, out: &mut [f64; 8]) {
+        avx2_f32::dot8(g, y, n, out)
+    }
+    unsafe fn axpy8(c: [f64; 8], g: [*const f32; 8], u: *mut f64, n: usize) {
+        avx2_f32::axpy8(c, g, u, n)
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+impl Simd8 for bf16 {
+    type Y = f32;
+    fn widen(self) -> f32 {
+        self.to_f32()
+    }
+    unsafe fn dot8(g: [*const bf16; 8], y: *const f32, n: usize, out: &mut [f64; 8]) {
+        avx2_bf16::dot8(g, y, n, out)
+    }
+    unsafe fn axpy8(c: [f64; 8], g: [*const bf16; 8], u: *mut f64, n: usize) {
+        avx2_bf16::axpy8(c, g, u, n)
+    }
+}
+
+/// Pass 1 with the AVX2 kernels over one thread's columns (same blocking as the generic one).
+#[cfg(target_arch = "x86_64")]
+fn pass1_simd<E: Simd8>(g: &[E], j: usize, rows: usize, d: usize, a: usize, b: usize) -> Vec<f64> {
     let mut out = vec![0.0f64; rows.div_ceil(8) * 8];
-    let zero = vec![bf16::ZERO; BLOCK];
-    let mut gj = vec![0.0f32; BLOCK];
+    let zero = vec![E::from_f64(0.0); BLOCK];
+    let mut gj = vec![E::Y::default(); BLOCK];
     let mut c0 = a;
     while c0 < b {
         let c1 = (c0 + BLOCK).min(b);
         let n = c1 - c0;
         for (x, y) in gj[..n].iter_mut().zip(&g[j * d + c0..j * d + c1]) {
-            *x = y.to_f32();
+            *x = y.widen();
         }
         let row = |i: usize| {
             if i < rows {
@@ -500,9 +541,10 @@ fn pass1_bf16_avx2(g: &[bf16], j: usize, rows: usize, d: usize, a: usize, b: usi
         };
         for i in (0..rows).step_by(8) {
             let mut o = [0.0; 8];
-            let ps: [*const bf16; 8] = std::array::from_fn(|r| row(i + r));
-            // SAFETY: each pointer addresses n valid bf16; gj holds n f32; AVX2/FMA checked.
-            unsafe { avx2_bf16::dot8(ps, gj.as_ptr(), n, &mut o) };
+            let ps: [*const E; 8] = std::array::from_fn(|r| row(i + r));
+            // SAFETY: each pointer addresses n valid values (a row block, or the zero block of
+            // BLOCK ≥ n); gj holds n values; the dispatcher checked AVX2 and FMA.
+            unsafe { E::dot8(ps, gj.as_ptr(), n, &mut o) };
             for r in 0..8 {
                 out[i + r] += o[r];
             }
@@ -513,9 +555,10 @@ fn pass1_bf16_avx2(g: &[bf16], j: usize, rows: usize, d: usize, a: usize, b: usi
     out
 }
 
+/// Pass 2 with the AVX2 kernels over one thread's columns; returns (Σ u², Σ u·G_j).
 #[cfg(target_arch = "x86_64")]
-fn pass2_bf16_avx2(
-    g: &[bf16],
+fn pass2_simd<E: Simd8>(
+    g: &[E],
     c: &[f64],
     rows: usize,
     d: usize,
@@ -526,7 +569,7 @@ fn pass2_bf16_avx2(
 ) -> (f64, f64) {
     let b = a + mine.len();
     let mut stats = (0.0, 0.0);
-    let zero = vec![bf16::ZERO; BLOCK];
+    let zero = vec![E::from_f64(0.0); BLOCK];
     let mut c0 = a;
     while c0 < b {
         let c1 = (c0 + BLOCK).min(b);
@@ -543,87 +586,9 @@ fn pass2_bf16_avx2(
         let ci = |i: usize| if i < rows { c[i] } else { 0.0 };
         for i in (0..rows).step_by(8) {
             let cs: [f64; 8] = std::array::from_fn(|r| ci(i + r));
-            let ps: [*const bf16; 8] = std::array::from_fn(|r| row(i + r));
-            // SAFETY: as in pass1_bf16_avx2; `out` holds n f64.
-            unsafe { avx2_bf16::axpy8(cs, ps, out.as_mut_ptr(), n) };
-        }
-        out.iter_mut().for_each(|x| *x *= scale);
-        let (uu, ug) = norm_and_dot(out, &g[j * d + c0..j * d + c1]);
-        stats = (stats.0 + uu, stats.1 + ug);
-        c0 = c1;
-    }
-    stats
-}
-
-/// The f32 window's passes with the AVX2 kernels (same blocking as the generic ones).
-#[cfg(target_arch = "x86_64")]
-fn pass1_f32_avx2(g: &[f32], j: usize, rows: usize, d: usize, a: usize, b: usize) -> Vec<f64> {
-    let mut out = vec![0.0f64; rows.div_ceil(8) * 8];
-    let zero = vec![0.0f32; BLOCK];
-    let mut gj = vec![0.0f64; BLOCK];
-    let mut c0 = a;
-    while c0 < b {
-        let c1 = (c0 + BLOCK).min(b);
-        let n = c1 - c0;
-        for (x, y) in gj[..n].iter_mut().zip(&g[j * d + c0..j * d + c1]) {
-            *x = *y as f64;
-        }
-        let row = |i: usize| {
-            if i < rows {
-                g[i * d + c0..i * d + c1].as_ptr()
-            } else {
-                zero.as_ptr()
-            }
-        };
-        for i in (0..rows).step_by(8) {
-            let mut o = [0.0; 8];
-            let ps: [*const f32; 8] = std::array::from_fn(|r| row(i + r));
-            // SAFETY: each pointer addresses n valid f32 (a row block, or the zero block of
-            // BLOCK ≥ n); gj holds n f64; the caller checked AVX2 and FMA.
-            unsafe { avx2_f32::dot8(ps, gj.as_ptr(), n, &mut o) };
-            for r in 0..8 {
-                out[i + r] += o[r];
-            }
-        }
-        c0 = c1;
-    }
-    out.truncate(rows);
-    out
-}
-
-#[cfg(target_arch = "x86_64")]
-fn pass2_f32_avx2(
-    g: &[f32],
-    c: &[f64],
-    rows: usize,
-    d: usize,
-    scale: f64,
-    j: usize,
-    a: usize,
-    mine: &mut [f64],
-) -> (f64, f64) {
-    let b = a + mine.len();
-    let mut stats = (0.0, 0.0);
-    let zero = vec![0.0f32; BLOCK];
-    let mut c0 = a;
-    while c0 < b {
-        let c1 = (c0 + BLOCK).min(b);
-        let n = c1 - c0;
-        let out = &mut mine[c0 - a..c1 - a];
-        out.iter_mut().for_each(|x| *x = 0.0);
-        let row = |i: usize| {
-            if i < rows {
-                g[i * d + c0..i * d + c1].as_ptr()
-            } else {
-                zero.as_ptr()
-            }
-        };
-        let ci = |i: usize| if i < rows { c[i] } else { 0.0 };
-        for i in (0..rows).step_by(8) {
-            let cs: [f64; 8] = std::array::from_fn(|r| ci(i + r));
-            let ps: [*const f32; 8] = std::array::from_fn(|r| row(i + r));
-            // SAFETY: as in pass1_f32_avx2; `out` holds n f64.
-            unsafe { avx2_f32::axpy8(cs, ps, out.as_mut_ptr(), n) };
+            let ps: [*const E; 8] = std::array::from_fn(|r| row(i + r));
+            // SAFETY: as in pass1_simd; `out` holds n f64.
+            unsafe { E::axpy8(cs, ps, out.as_mut_ptr(), n) };
         }
         out.iter_mut().for_each(|x| *x *= scale);
         let (uu, ug) = norm_and_dot(out, &g[j * d + c0..j * d + c1]);
@@ -675,10 +640,10 @@ fn pass1_dispatch<E: Elem>(
     #[cfg(target_arch = "x86_64")]
     if has_avx2() {
         if let Some(g32) = as_f32(g) {
-            return pass1_f32_avx2(g32, j, rows, d, a, b);
+            return pass1_simd(g32, j, rows, d, a, b);
         }
         if let Some(g16) = as_bf16(g) {
-            return pass1_bf16_avx2(g16, j, rows, d, a, b);
+            return pass1_simd(g16, j, rows, d, a, b);
         }
         // SAFETY: the CPU supports AVX2 and FMA (checked just above).
         return unsafe { avx2::pass1(g, j, rows, d, a, b) };
@@ -699,10 +664,10 @@ fn pass2_dispatch<E: Elem>(
     #[cfg(target_arch = "x86_64")]
     if has_avx2() {
         if let Some(g32) = as_f32(g) {
-            return pass2_f32_avx2(g32, c, rows, d, scale, j, a, mine);
+            return pass2_simd(g32, c, rows, d, scale, j, a, mine);
         }
         if let Some(g16) = as_bf16(g) {
-            return pass2_bf16_avx2(g16, c, rows, d, scale, j, a, mine);
+            return pass2_simd(g16, c, rows, d, scale, j, a, mine);
         }
         // SAFETY: the CPU supports AVX2 and FMA (checked just above).
         return unsafe { avx2::pass2(g, c, rows, d, scale, j, a, mine) };

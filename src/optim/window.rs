@@ -521,6 +521,7 @@ impl Simd8 for bf16 {
 
 /// Pass 1 with the AVX2 kernels over one thread's columns (same blocking as the generic one).
 #[cfg(target_arch = "x86_64")]
+#[allow(clippy::useless_vec)] // 128 KiB block buffers belong on the heap, not a worker's stack
 fn pass1_simd<E: Simd8>(g: &[E], j: usize, rows: usize, d: usize, a: usize, b: usize) -> Vec<f64> {
     let mut out = vec![0.0f64; rows.div_ceil(8) * 8];
     let zero = vec![E::from_f64(0.0); BLOCK];
@@ -557,6 +558,7 @@ fn pass1_simd<E: Simd8>(g: &[E], j: usize, rows: usize, d: usize, a: usize, b: u
 
 /// Pass 2 with the AVX2 kernels over one thread's columns; returns (Σ u², Σ u·G_j).
 #[cfg(target_arch = "x86_64")]
+#[allow(clippy::useless_vec)] // as in pass1_simd
 fn pass2_simd<E: Simd8>(
     g: &[E],
     c: &[f64],

@@ -108,6 +108,15 @@ fn micro_f64_matches_hf_outputs_loss_and_all_gradients() {
     check_f64("bert-micro-random");
 }
 
+/// The composed tensor ops (what runs on CUDA) must match HF as well as the fused CPU kernels.
+#[test]
+fn composed_ops_match_hf_too() {
+    mfac_lab::model::fused::with_composed_ops(|| {
+        check_f64("bert-micro-random");
+        check_f32("bert-micro-random");
+    });
+}
+
 #[test]
 fn tiny_f32_matches_hf() {
     check_f32("bert-tiny-random");

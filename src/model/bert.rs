@@ -1,10 +1,11 @@
 //! The BERT encoder with pooler, written to match HF transformers' `BertModel` numerically.
 
-use candle_core::{DType, Device, Tensor, D};
+use candle_core::{DType, Device, Tensor};
 
 use crate::error::Result;
 use crate::model::config::{BertConfig, HiddenAct};
-use crate::model::layers::{activation, dropout, dtype_min, LayerNorm, Linear};
+use crate::model::fused;
+use crate::model::layers::{activation, dropout, dtype_min, softmax_last, LayerNorm, Linear};
 use crate::model::weights::{Init, ParamBuilder};
 use crate::rng::SeededRng;
 
@@ -82,6 +83,24 @@ impl BertEmbeddings {
     ) -> Result<Tensor> {
         let (b, t) = input_ids.dims2()?;
         let h = self.word.dim(1)?;
+        if fused::supported(&self.word) {
+            let to_u32 = |t: &Tensor| -> Result<Vec<u32>> {
+                Ok(t.flatten_all()?.to_dtype(DType::U32)?.to_vec1::<u32>()?)
+            };
+            let op = fused::EmbeddingsOp {
+                ids: to_u32(input_ids)?,
+                type_ids: to_u32(token_type_ids)?,
+                seq_len: t,
+                pad: self.pad_token_id,
+            };
+            let x = self.word.contiguous()?.apply_op3(
+                &self.position.contiguous()?,
+                &self.token_type.contiguous()?,
+                op,
+            )?;
+            let x = self.norm.forward(&x)?;
+            return dropout(&x, self.p, rng.as_deref_mut());
+        }
         let ids = input_ids.flatten_all()?;
         // nn.Embedding(padding_idx): the [PAD] row gets no gradient. Same values, but the lookups
         // of pad tokens go through a detached copy of the table.
@@ -160,9 +179,28 @@ impl BertLayer {
         let q = split(self.query.forward(x)?)?;
         let k = split(self.key.forward(x)?)?;
         let v = split(self.value.forward(x)?)?;
-        let scores = (q.matmul(&k.t()?)? * (d as f64).powf(-0.5))?.broadcast_add(mask)?;
-        let probs = candle_nn::ops::softmax(&scores, D::Minus1)?;
-        let probs = dropout(&probs, self.p_attn, rng.as_deref_mut())?;
+        let scale = (d as f64).powf(-0.5);
+        let scores = q.matmul(&k.t()?)?;
+        let probs = if fused::supported(&scores) && mask.dtype() == scores.dtype() {
+            let keep = match rng.as_deref_mut() {
+                Some(r) if self.p_attn > 0.0 => Some(r.dropout_mask(
+                    scores.dims(),
+                    self.p_attn,
+                    scores.dtype(),
+                    scores.device(),
+                )?),
+                _ => None,
+            };
+            let op = fused::AttnProbsOp {
+                scale,
+                dropout: keep,
+            };
+            scores.apply_op2(&mask.contiguous()?, op)?
+        } else {
+            let scores = (scores * scale)?.broadcast_add(mask)?;
+            let probs = softmax_last(&scores)?;
+            dropout(&probs, self.p_attn, rng.as_deref_mut())?
+        };
         let ctx = probs.matmul(&v)?.transpose(1, 2)?.reshape((b, t, h))?;
         let a = dropout(
             &self.attn_out.forward(&ctx)?,

@@ -1,11 +1,13 @@
 //! The small differentiable building blocks of BERT. All of them keep autograd intact: candle's
 //! fused `LayerNorm` and `softmax_last_dim` silently cut it, and its `gelu_erf` backward uses a
-//! 6-digit constant, so these are written from plain tensor ops.
+//! 6-digit constant. On the CPU they run our own fused kernels with exact backward passes
+//! ([`crate::model::fused`]); elsewhere they are written from plain tensor ops.
 
 use candle_core::{DType, Tensor, D};
 
 use crate::error::Result;
 use crate::model::config::HiddenAct;
+use crate::model::fused;
 use crate::rng::SeededRng;
 
 /// `y = x Wᵀ + b` with a torch-layout weight `[out, in]`.
@@ -20,12 +22,28 @@ pub struct Linear {
 impl Linear {
     /// Applies the layer to `[..., in]`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        if fused::supported(x) && self.weight.dtype() == x.dtype() {
+            return Ok(x.contiguous()?.apply_op3(
+                &self.weight.contiguous()?,
+                &self.bias.contiguous()?,
+                fused::LinearOp,
+            )?);
+        }
+        // Leading dimensions are flattened into one GEMM: a broadcast (batched) matmul would
+        // make the weight's gradient B small products plus a reduction instead of one product.
         let w = self.weight.t()?;
-        let y = match x.rank() {
-            2 => x.matmul(&w)?,
-            _ => x.broadcast_matmul(&w)?,
-        };
-        Ok(y.broadcast_add(&self.bias)?)
+        let dims = x.dims();
+        let inner = *dims.last().unwrap_or(&1);
+        let rows = x.elem_count() / inner.max(1);
+        let y = x
+            .reshape((rows, inner))?
+            .matmul(&w)?
+            .broadcast_add(&self.bias)?;
+        let mut out = dims.to_vec();
+        if let Some(last) = out.last_mut() {
+            *last = w.dim(1)?;
+        }
+        Ok(y.reshape(out)?)
     }
 }
 
@@ -43,6 +61,14 @@ pub struct LayerNorm {
 impl LayerNorm {
     /// Normalises `[..., H]`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        if fused::supported(x) && self.weight.dtype() == x.dtype() {
+            let op = fused::LayerNormOp { eps: self.eps };
+            return Ok(x.contiguous()?.apply_op3(
+                &self.weight.contiguous()?,
+                &self.bias.contiguous()?,
+                op,
+            )?);
+        }
         let mean = x.mean_keepdim(D::Minus1)?;
         let xc = x.broadcast_sub(&mean)?;
         let var = xc.sqr()?.mean_keepdim(D::Minus1)?;
@@ -57,6 +83,7 @@ impl LayerNorm {
 /// Applies the activation. `Gelu` is the exact erf form, differentiated through `erf`.
 pub fn activation(x: &Tensor, act: HiddenAct) -> Result<Tensor> {
     Ok(match act {
+        HiddenAct::Gelu if fused::supported(x) => x.contiguous()?.apply_op1(fused::GeluErfOp)?,
         HiddenAct::Gelu => {
             let e = x.affine(std::f64::consts::FRAC_1_SQRT_2, 0.0)?.erf()?;
             ((e + 1.0)? * x)?.affine(0.5, 0.0)?
@@ -86,4 +113,12 @@ pub fn dtype_min(dtype: DType) -> f64 {
         DType::BF16 => -3.3895313892515355e38,
         _ => f32::MIN as f64,
     }
+}
+
+/// Softmax over the last axis, differentiable (fused on CPU, composed elsewhere).
+pub fn softmax_last(x: &Tensor) -> Result<Tensor> {
+    if fused::supported(x) {
+        return Ok(x.contiguous()?.apply_op1(fused::SoftmaxOp)?);
+    }
+    Ok(candle_nn::ops::softmax(x, D::Minus1)?)
 }

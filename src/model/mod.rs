@@ -4,6 +4,7 @@ mod batch;
 mod bert;
 mod classifier;
 mod config;
+pub mod fused;
 mod layers;
 mod save;
 mod tokenizer;

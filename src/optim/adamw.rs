@@ -1,7 +1,11 @@
 //! AdamW with torch's exact update (and HF Trainer's no-decay rule for biases and LayerNorm).
 
+use std::cell::RefCell;
+
 use candle_core::backprop::GradStore;
-use candle_core::{Tensor, Var};
+use candle_core::{CpuStorage, DType, Layout, Tensor, Var};
+
+use crate::optim::window::Elem;
 
 /// AdamW hyper-parameters. `Default` = HF Trainer's: lr 5e-5, betas (0.9, 0.999), eps 1e-8,
 /// weight decay 0 (note: candle-nn's `ParamsAdamW::default()` has weight decay 0.01).
@@ -38,9 +42,68 @@ impl Default for AdamWConfig {
 
 struct Slot {
     var: Var,
-    m: Tensor,
-    v: Tensor,
+    /// First and second moments. On the CPU they live in host f64 buffers updated by one fused
+    /// loop ([`AdamWKernel`]); elsewhere they are tensors updated with tensor ops.
+    moments: Moments,
     decay: bool,
+}
+
+enum Moments {
+    Host { m: Vec<f64>, v: Vec<f64> },
+    Device { m: Tensor, v: Tensor },
+}
+
+/// The whole AdamW update of one contiguous CPU parameter, in place, in one pass: torch's
+/// formula step by step, in f64.
+struct AdamWKernel<'a> {
+    m: RefCell<&'a mut [f64]>,
+    v: RefCell<&'a mut [f64]>,
+    beta1: f64,
+    beta2: f64,
+    decay: f64,
+    step_size: f64,
+    bc2_sqrt: f64,
+    eps: f64,
+}
+
+impl AdamWKernel<'_> {
+    fn run<P: Elem, G: Elem>(&self, w: &mut [P], g: &[G]) {
+        let (mut m, mut v) = (self.m.borrow_mut(), self.v.borrow_mut());
+        let (b1, b2) = (self.beta1, self.beta2);
+        for (((w, g), m), v) in w.iter_mut().zip(g).zip(m.iter_mut()).zip(v.iter_mut()) {
+            let g = g.to_f64();
+            *m = *m * b1 + g * (1.0 - b1);
+            *v = *v * b2 + g * g * (1.0 - b2);
+            let denom = v.sqrt() / self.bc2_sqrt + self.eps;
+            *w = P::from_f64(w.to_f64() * self.decay - *m / denom * self.step_size);
+        }
+    }
+}
+
+impl candle_core::InplaceOp2 for AdamWKernel<'_> {
+    fn name(&self) -> &'static str {
+        "adamw-update"
+    }
+
+    fn cpu_fwd(
+        &self,
+        dst: &mut CpuStorage,
+        dst_l: &Layout,
+        src: &CpuStorage,
+        src_l: &Layout,
+    ) -> candle_core::Result<()> {
+        let (Some((a, b)), Some((ga, gb))) =
+            (dst_l.contiguous_offsets(), src_l.contiguous_offsets())
+        else {
+            candle_core::bail!("adamw-update needs contiguous tensors");
+        };
+        match (dst, src) {
+            (CpuStorage::F32(w), CpuStorage::F32(g)) => self.run(&mut w[a..b], &g[ga..gb]),
+            (CpuStorage::F64(w), CpuStorage::F64(g)) => self.run(&mut w[a..b], &g[ga..gb]),
+            _ => candle_core::bail!("adamw-update needs f32 or f64 tensors of one dtype"),
+        }
+        Ok(())
+    }
 }
 
 /// torch.optim.AdamW: `m, v` with bias correction; `w -= lr·wd·w`, then
@@ -99,12 +162,24 @@ impl candle_nn::Optimizer for AdamW {
             .into_iter()
             .filter(|v| v.dtype().is_float())
             .map(|var| {
-                let m = var.zeros_like()?;
-                let v = var.zeros_like()?;
+                let host = var.device().is_cpu()
+                    && var.is_contiguous()
+                    && matches!(var.dtype(), DType::F32 | DType::F64);
+                let moments = if host {
+                    let n = var.elem_count();
+                    Moments::Host {
+                        m: vec![0.0; n],
+                        v: vec![0.0; n],
+                    }
+                } else {
+                    Moments::Device {
+                        m: var.zeros_like()?,
+                        v: var.zeros_like()?,
+                    }
+                };
                 Ok(Slot {
                     var,
-                    m,
-                    v,
+                    moments,
                     decay: true,
                 })
             })
@@ -136,15 +211,41 @@ impl candle_nn::Optimizer for AdamW {
             let Some(g) = grads.get(slot.var.as_tensor()) else {
                 continue;
             };
-            slot.m = ((&slot.m * beta1)? + (g * (1.0 - beta1))?)?;
-            slot.v = ((&slot.v * beta2)? + (g.sqr()? * (1.0 - beta2))?)?;
-            let mut w = slot.var.as_tensor().clone();
-            if slot.decay && weight_decay != 0.0 {
-                w = (w * (1.0 - lr * weight_decay))?;
+            let decay = if slot.decay && weight_decay != 0.0 {
+                1.0 - lr * weight_decay
+            } else {
+                1.0
+            };
+            match &mut slot.moments {
+                Moments::Host { m, v } if g.device().is_cpu() && g.dtype() == slot.var.dtype() => {
+                    let kernel = AdamWKernel {
+                        m: RefCell::new(m),
+                        v: RefCell::new(v),
+                        beta1,
+                        beta2,
+                        decay,
+                        step_size,
+                        bc2_sqrt,
+                        eps,
+                    };
+                    slot.var
+                        .as_tensor()
+                        .inplace_op2(&g.contiguous()?, &kernel)?;
+                }
+                Moments::Host { .. } => {
+                    candle_core::bail!(
+                        "AdamW: the gradient's device or dtype differs from its parameter's"
+                    )
+                }
+                Moments::Device { m, v } => {
+                    *m = ((&*m * beta1)? + (g * (1.0 - beta1))?)?;
+                    *v = ((&*v * beta2)? + (g.sqr()? * (1.0 - beta2))?)?;
+                    let w = (slot.var.as_tensor() * decay)?;
+                    let denom = ((v.sqrt()? / bc2_sqrt)? + eps)?;
+                    let w = (w - (m.div(&denom)? * step_size)?)?;
+                    slot.var.set(&w)?;
+                }
             }
-            let denom = ((slot.v.sqrt()? / bc2_sqrt)? + eps)?;
-            let w = (w - (slot.m.div(&denom)? * step_size)?)?;
-            slot.var.set(&w)?;
         }
         Ok(())
     }

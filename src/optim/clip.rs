@@ -1,9 +1,21 @@
 //! Gradient-norm clipping with torch's semantics (`clip_grad_norm_`).
 
 use candle_core::backprop::GradStore;
-use candle_core::{DType, Var};
+use candle_core::{CpuStorage, DType, Layout, Var};
 
 use crate::error::Result;
+use crate::optim::host::with_cpu_slice;
+use crate::optim::window::Elem;
+
+/// Σ x², accumulated in f64.
+fn sum_sq<E: Elem>(s: &[E]) -> f64 {
+    s.iter()
+        .map(|x| {
+            let x = x.to_f64();
+            x * x
+        })
+        .sum()
+}
 
 /// Scales all gradients of `vars` by `min(1, max_norm / (total_norm + 1e-6))` and returns the
 /// total L2 norm before clipping (what HF logs as `grad_norm`).
@@ -24,12 +36,43 @@ pub fn clip_grad_norm(grads: &mut GradStore, vars: &[Var], max_norm: f64) -> Res
     if coef < 1.0 {
         for v in vars {
             if let Some(g) = grads.get(v.as_tensor()) {
-                let scaled = (g * coef)?;
-                grads.insert(v.as_tensor(), scaled);
+                // The store owns its gradients (backward accumulates each into fresh storage):
+                // scale contiguous CPU ones in place, others out of place.
+                if g.device().is_cpu() && g.is_contiguous() && g.dtype().is_float() {
+                    g.inplace_op1(&Scale(coef))?;
+                } else {
+                    let scaled = (g * coef)?;
+                    grads.insert(v.as_tensor(), scaled);
+                }
             }
         }
     }
     Ok(norm)
+}
+
+/// In place: `g *= coef`.
+struct Scale(f64);
+
+impl candle_core::InplaceOp1 for Scale {
+    fn name(&self) -> &'static str {
+        "clip-scale"
+    }
+    fn cpu_fwd(&self, s: &mut CpuStorage, l: &Layout) -> candle_core::Result<()> {
+        let (a, n, c) = (l.start_offset(), l.shape().elem_count(), self.0);
+        fn scale<E: Elem>(g: &mut [E], c: f64) {
+            for x in g {
+                *x = E::from_f64(x.to_f64() * c);
+            }
+        }
+        match s {
+            CpuStorage::F32(v) => scale(&mut v[a..a + n], c),
+            CpuStorage::F64(v) => scale(&mut v[a..a + n], c),
+            CpuStorage::BF16(v) => scale(&mut v[a..a + n], c),
+            CpuStorage::F16(v) => scale(&mut v[a..a + n], c),
+            _ => candle_core::bail!("clip-scale needs a float gradient"),
+        }
+        Ok(())
+    }
 }
 
 /// The global L2 norm of the gradients of `vars` (accumulated in f64).
@@ -37,6 +80,12 @@ pub fn grad_norm(grads: &GradStore, vars: &[Var]) -> Result<f64> {
     let mut sq = 0.0f64;
     for v in vars {
         if let Some(g) = grads.get(v.as_tensor()) {
+            if g.device().is_cpu() && g.is_contiguous() {
+                if let Ok(s) = with_cpu_slice!(g, |s| sum_sq(s)) {
+                    sq += s;
+                    continue;
+                }
+            }
             sq += g
                 .to_dtype(DType::F64)?
                 .sqr()?

@@ -3,10 +3,11 @@
 //! this is its stable form: u = m·Gᵀc with (mλI + K)c = e_j, the m×m work in f64.
 
 use candle_core::backprop::GradStore;
-use candle_core::{CpuStorage, DType, Device, Layout, Storage, Tensor, Var};
+use candle_core::{CpuStorage, DType, Device, Layout, Tensor, Var};
 
 use crate::error::{Error, Result};
 use crate::optim::gram::GramSolver;
+use crate::optim::host::with_cpu_slice;
 use crate::optim::window::{all_finite, par_zip_mut, Elem, HostWindow};
 
 /// M-FAC hyper-parameters.
@@ -193,38 +194,6 @@ fn available_memory() -> Option<u128> {
     Some(kb * 1024)
 }
 
-/// Runs `f` on the contiguous CPU data of `t` as a typed slice.
-macro_rules! with_slice {
-    ($t:expr, |$s:ident| $body:expr) => {{
-        let t: &Tensor = $t;
-        let (storage, layout) = t.storage_and_layout();
-        let (a, n) = (layout.start_offset(), t.elem_count());
-        match &*storage {
-            Storage::Cpu(CpuStorage::F32(v)) => {
-                let $s = &v[a..a + n];
-                Ok($body)
-            }
-            Storage::Cpu(CpuStorage::F64(v)) => {
-                let $s = &v[a..a + n];
-                Ok($body)
-            }
-            Storage::Cpu(CpuStorage::BF16(v)) => {
-                let $s = &v[a..a + n];
-                Ok($body)
-            }
-            Storage::Cpu(CpuStorage::F16(v)) => {
-                let $s = &v[a..a + n];
-                Ok($body)
-            }
-            _ => Err(Error::InvalidArgument(format!(
-                "M-FAC needs float tensors on the CPU, got {:?} on {:?}",
-                t.dtype(),
-                t.device()
-            ))),
-        }
-    }};
-}
-
 /// Copies `s` into `out` as f64.
 fn to_f64_into<E: Elem>(s: &[E], out: &mut [f64]) {
     for (o, x) in out.iter_mut().zip(s) {
@@ -378,7 +347,7 @@ impl MFac {
                         self.names[i]
                     )));
                 }
-                if !with_slice!(g, |s| all_finite(s))? {
+                if !with_cpu_slice!(g, |s| all_finite(s))? {
                     return Err(Error::NonFiniteGradient {
                         index: i,
                         param: self.names[i].clone(),
@@ -395,9 +364,9 @@ impl MFac {
             if wd > 0.0 {
                 // u is scratch until pass 2.
                 let seg = &mut self.u[a..b];
-                with_slice!(var.as_tensor(), |s| to_f64_into(s, seg))?;
+                with_cpu_slice!(var.as_tensor(), |s| to_f64_into(s, seg))?;
                 match g {
-                    Some(g) => with_slice!(g, |s| {
+                    Some(g) => with_cpu_slice!(g, |s| {
                         for (x, gk) in seg.iter_mut().zip(s) {
                             *x = gk.to_f64() + wd * *x;
                         }
@@ -409,7 +378,7 @@ impl MFac {
                 match g {
                     Some(g) => {
                         let window = &mut self.window;
-                        with_slice!(g, |s| window.write_segment(j, d, a, s))?
+                        with_cpu_slice!(g, |s| window.write_segment(j, d, a, s))?
                     }
                     None => self.window.write_segment(j, d, a, &vec![0.0f64; b - a]),
                 }

@@ -4,6 +4,7 @@
 mod adamw;
 mod clip;
 mod gram;
+mod host;
 mod mfac;
 mod schedule;
 pub(crate) mod spec;

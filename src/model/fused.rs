@@ -1,0 +1,925 @@
+//! Fused CPU kernels, with their backward passes, for the three element-wise blocks of BERT that
+//! dominate a training step once the matrix products are done: LayerNorm, the last-axis softmax
+//! and the exact-erf GELU. Written from plain tensor ops, each of them is 5–10 candle ops forward
+//! and more backward, every one a single-threaded pass over memory; fused they are one
+//! multi-threaded pass each way.
+//!
+//! Every kernel computes in f64 internally and stores in the tensor's dtype (f32 or f64), so the
+//! f64 model still matches HF's float64 references to ~1e-12. On other devices or dtypes the
+//! callers in [`crate::model::layers`] use the composed ops instead.
+
+use candle_core::{
+    backend::BackendStorage, CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Shape,
+    Tensor, WithDType,
+};
+use rayon::prelude::*;
+
+type CResult<T> = candle_core::Result<T>;
+
+thread_local! {
+    static DISABLED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// True when the fused kernels can run on `t` (CPU, f32 or f64) and are not switched off on
+/// this thread by [`with_composed_ops`].
+pub fn supported(t: &Tensor) -> bool {
+    !DISABLED.with(|d| d.get())
+        && t.device().is_cpu()
+        && matches!(t.dtype(), DType::F32 | DType::F64)
+}
+
+/// Runs `f` with the fused kernels switched off on this thread, so the model uses the composed
+/// tensor ops it uses on other devices (to check that path on the CPU).
+///
+/// ```
+/// use mfac_lab::prelude::*;
+/// let m = BertClassifier::random(&BertConfig::bert_tiny(), 3, 0, &Device::Cpu, DType::F64)?;
+/// let ids = Tensor::new(&[[101u32, 7592, 102]], &Device::Cpu)?;
+/// let (types, mask) = (ids.zeros_like()?, ids.ones_like()?);
+/// let fused = m.encode(&ids, &types, &mask)?;
+/// let composed = mfac_lab::model::fused::with_composed_ops(|| m.encode(&ids, &types, &mask))?;
+/// let diff = (fused - composed)?.abs()?.max_all()?.to_scalar::<f64>()?;
+/// assert!(diff < 1e-12);
+/// # Ok::<(), mfac_lab::Error>(())
+/// ```
+pub fn with_composed_ops<R>(f: impl FnOnce() -> R) -> R {
+    let before = DISABLED.with(|d| d.replace(true));
+    let r = f();
+    DISABLED.with(|d| d.set(before));
+    r
+}
+
+fn slice<'a, T: WithDType>(v: &'a [T], l: &Layout, op: &'static str) -> CResult<&'a [T]> {
+    match l.contiguous_offsets() {
+        Some((a, b)) => Ok(&v[a..b]),
+        None => Err(candle_core::Error::RequiresContiguous { op }),
+    }
+}
+
+fn last_dim(l: &Layout) -> usize {
+    l.dims().last().copied().unwrap_or(1).max(1)
+}
+
+/// Rows per rayon task: enough work per task to amortise scheduling.
+fn rows_per_task(cols: usize) -> usize {
+    (8192 / cols.max(1)).max(1)
+}
+
+/// Applies `f` to each storage of a single-input op, generic over f32/f64.
+macro_rules! dispatch {
+    ($s:expr, $op:expr, |$v:ident| $body:expr) => {
+        match $s {
+            CpuStorage::F32($v) => $body,
+            CpuStorage::F64($v) => $body,
+            other => Err(candle_core::Error::UnsupportedDTypeForOp(
+                other.dtype(),
+                $op,
+            )),
+        }
+    };
+}
+
+// ---------------------------------------------------------------- LayerNorm
+
+/// `y = (x − mean) / sqrt(var + eps) · w + b` over the last axis (biased variance).
+#[derive(Debug, Clone, Copy)]
+pub struct LayerNormOp {
+    /// Added to the variance.
+    pub eps: f64,
+}
+
+fn ln_stats<T: WithDType>(row: &[T], eps: f64) -> (f64, f64) {
+    let n = row.len() as f64;
+    let mean = row.iter().map(|v| v.to_f64()).sum::<f64>() / n;
+    let var = row
+        .iter()
+        .map(|v| {
+            let d = v.to_f64() - mean;
+            d * d
+        })
+        .sum::<f64>()
+        / n;
+    (mean, 1.0 / (var + eps).sqrt())
+}
+
+fn ln_fwd<T: WithDType>(x: &[T], w: &[T], b: &[T], h: usize, eps: f64) -> Vec<T> {
+    let mut y = vec![T::zero(); x.len()];
+    let chunk = rows_per_task(h) * h;
+    y.par_chunks_mut(chunk)
+        .zip(x.par_chunks(chunk))
+        .for_each(|(yc, xc)| {
+            for (yr, xr) in yc.chunks_mut(h).zip(xc.chunks(h)) {
+                let (mean, inv) = ln_stats(xr, eps);
+                for i in 0..h {
+                    let xh = (xr[i].to_f64() - mean) * inv;
+                    yr[i] = T::from_f64(xh * w[i].to_f64() + b[i].to_f64());
+                }
+            }
+        });
+    y
+}
+
+/// The gradients of LayerNorm: `[dx (N·H) | dw (H) | db (H)]` in one buffer.
+fn ln_bwd<T: WithDType>(x: &[T], w: &[T], g: &[T], h: usize, eps: f64) -> Vec<T> {
+    let rows = x.len() / h;
+    let mut out = vec![T::zero(); x.len() + 2 * h];
+    let (dx, _) = out.split_at_mut(x.len());
+    let chunk = rows_per_task(h);
+    // dx per row; dw, db as per-task partial sums, added up afterwards.
+    let partials: Vec<(Vec<f64>, Vec<f64>)> = dx
+        .par_chunks_mut(chunk * h)
+        .enumerate()
+        .map(|(t, dxc)| {
+            let (mut dw, mut db) = (vec![0f64; h], vec![0f64; h]);
+            let mut xh = vec![0f64; h];
+            let mut gw = vec![0f64; h];
+            for (r, dxr) in dxc.chunks_mut(h).enumerate() {
+                let row = t * chunk + r;
+                let xr = &x[row * h..(row + 1) * h];
+                let gr = &g[row * h..(row + 1) * h];
+                let (mean, inv) = ln_stats(xr, eps);
+                let (mut s_gw, mut s_gwxh) = (0.0, 0.0);
+                for i in 0..h {
+                    xh[i] = (xr[i].to_f64() - mean) * inv;
+                    let gi = gr[i].to_f64();
+                    gw[i] = gi * w[i].to_f64();
+                    s_gw += gw[i];
+                    s_gwxh += gw[i] * xh[i];
+                    dw[i] += gi * xh[i];
+                    db[i] += gi;
+                }
+                let (m_gw, m_gwxh) = (s_gw / h as f64, s_gwxh / h as f64);
+                for i in 0..h {
+                    dxr[i] = T::from_f64(inv * (gw[i] - m_gw - xh[i] * m_gwxh));
+                }
+            }
+            (dw, db)
+        })
+        .collect();
+    debug_assert_eq!(rows.div_ceil(chunk), partials.len());
+    let tail = &mut out[x.len()..];
+    for i in 0..h {
+        let (mut sw, mut sb) = (0.0, 0.0);
+        for (dw, db) in &partials {
+            sw += dw[i];
+            sb += db[i];
+        }
+        tail[i] = T::from_f64(sw);
+        tail[h + i] = T::from_f64(sb);
+    }
+    out
+}
+
+impl CustomOp3 for LayerNormOp {
+    fn name(&self) -> &'static str {
+        "layer-norm"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> CResult<(CpuStorage, Shape)> {
+        let h = last_dim(l1);
+        let out = match (s1, s2, s3) {
+            (CpuStorage::F32(x), CpuStorage::F32(w), CpuStorage::F32(b)) => {
+                CpuStorage::F32(ln_fwd(
+                    slice(x, l1, "layer-norm")?,
+                    slice(w, l2, "layer-norm")?,
+                    slice(b, l3, "layer-norm")?,
+                    h,
+                    self.eps,
+                ))
+            }
+            (CpuStorage::F64(x), CpuStorage::F64(w), CpuStorage::F64(b)) => {
+                CpuStorage::F64(ln_fwd(
+                    slice(x, l1, "layer-norm")?,
+                    slice(w, l2, "layer-norm")?,
+                    slice(b, l3, "layer-norm")?,
+                    h,
+                    self.eps,
+                ))
+            }
+            _ => {
+                return Err(candle_core::Error::UnsupportedDTypeForOp(
+                    s1.dtype(),
+                    "layer-norm",
+                ))
+            }
+        };
+        Ok((out, l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _b: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> CResult<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let h = x.dim(candle_core::D::Minus1)?;
+        let n = x.elem_count();
+        let all = x.apply_op3_no_bwd(w, &grad.contiguous()?, &LayerNormBwd { eps: self.eps })?;
+        let dx = all.narrow(0, 0, n)?.reshape(x.shape())?;
+        let dw = all.narrow(0, n, h)?;
+        let db = all.narrow(0, n + h, h)?;
+        Ok((Some(dx), Some(dw), Some(db)))
+    }
+}
+
+struct LayerNormBwd {
+    eps: f64,
+}
+
+impl CustomOp3 for LayerNormBwd {
+    fn name(&self) -> &'static str {
+        "layer-norm-bwd"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> CResult<(CpuStorage, Shape)> {
+        let h = last_dim(l1);
+        let n = l1.shape().elem_count();
+        let out = match (s1, s2, s3) {
+            (CpuStorage::F32(x), CpuStorage::F32(w), CpuStorage::F32(g)) => {
+                CpuStorage::F32(ln_bwd(
+                    slice(x, l1, "layer-norm-bwd")?,
+                    slice(w, l2, "layer-norm-bwd")?,
+                    slice(g, l3, "layer-norm-bwd")?,
+                    h,
+                    self.eps,
+                ))
+            }
+            (CpuStorage::F64(x), CpuStorage::F64(w), CpuStorage::F64(g)) => {
+                CpuStorage::F64(ln_bwd(
+                    slice(x, l1, "layer-norm-bwd")?,
+                    slice(w, l2, "layer-norm-bwd")?,
+                    slice(g, l3, "layer-norm-bwd")?,
+                    h,
+                    self.eps,
+                ))
+            }
+            _ => {
+                return Err(candle_core::Error::UnsupportedDTypeForOp(
+                    s1.dtype(),
+                    "layer-norm-bwd",
+                ))
+            }
+        };
+        Ok((out, Shape::from(n + 2 * h)))
+    }
+}
+
+// ---------------------------------------------------------------- softmax
+
+/// Softmax over the last axis.
+#[derive(Debug, Clone, Copy)]
+pub struct SoftmaxOp;
+
+fn softmax_fwd<T: WithDType>(x: &[T], n: usize) -> Vec<T> {
+    let mut y = vec![T::zero(); x.len()];
+    let chunk = rows_per_task(n) * n;
+    y.par_chunks_mut(chunk)
+        .zip(x.par_chunks(chunk))
+        .for_each(|(yc, xc)| {
+            for (yr, xr) in yc.chunks_mut(n).zip(xc.chunks(n)) {
+                let max = xr
+                    .iter()
+                    .map(|v| v.to_f64())
+                    .fold(f64::NEG_INFINITY, f64::max);
+                let mut sum = 0.0;
+                for (yi, xi) in yr.iter_mut().zip(xr) {
+                    let e = (xi.to_f64() - max).exp();
+                    sum += e;
+                    *yi = T::from_f64(e);
+                }
+                let inv = 1.0 / sum;
+                for yi in yr.iter_mut() {
+                    *yi = T::from_f64(yi.to_f64() * inv);
+                }
+            }
+        });
+    y
+}
+
+impl CustomOp1 for SoftmaxOp {
+    fn name(&self) -> &'static str {
+        "softmax"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> CResult<(CpuStorage, Shape)> {
+        let n = last_dim(l);
+        let out = dispatch!(s, "softmax", |v| Ok(WithDType::to_cpu_storage_owned(
+            softmax_fwd(slice(v, l, "softmax")?, n)
+        )))?;
+        Ok((out, l.shape().clone()))
+    }
+
+    fn bwd(&self, _x: &Tensor, y: &Tensor, grad: &Tensor) -> CResult<Option<Tensor>> {
+        Ok(Some(y.apply_op2_no_bwd(&grad.contiguous()?, &SoftmaxBwd)?))
+    }
+}
+
+/// `dx = y · (g − Σ g·y)` per row.
+struct SoftmaxBwd;
+
+fn softmax_bwd<T: WithDType>(y: &[T], g: &[T], n: usize) -> Vec<T> {
+    let mut dx = vec![T::zero(); y.len()];
+    let chunk = rows_per_task(n) * n;
+    dx.par_chunks_mut(chunk)
+        .zip(y.par_chunks(chunk).zip(g.par_chunks(chunk)))
+        .for_each(|(dc, (yc, gc))| {
+            for ((dr, yr), gr) in dc.chunks_mut(n).zip(yc.chunks(n)).zip(gc.chunks(n)) {
+                let dot: f64 = yr
+                    .iter()
+                    .zip(gr)
+                    .map(|(a, b)| a.to_f64() * b.to_f64())
+                    .sum();
+                for i in 0..n {
+                    dr[i] = T::from_f64(yr[i].to_f64() * (gr[i].to_f64() - dot));
+                }
+            }
+        });
+    dx
+}
+
+impl CustomOp2 for SoftmaxBwd {
+    fn name(&self) -> &'static str {
+        "softmax-bwd"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> CResult<(CpuStorage, Shape)> {
+        let n = last_dim(l1);
+        let out = match (s1, s2) {
+            (CpuStorage::F32(y), CpuStorage::F32(g)) => CpuStorage::F32(softmax_bwd(
+                slice(y, l1, "softmax-bwd")?,
+                slice(g, l2, "softmax-bwd")?,
+                n,
+            )),
+            (CpuStorage::F64(y), CpuStorage::F64(g)) => CpuStorage::F64(softmax_bwd(
+                slice(y, l1, "softmax-bwd")?,
+                slice(g, l2, "softmax-bwd")?,
+                n,
+            )),
+            _ => {
+                return Err(candle_core::Error::UnsupportedDTypeForOp(
+                    s1.dtype(),
+                    "softmax-bwd",
+                ))
+            }
+        };
+        Ok((out, l1.shape().clone()))
+    }
+}
+
+// ---------------------------------------------------------------- GELU
+
+/// The exact GELU, `x · Φ(x) = 0.5 · x · (1 + erf(x / √2))`.
+#[derive(Debug, Clone, Copy)]
+pub struct GeluErfOp;
+
+const PAR_CHUNK: usize = 16384;
+
+fn gelu_fwd<T: WithDType>(x: &[T]) -> Vec<T> {
+    let mut y = vec![T::zero(); x.len()];
+    y.par_chunks_mut(PAR_CHUNK)
+        .zip(x.par_chunks(PAR_CHUNK))
+        .for_each(|(yc, xc)| {
+            for (yi, xi) in yc.iter_mut().zip(xc) {
+                let v = xi.to_f64();
+                *yi = T::from_f64(0.5 * v * (1.0 + libm::erf(v * std::f64::consts::FRAC_1_SQRT_2)));
+            }
+        });
+    y
+}
+
+impl CustomOp1 for GeluErfOp {
+    fn name(&self) -> &'static str {
+        "gelu-erf"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> CResult<(CpuStorage, Shape)> {
+        let out = dispatch!(s, "gelu-erf", |v| Ok(WithDType::to_cpu_storage_owned(
+            gelu_fwd(slice(v, l, "gelu-erf")?)
+        )))?;
+        Ok((out, l.shape().clone()))
+    }
+
+    fn bwd(&self, x: &Tensor, _y: &Tensor, grad: &Tensor) -> CResult<Option<Tensor>> {
+        Ok(Some(
+            x.contiguous()?
+                .apply_op2_no_bwd(&grad.contiguous()?, &GeluErfBwd)?,
+        ))
+    }
+}
+
+/// `dx = g · (Φ(x) + x · φ(x))`.
+struct GeluErfBwd;
+
+fn gelu_bwd<T: WithDType>(x: &[T], g: &[T]) -> Vec<T> {
+    const INV_SQRT_2PI: f64 = 0.398_942_280_401_432_7;
+    let mut dx = vec![T::zero(); x.len()];
+    dx.par_chunks_mut(PAR_CHUNK)
+        .zip(x.par_chunks(PAR_CHUNK).zip(g.par_chunks(PAR_CHUNK)))
+        .for_each(|(dc, (xc, gc))| {
+            for ((di, xi), gi) in dc.iter_mut().zip(xc).zip(gc) {
+                let v = xi.to_f64();
+                let cdf = 0.5 * (1.0 + libm::erf(v * std::f64::consts::FRAC_1_SQRT_2));
+                let pdf = INV_SQRT_2PI * (-0.5 * v * v).exp();
+                *di = T::from_f64(gi.to_f64() * (cdf + v * pdf));
+            }
+        });
+    dx
+}
+
+impl CustomOp2 for GeluErfBwd {
+    fn name(&self) -> &'static str {
+        "gelu-erf-bwd"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> CResult<(CpuStorage, Shape)> {
+        let out = match (s1, s2) {
+            (CpuStorage::F32(x), CpuStorage::F32(g)) => CpuStorage::F32(gelu_bwd(
+                slice(x, l1, "gelu-erf-bwd")?,
+                slice(g, l2, "gelu-erf-bwd")?,
+            )),
+            (CpuStorage::F64(x), CpuStorage::F64(g)) => CpuStorage::F64(gelu_bwd(
+                slice(x, l1, "gelu-erf-bwd")?,
+                slice(g, l2, "gelu-erf-bwd")?,
+            )),
+            _ => {
+                return Err(candle_core::Error::UnsupportedDTypeForOp(
+                    s1.dtype(),
+                    "gelu-erf-bwd",
+                ))
+            }
+        };
+        Ok((out, l1.shape().clone()))
+    }
+}
+
+// ---------------------------------------------------------------- Linear
+
+/// `y = x Wᵀ + b` for `x` `[..., in]`, `W` `[out, in]`, `b` `[out]`, as one graph node: the
+/// composed form (reshape, transpose, matmul, broadcast, add, reshape) costs a zero-fill and an
+/// add over the activations per node in candle's backward.
+#[derive(Debug, Clone, Copy)]
+pub struct LinearOp;
+
+fn add_bias<T: WithDType>(y: &mut [T], b: &[T]) {
+    let out = b.len();
+    y.par_chunks_mut(rows_per_task(out) * out).for_each(|c| {
+        for row in c.chunks_mut(out) {
+            for (yi, bi) in row.iter_mut().zip(b) {
+                *yi += *bi;
+            }
+        }
+    });
+}
+
+impl CustomOp3 for LinearOp {
+    fn name(&self) -> &'static str {
+        "linear"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> CResult<(CpuStorage, Shape)> {
+        let (Some((xa, _)), Some((wa, _))) = (l1.contiguous_offsets(), l2.contiguous_offsets())
+        else {
+            return Err(candle_core::Error::RequiresContiguous { op: "linear" });
+        };
+        let k = last_dim(l1);
+        let n = l1.shape().elem_count() / k;
+        let (out, wk) = l2.shape().dims2()?;
+        if wk != k {
+            candle_core::bail!("linear: input has {k} features, the weight expects {wk}");
+        }
+        let lx = Layout::contiguous_with_offset((n, k), xa);
+        let lwt = Layout::contiguous_with_offset((out, k), wa).transpose(0, 1)?;
+        let mut y = s1.matmul(s2, (1, n, out, k), &lx, &lwt)?;
+        match (&mut y, s3) {
+            (CpuStorage::F32(y), CpuStorage::F32(b)) => add_bias(y, slice(b, l3, "linear")?),
+            (CpuStorage::F64(y), CpuStorage::F64(b)) => add_bias(y, slice(b, l3, "linear")?),
+            _ => {
+                return Err(candle_core::Error::UnsupportedDTypeForOp(
+                    s1.dtype(),
+                    "linear",
+                ))
+            }
+        }
+        let mut dims = l1.dims().to_vec();
+        if let Some(last) = dims.last_mut() {
+            *last = out;
+        }
+        Ok((y, Shape::from(dims)))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _b: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> CResult<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (out, k) = w.dims2()?;
+        let n = x.elem_count() / k;
+        let g = grad.contiguous()?.reshape((n, out))?;
+        let x2 = x.reshape((n, k))?;
+        let dx = g.matmul(w)?.reshape(x.shape())?;
+        let dw = g.t()?.matmul(&x2)?;
+        let db = g.apply_op1_no_bwd(&ColSum)?;
+        Ok((Some(dx), Some(dw), Some(db)))
+    }
+}
+
+// ---------------------------------------------------------------- attention probabilities
+
+/// `dropout(softmax(scores · scale + mask))` for scores `[B, heads, Tq, Tk]` and an additive mask
+/// `[B, 1, 1, Tk]`, as one graph node (the composed form is five). The dropout mask (already
+/// scaled by `1/(1-p)`) has the scores' shape. Gradient only for the scores.
+#[derive(Debug, Clone)]
+pub struct AttnProbsOp {
+    /// Multiplies the scores before the mask is added.
+    pub scale: f64,
+    /// Inverted-dropout multipliers, contiguous, same shape and dtype as the scores.
+    pub dropout: Option<Tensor>,
+}
+
+fn attn_probs<T: WithDType>(
+    s: &[T],
+    mask: &[T],
+    drop: Option<&[T]>,
+    scale: f64,
+    tk: usize,
+    bwd_grad: Option<&[T]>,
+) -> Vec<T> {
+    let batches = mask.len() / tk;
+    let rows_per_batch = s.len() / tk / batches.max(1);
+    let mut out = vec![T::zero(); s.len()];
+    let chunk = rows_per_task(tk);
+    out.par_chunks_mut(chunk * tk)
+        .enumerate()
+        .for_each(|(t, oc)| {
+            let mut p = vec![0f64; tk];
+            for (r, orow) in oc.chunks_mut(tk).enumerate() {
+                let row = t * chunk + r;
+                let (a, b) = (row * tk, (row + 1) * tk);
+                let m = &mask[(row / rows_per_batch) * tk..][..tk];
+                let mut max = f64::NEG_INFINITY;
+                for j in 0..tk {
+                    p[j] = s[a + j].to_f64() * scale + m[j].to_f64();
+                    max = max.max(p[j]);
+                }
+                let mut sum = 0.0;
+                for pj in p.iter_mut() {
+                    *pj = (*pj - max).exp();
+                    sum += *pj;
+                }
+                let inv = 1.0 / sum;
+                let d = drop.map(|d| &d[a..b]);
+                match bwd_grad {
+                    None => {
+                        for j in 0..tk {
+                            let keep = d.map_or(1.0, |d| d[j].to_f64());
+                            orow[j] = T::from_f64(p[j] * inv * keep);
+                        }
+                    }
+                    Some(g) => {
+                        // g' = g · dropout; ds = scale · p · (g' − Σ g'·p).
+                        let g = &g[a..b];
+                        let mut dot = 0.0;
+                        for j in 0..tk {
+                            p[j] *= inv;
+                            let gj = g[j].to_f64() * d.map_or(1.0, |d| d[j].to_f64());
+                            dot += gj * p[j];
+                        }
+                        for j in 0..tk {
+                            let gj = g[j].to_f64() * d.map_or(1.0, |d| d[j].to_f64());
+                            orow[j] = T::from_f64(scale * p[j] * (gj - dot));
+                        }
+                    }
+                }
+            }
+        });
+    out
+}
+
+impl AttnProbsOp {
+    fn run(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        grad: Option<(&CpuStorage, &Layout)>,
+    ) -> CResult<(CpuStorage, Shape)> {
+        let tk = last_dim(l1);
+        let drop = self.dropout.as_ref().map(|d| d.storage_and_layout());
+        macro_rules! go {
+            ($variant:ident) => {{
+                let (CpuStorage::$variant(s), CpuStorage::$variant(m)) = (s1, s2) else {
+                    return Err(candle_core::Error::UnsupportedDTypeForOp(
+                        s1.dtype(),
+                        "attn-probs",
+                    ));
+                };
+                let d = match &drop {
+                    Some((st, l)) => match &**st {
+                        candle_core::Storage::Cpu(CpuStorage::$variant(v)) => {
+                            Some(slice(v, l, "attn-probs")?)
+                        }
+                        _ => candle_core::bail!(
+                            "attn-probs: dropout mask of another dtype or device"
+                        ),
+                    },
+                    None => None,
+                };
+                let g = match grad {
+                    Some((CpuStorage::$variant(g), gl)) => Some(slice(g, gl, "attn-probs")?),
+                    Some(_) => candle_core::bail!("attn-probs: gradient of another dtype"),
+                    None => None,
+                };
+                CpuStorage::$variant(attn_probs(
+                    slice(s, l1, "attn-probs")?,
+                    slice(m, l2, "attn-probs")?,
+                    d,
+                    self.scale,
+                    tk,
+                    g,
+                ))
+            }};
+        }
+        let out = match s1 {
+            CpuStorage::F32(_) => go!(F32),
+            CpuStorage::F64(_) => go!(F64),
+            _ => {
+                return Err(candle_core::Error::UnsupportedDTypeForOp(
+                    s1.dtype(),
+                    "attn-probs",
+                ))
+            }
+        };
+        Ok((out, l1.shape().clone()))
+    }
+}
+
+impl CustomOp2 for AttnProbsOp {
+    fn name(&self) -> &'static str {
+        "attn-probs"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> CResult<(CpuStorage, Shape)> {
+        self.run(s1, l1, s2, l2, None)
+    }
+
+    fn bwd(
+        &self,
+        scores: &Tensor,
+        mask: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> CResult<(Option<Tensor>, Option<Tensor>)> {
+        let ds = scores.apply_op3_no_bwd(mask, &grad.contiguous()?, &AttnProbsBwd(self.clone()))?;
+        Ok((Some(ds), None))
+    }
+}
+
+struct AttnProbsBwd(AttnProbsOp);
+
+impl CustomOp3 for AttnProbsBwd {
+    fn name(&self) -> &'static str {
+        "attn-probs-bwd"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> CResult<(CpuStorage, Shape)> {
+        self.0.run(s1, l1, s2, l2, Some((s3, l3)))
+    }
+}
+
+/// Column sums of a contiguous `[n, c]` matrix (the bias gradient), over row blocks in parallel.
+struct ColSum;
+
+fn col_sum<T: WithDType>(g: &[T], c: usize) -> Vec<T> {
+    let partial: Vec<Vec<f64>> = g
+        .par_chunks(rows_per_task(c) * c * 4)
+        .map(|block| {
+            let mut acc = vec![0f64; c];
+            for row in block.chunks(c) {
+                for (a, v) in acc.iter_mut().zip(row) {
+                    *a += v.to_f64();
+                }
+            }
+            acc
+        })
+        .collect();
+    (0..c)
+        .map(|j| T::from_f64(partial.iter().map(|p| p[j]).sum()))
+        .collect()
+}
+
+impl CustomOp1 for ColSum {
+    fn name(&self) -> &'static str {
+        "col-sum"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> CResult<(CpuStorage, Shape)> {
+        let c = last_dim(l);
+        let out = dispatch!(s, "col-sum", |v| Ok(WithDType::to_cpu_storage_owned(
+            col_sum(slice(v, l, "col-sum")?, c)
+        )))?;
+        Ok((out, Shape::from(c)))
+    }
+}
+
+// ---------------------------------------------------------------- embeddings
+
+/// `word[ids] + position[0..T] + token_type[type_ids]`, `[B, T, H]`, as one graph node whose
+/// backward scatters into the three tables directly. Like `nn.Embedding(padding_idx)`, the
+/// `pad` row of the word table gets no gradient.
+#[derive(Debug, Clone)]
+pub struct EmbeddingsOp {
+    /// Token ids, row-major `[B, T]`.
+    pub ids: Vec<u32>,
+    /// Token-type ids, row-major `[B, T]`.
+    pub type_ids: Vec<u32>,
+    /// Sequence length `T`.
+    pub seq_len: usize,
+    /// The padding token id.
+    pub pad: u32,
+}
+
+impl EmbeddingsOp {
+    fn check(&self, vocab: usize, positions: usize, types: usize) -> CResult<()> {
+        if self.seq_len > positions {
+            candle_core::bail!(
+                "sequence length {} exceeds max_position_embeddings {positions}",
+                self.seq_len
+            );
+        }
+        if let Some(&id) = self.ids.iter().find(|&&i| i as usize >= vocab) {
+            candle_core::bail!("token id {id} is out of the vocabulary (size {vocab})");
+        }
+        if let Some(&id) = self.type_ids.iter().find(|&&i| i as usize >= types) {
+            candle_core::bail!("token type id {id} is out of range (type_vocab_size {types})");
+        }
+        Ok(())
+    }
+
+    fn fwd<T: WithDType>(&self, w: &[T], p: &[T], ty: &[T], h: usize) -> Vec<T> {
+        let mut out = vec![T::zero(); self.ids.len() * h];
+        out.par_chunks_mut(h).enumerate().for_each(|(r, o)| {
+            let (wi, pi, ti) = (
+                self.ids[r] as usize,
+                r % self.seq_len,
+                self.type_ids[r] as usize,
+            );
+            let (wr, pr, tr) = (&w[wi * h..][..h], &p[pi * h..][..h], &ty[ti * h..][..h]);
+            for i in 0..h {
+                o[i] = T::from_f64(wr[i].to_f64() + pr[i].to_f64() + tr[i].to_f64());
+            }
+        });
+        out
+    }
+}
+
+impl CustomOp3 for EmbeddingsOp {
+    fn name(&self) -> &'static str {
+        "bert-embeddings"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> CResult<(CpuStorage, Shape)> {
+        let (vocab, h) = l1.shape().dims2()?;
+        self.check(vocab, l2.shape().dims2()?.0, l3.shape().dims2()?.0)?;
+        let op = "bert-embeddings";
+        let out = match (s1, s2, s3) {
+            (CpuStorage::F32(w), CpuStorage::F32(p), CpuStorage::F32(t)) => CpuStorage::F32(
+                self.fwd(slice(w, l1, op)?, slice(p, l2, op)?, slice(t, l3, op)?, h),
+            ),
+            (CpuStorage::F64(w), CpuStorage::F64(p), CpuStorage::F64(t)) => CpuStorage::F64(
+                self.fwd(slice(w, l1, op)?, slice(p, l2, op)?, slice(t, l3, op)?, h),
+            ),
+            _ => return Err(candle_core::Error::UnsupportedDTypeForOp(s1.dtype(), op)),
+        };
+        let b = self.ids.len() / self.seq_len.max(1);
+        Ok((out, Shape::from((b, self.seq_len, h))))
+    }
+
+    fn bwd(
+        &self,
+        word: &Tensor,
+        pos: &Tensor,
+        types: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> CResult<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let g = grad.contiguous()?;
+        let scatter = |table: &Tensor, index: Vec<Option<u32>>| -> CResult<Tensor> {
+            let rows = table.dim(0)?;
+            g.apply_op1_no_bwd(&ScatterRows { rows, index })
+        };
+        let dw = scatter(
+            word,
+            self.ids
+                .iter()
+                .map(|&i| (i != self.pad).then_some(i))
+                .collect(),
+        )?;
+        let dp = scatter(
+            pos,
+            (0..self.ids.len())
+                .map(|r| Some((r % self.seq_len) as u32))
+                .collect(),
+        )?;
+        let dt = scatter(types, self.type_ids.iter().map(|&i| Some(i)).collect())?;
+        Ok((Some(dw), Some(dp), Some(dt)))
+    }
+}
+
+/// `out[index[r]] += g[r]` for the rows `r` of `g` `[N, H]` (skipping `None`): the gradient of a
+/// table lookup, written straight into a zeroed `[rows, H]` table.
+struct ScatterRows {
+    rows: usize,
+    index: Vec<Option<u32>>,
+}
+
+impl ScatterRows {
+    fn run<T: WithDType>(&self, g: &[T], h: usize) -> Vec<T> {
+        let mut out = vec![T::zero(); self.rows * h];
+        for (gr, i) in g.chunks(h).zip(&self.index) {
+            if let Some(i) = *i {
+                for (o, v) in out[i as usize * h..][..h].iter_mut().zip(gr) {
+                    *o += *v;
+                }
+            }
+        }
+        out
+    }
+}
+
+impl CustomOp1 for ScatterRows {
+    fn name(&self) -> &'static str {
+        "scatter-rows"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> CResult<(CpuStorage, Shape)> {
+        let h = last_dim(l);
+        let out = dispatch!(s, "scatter-rows", |v| Ok(WithDType::to_cpu_storage_owned(
+            self.run(slice(v, l, "scatter-rows")?, h)
+        )))?;
+        Ok((out, Shape::from((self.rows, h))))
+    }
+}

@@ -125,6 +125,17 @@ pub enum Error {
         saved: String,
     },
 
+    /// Some runs of a comparison failed; the others finished and are kept in `partial`.
+    #[error("{} of {total} runs failed: {}. The other runs finished; their results are in this error's `partial` comparison", failed.len(), failed.join("; "))]
+    RunsFailed {
+        /// "optimizer seed N: error" per failed run.
+        failed: Vec<String>,
+        /// How many runs were attempted.
+        total: usize,
+        /// The finished runs (and the failures).
+        partial: Box<crate::compare::Comparison>,
+    },
+
     /// A buffer would not fit in memory; nothing was allocated.
     #[error("{what} needs {needed} but only {available} is available; {fix}")]
     OutOfMemory {

@@ -14,11 +14,13 @@
 //! ```
 
 pub mod cli;
+pub mod compare;
 pub mod data;
 pub mod error;
 pub mod hub;
 pub mod model;
 pub mod optim;
+pub mod plot;
 pub mod rng;
 pub mod train;
 
@@ -26,6 +28,7 @@ pub use error::{Error, Result};
 
 /// Everything a notebook needs, in one import.
 pub mod prelude {
+    pub use crate::compare::{compare_optimizers, CompareConfig, Comparison, ModelSource};
     pub use crate::data::{load_glue, load_glue_dir, load_mnli, mnli_sample, GlueData, GlueTask};
     pub use crate::error::{Error, Result};
     pub use crate::hub::Hub;
@@ -36,6 +39,7 @@ pub mod prelude {
     pub use crate::optim::{
         clip_grad_norm, AdamW, AdamWConfig, LinearSchedule, MFac, MFacConfig, OptimizerSpec,
     };
+    pub use crate::plot::Figure;
     pub use crate::train::{RunHistory, TrainConfig, Trainer};
     pub use candle_core::{DType, Device, Tensor, Var};
     pub use candle_nn::Optimizer;

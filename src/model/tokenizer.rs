@@ -73,10 +73,37 @@ impl PairTokenizer {
         }
         let map = WordPiece::read_file(&vocab.to_string_lossy())
             .map_err(|e| tok_err(format!("{}: {e}", vocab.display())))?;
+        Self::from_vocab_map(map, &vocab.display().to_string(), lowercase)
+    }
+
+    /// The uncased BERT WordPiece tokenizer with the bert-base-uncased vocabulary embedded in
+    /// the crate (what prajjwal1/bert-tiny uses); needs no files.
+    ///
+    /// ```
+    /// let tok = mfac_lab::model::PairTokenizer::bert_base_uncased()?;
+    /// let b = tok.batch(&[("A man sleeps.", "Nobody sleeps.")], None, &candle_core::Device::Cpu)?;
+    /// assert_eq!(b.input_ids.dims()[0], 1);
+    /// # Ok::<(), mfac_lab::Error>(())
+    /// ```
+    pub fn bert_base_uncased() -> Result<Self> {
+        const VOCAB: &str = include_str!("../../data/vocab/bert-base-uncased-vocab.txt");
+        let map = VOCAB
+            .lines()
+            .enumerate()
+            .map(|(i, t)| (t.to_string(), i as u32))
+            .collect();
+        Self::from_vocab_map(map, "the embedded bert-base-uncased vocab", true)
+    }
+
+    fn from_vocab_map(
+        map: ahash::AHashMap<String, u32>,
+        source: &str,
+        lowercase: bool,
+    ) -> Result<Self> {
         let id = |t: &str| {
             map.get(t)
                 .copied()
-                .ok_or_else(|| tok_err(format!("{} has no {t} token", vocab.display())))
+                .ok_or_else(|| tok_err(format!("{source} has no {t} token")))
         };
         let (cls, sep) = (id("[CLS]")?, id("[SEP]")?);
         id("[UNK]")?;

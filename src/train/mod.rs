@@ -11,4 +11,6 @@ pub use config::{Schedule, TrainConfig};
 pub use metrics::{accuracy, f1, matthews};
 pub use progress::Progress;
 pub use step::{scalar, Optim, StepRecord, Stepper};
-pub use trainer::{write_json_atomic, EvalRecord, RunHistory, TrainRecord, Trainer};
+pub use trainer::{
+    write_bytes_atomic, write_json_atomic, EvalRecord, RunHistory, TrainRecord, Trainer,
+};

@@ -1,0 +1,68 @@
+//! The main command as the README gives it: `mfac-lab compare` with no arguments, offline, in a
+//! fresh folder. It must exit 0, say it is a demo, and write the summary and the plots.
+
+use std::process::Command;
+
+#[test]
+fn compare_with_no_arguments_runs_the_offline_demo() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_mfac-lab"))
+        .arg("compare")
+        .current_dir(dir.path())
+        // No network: the demo must not need the hub.
+        .env("HF_HUB_OFFLINE", "1")
+        .env("HF_ENDPOINT", "http://127.0.0.1:9")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "exit {:?}\n{stdout}\n{stderr}",
+        out.status
+    );
+    assert!(stdout.contains("Offline demo"), "{stdout}");
+    assert!(stdout.contains("--task mnli"), "{stdout}");
+    assert!(
+        stdout.contains("| adamw (2 seeds) |") && stdout.contains("| mfac (2 seeds) |"),
+        "{stdout}"
+    );
+    let res = dir.path().join("mfac-lab-results");
+    for f in [
+        "summary.md",
+        "summary.csv",
+        "history.parquet",
+        "history.csv",
+        "loss.png",
+        "loss.svg",
+        "accuracy.png",
+        "accuracy.svg",
+        "final.png",
+        "final.svg",
+    ] {
+        let p = res.join(f);
+        assert!(
+            p.is_file() && std::fs::metadata(&p).unwrap().len() > 100,
+            "missing {f}"
+        );
+    }
+    let md = std::fs::read_to_string(res.join("summary.md")).unwrap();
+    assert!(
+        md.contains("validation_matched accuracy") && md.contains("validation_mismatched accuracy")
+    );
+    assert!(res.join("runs/mfac-seed43/eval_results.json").is_file());
+}
+
+#[test]
+fn compare_rejects_unknown_flags_without_training() {
+    let out = Command::new(env!("CARGO_BIN_EXE_mfac-lab"))
+        .args(["compare", "--lr", "3"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("unknown flag --lr") && err.contains("--optim_args"),
+        "{err}"
+    );
+}

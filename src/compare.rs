@@ -21,7 +21,7 @@ pub enum ModelSource {
     /// A hub repo id or a local HF-layout folder (`BertClassifier::from_pretrained`).
     Pretrained(String),
     /// Random weights with this config and the embedded bert-base-uncased tokenizer (offline).
-    Random(BertConfig),
+    Random(Box<BertConfig>),
 }
 
 impl ModelSource {
@@ -39,7 +39,7 @@ impl ModelSource {
     /// # Ok::<(), mfac_lab::Error>(())
     /// ```
     pub fn random_bert_tiny() -> Self {
-        ModelSource::Random(BertConfig::bert_tiny())
+        ModelSource::Random(Box::new(BertConfig::bert_tiny()))
     }
 
     /// Loads the model for one run.
@@ -186,7 +186,7 @@ pub fn compare_optimizers(
                     source.load(data.task.num_labels(), seed, &cfg.device, cfg.train.dtype)?;
                 let mut tc = cfg.train.clone();
                 tc.seed = seed;
-                let mut trainer = Trainer::new(model, tc).optimizer(spec.clone());
+                let mut trainer = Trainer::new(model, tc).optimizer(*spec);
                 if let Some(dir) = &cfg.output_dir {
                     trainer = trainer.output_dir(dir.join(format!("{name}-seed{seed}")));
                 }

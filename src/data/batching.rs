@@ -16,8 +16,10 @@ pub struct EncodedSplit {
     pub ids: Vec<Vec<u32>>,
     /// Token type ids of each example.
     pub type_ids: Vec<Vec<u32>>,
-    /// Class ids.
+    /// Class ids (zeros for a regression task).
     pub labels: Vec<u32>,
+    /// Regression targets (stsb's scores); when set, batches carry these as f32 labels.
+    pub scores: Option<Vec<f32>>,
 }
 
 impl EncodedSplit {
@@ -48,7 +50,19 @@ impl EncodedSplit {
             ids: enc.iter().map(|e| e.get_ids().to_vec()).collect(),
             type_ids: enc.iter().map(|e| e.get_type_ids().to_vec()).collect(),
             labels: labels.to_vec(),
+            scores: None,
         })
+    }
+
+    /// Tokenizes `pairs` for a regression task: `scores` become the batches' (f32) labels.
+    pub fn encode_scores<A: AsRef<str> + Sync, B: AsRef<str> + Sync>(
+        tok: &PairTokenizer,
+        pairs: &[(A, B)],
+        scores: &[f32],
+    ) -> Result<Self> {
+        let mut s = Self::encode(tok, pairs, &vec![0; scores.len()])?;
+        s.scores = Some(scores.to_vec());
+        Ok(s)
     }
 
     /// Number of examples.
@@ -66,6 +80,9 @@ impl EncodedSplit {
         self.ids.truncate(n);
         self.type_ids.truncate(n);
         self.labels.truncate(n);
+        if let Some(s) = &mut self.scores {
+            s.truncate(n);
+        }
     }
 
     /// Pads the examples at `rows` into one batch: to the longest of them, or to `pad_to` when
@@ -85,12 +102,21 @@ impl EncodedSplit {
             types[i * t..i * t + n].copy_from_slice(&self.type_ids[r]);
             mask[i * t..i * t + n].iter_mut().for_each(|m| *m = 1);
         }
-        let labels: Vec<u32> = rows.iter().map(|&r| self.labels[r]).collect();
+        let labels = match &self.scores {
+            Some(s) => {
+                Tensor::from_vec(rows.iter().map(|&r| s[r]).collect::<Vec<f32>>(), b, device)?
+            }
+            None => Tensor::from_vec(
+                rows.iter().map(|&r| self.labels[r]).collect::<Vec<u32>>(),
+                b,
+                device,
+            )?,
+        };
         Batch::new(
             Tensor::from_vec(ids, (b, t), device)?,
             Tensor::from_vec(types, (b, t), device)?,
             Tensor::from_vec(mask, (b, t), device)?,
-            Some(Tensor::from_vec(labels, b, device)?),
+            Some(labels),
         )
     }
 }

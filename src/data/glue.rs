@@ -102,15 +102,27 @@ fn read_tsv(task: GlueTask, path: &Path) -> Result<DataFrame> {
     let (a, b) = task.text_columns();
     let header: Vec<&str> = first.split('\t').collect();
     let names = task.label_names();
-    let (mut ta, mut tb, mut labels) = (vec![], vec![], vec![]);
-    let label_of = |s: &str, line: usize| -> Result<i64> {
+    let (mut ta, mut tb, mut labels) = (vec![], vec![], Vec::<f64>::new());
+    // Class names or ids; stsb's labels are similarity scores (floats).
+    let regression = task.is_regression();
+    let label_of = |s: &str, line: usize| -> Result<f64> {
         if let Some(i) = names.iter().position(|n| *n == s) {
-            return Ok(i as i64);
+            return Ok(i as f64);
         }
-        s.trim().parse().map_err(|_| {
+        let t = s.trim();
+        let v = if regression {
+            t.parse::<f64>().ok().filter(|v| v.is_finite())
+        } else {
+            t.parse::<i64>().ok().map(|v| v as f64)
+        };
+        v.ok_or_else(|| {
             data_err(
                 &source,
-                format!("line {line}: label {s:?} is not one of {names:?}"),
+                if regression {
+                    format!("line {line}: label {s:?} is not a number")
+                } else {
+                    format!("line {line}: label {s:?} is not one of {names:?}")
+                },
             )
         })
     };
@@ -160,7 +172,14 @@ fn read_tsv(task: GlueTask, path: &Path) -> Result<DataFrame> {
     if let Some(b) = b {
         cols.push(Column::new(b.into(), tb));
     }
-    cols.push(Column::new("label".into(), labels));
+    cols.push(if regression {
+        Column::new("label".into(), labels)
+    } else {
+        Column::new(
+            "label".into(),
+            labels.iter().map(|&v| v as i64).collect::<Vec<_>>(),
+        )
+    });
     DataFrame::new_infer_height(cols).map_err(|e| data_err(&source, e))
 }
 
@@ -292,6 +311,38 @@ impl GlueData {
     /// The (first text, second text) pairs and labels of a split, ready to tokenize. Single-
     /// sentence tasks get an empty second text.
     pub fn pairs(&self, df: &DataFrame) -> Result<Pairs> {
+        if self.task.is_regression() {
+            return Err(data_err(
+                self.task.name(),
+                "labels are scores, not class ids: use GlueData::texts and GlueData::scores",
+            ));
+        }
+        Ok((self.texts(df)?, self.class_labels(df)?))
+    }
+
+    /// The regression targets of a split (stsb's similarity scores), as f32.
+    pub fn scores(&self, df: &DataFrame) -> Result<Vec<f32>> {
+        let err = |e: PolarsError| data_err(self.task.name(), e);
+        df.column("label")
+            .map_err(err)?
+            .cast(&DataType::Float64)
+            .map_err(err)?
+            .f64()
+            .map_err(err)?
+            .iter()
+            .map(|v| match v {
+                Some(v) if v.is_finite() && v >= 0.0 => Ok(v as f32),
+                _ => Err(data_err(
+                    self.task.name(),
+                    format!("label {v:?} is not a score (test split?)"),
+                )),
+            })
+            .collect()
+    }
+
+    /// The (first text, second text) pairs of a split. Single-sentence tasks get an empty
+    /// second text.
+    pub fn texts(&self, df: &DataFrame) -> Result<Vec<(String, String)>> {
         let (a, b) = self.task.text_columns();
         let err = |e: PolarsError| data_err(self.task.name(), e);
         let texts = |c: &str| -> Result<Vec<String>> {
@@ -309,8 +360,12 @@ impl GlueData {
             Some(b) => texts(b)?,
             None => vec![String::new(); first.len()],
         };
-        let labels: Vec<u32> = df
-            .column("label")
+        Ok(first.into_iter().zip(second).collect())
+    }
+
+    fn class_labels(&self, df: &DataFrame) -> Result<Vec<u32>> {
+        let err = |e: PolarsError| data_err(self.task.name(), e);
+        df.column("label")
             .map_err(err)?
             .cast(&DataType::Int64)
             .map_err(err)?
@@ -326,7 +381,6 @@ impl GlueData {
                     )
                 })
             })
-            .collect::<Result<_>>()?;
-        Ok((first.into_iter().zip(second).collect(), labels))
+            .collect::<Result<_>>()
     }
 }

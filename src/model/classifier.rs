@@ -532,8 +532,16 @@ impl BertClassifier {
         Ok(ClassifierOutput { bert, logits })
     }
 
-    /// Per-example cross-entropy `[B]` of `logits` `[B, C]` against class ids `labels` `[B]`.
+    /// Per-example loss `[B]`: cross-entropy of `logits` `[B, C]` against class ids `labels` `[B]`,
+    /// or the squared error when `C = 1` and `labels` are floats (regression).
     pub fn per_example_loss(logits: &Tensor, labels: &Tensor) -> Result<Tensor> {
+        // HF's rule: one output and float labels is regression (MSE), else classification.
+        if logits.dim(D::Minus1)? == 1 && labels.dtype().is_float() {
+            let target = labels
+                .to_device(logits.device())?
+                .to_dtype(logits.dtype())?;
+            return Ok((logits.squeeze(D::Minus1)? - target)?.sqr()?);
+        }
         let labels = labels.to_device(logits.device())?.to_dtype(DType::U32)?;
         let log_probs = candle_nn::ops::log_softmax(logits, D::Minus1)?;
         Ok(log_probs
@@ -542,7 +550,8 @@ impl BertClassifier {
             .neg()?)
     }
 
-    /// Mean cross-entropy over the batch (HF's single-label classification loss), a scalar.
+    /// Mean loss over the batch, a scalar: cross-entropy (HF's single-label classification), or
+    /// the mean squared error for a one-output model with float labels (regression, stsb).
     pub fn loss(logits: &Tensor, labels: &Tensor) -> Result<Tensor> {
         Ok(Self::per_example_loss(logits, labels)?.mean_all()?)
     }

@@ -8,7 +8,7 @@ mod step;
 mod trainer;
 
 pub use config::{Schedule, TrainConfig};
-pub use metrics::{accuracy, f1, matthews};
+pub use metrics::{accuracy, f1, matthews, pearson, spearman};
 pub use progress::Progress;
 pub use step::{scalar, Optim, StepRecord, Stepper};
 pub use trainer::{

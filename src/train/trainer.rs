@@ -12,7 +12,7 @@ use crate::error::{Error, Result};
 use crate::model::BertClassifier;
 use crate::optim::OptimizerSpec;
 use crate::train::config::TrainConfig;
-use crate::train::metrics::{accuracy, f1, matthews};
+use crate::train::metrics::{accuracy, f1, matthews, pearson, spearman};
 use crate::train::progress::Progress;
 use crate::train::step::{scalar, Stepper};
 
@@ -210,15 +210,21 @@ impl Trainer {
             .tokenizer()?
             .clone()
             .with_max_length(self.cfg.max_seq_length)?;
-        let (pairs, labels) = data.pairs(&data.train)?;
-        let mut train = EncodedSplit::encode(&tok, &pairs, &labels)?;
+        let encode = |df: &DataFrame| -> Result<EncodedSplit> {
+            if data.task.is_regression() {
+                EncodedSplit::encode_scores(&tok, &data.texts(df)?, &data.scores(df)?)
+            } else {
+                let (pairs, labels) = data.pairs(df)?;
+                EncodedSplit::encode(&tok, &pairs, &labels)
+            }
+        };
+        let mut train = encode(&data.train)?;
         if let Some(n) = self.cfg.max_train_samples {
             train.truncate(n);
         }
         let mut evals = vec![];
         for (name, df) in &data.eval {
-            let (pairs, labels) = data.pairs(df)?;
-            let mut s = EncodedSplit::encode(&tok, &pairs, &labels)?;
+            let mut s = encode(df)?;
             if let Some(n) = self.cfg.max_eval_samples {
                 s.truncate(n);
             }
@@ -246,6 +252,7 @@ impl Trainer {
         elapsed: f64,
     ) -> Result<EvalRecord> {
         let (mut preds, mut loss_sum) = (Vec::with_capacity(split.len()), 0.0);
+        let mut outputs: Vec<f64> = Vec::with_capacity(split.len());
         let pad_to = self
             .cfg
             .pad_to_max_length
@@ -258,14 +265,31 @@ impl Trainer {
                 batch.labels.as_ref().expect("collate sets labels"),
             )?;
             loss_sum += scalar(&per.to_dtype(DType::F64)?.sum_all()?)?;
-            preds.extend(
-                logits
-                    .argmax(D::Minus1)?
-                    .to_dtype(DType::U32)?
-                    .to_vec1::<u32>()?,
-            );
+            if task.is_regression() {
+                outputs.extend(
+                    logits
+                        .squeeze(D::Minus1)?
+                        .to_dtype(DType::F64)?
+                        .to_vec1::<f64>()?,
+                );
+            } else {
+                preds.extend(
+                    logits
+                        .argmax(D::Minus1)?
+                        .to_dtype(DType::U32)?
+                        .to_vec1::<u32>()?,
+                );
+            }
         }
         let labels = &split.labels[..preds.len()];
+        let targets: Vec<f64> = split
+            .scores
+            .as_deref()
+            .unwrap_or(&[])
+            .iter()
+            .take(outputs.len())
+            .map(|&v| v as f64)
+            .collect();
         let metrics = task
             .metrics()
             .iter()
@@ -274,7 +298,8 @@ impl Trainer {
                     Metric::Accuracy => accuracy(&preds, labels),
                     Metric::F1 => f1(&preds, labels),
                     Metric::Matthews => matthews(&preds, labels),
-                    Metric::Pearson | Metric::Spearman => f64::NAN,
+                    Metric::Pearson => pearson(&outputs, &targets),
+                    Metric::Spearman => spearman(&outputs, &targets),
                 };
                 (m.name().to_string(), v)
             })
@@ -295,12 +320,6 @@ impl Trainer {
     /// [`Error::NonFiniteLoss`], after saving the last good model when an output folder is set.
     pub fn fit(&mut self, data: &GlueData) -> Result<RunHistory> {
         let task = data.task;
-        if task.is_regression() {
-            return Err(Error::InvalidArgument(format!(
-                "{} is a regression task; only classification is supported",
-                task.name()
-            )));
-        }
         if self.model.num_labels() != task.num_labels() {
             return Err(Error::InvalidArgument(format!(
                 "the model has {} labels but {} has {}",

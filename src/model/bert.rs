@@ -176,12 +176,19 @@ impl BertLayer {
                 .transpose(1, 2)?
                 .contiguous()?)
         };
-        let q = split(self.query.forward(x)?)?;
-        let k = split(self.key.forward(x)?)?;
-        let v = split(self.value.forward(x)?)?;
         let scale = (d as f64).powf(-0.5);
-        let scores = q.matmul(&k.t()?)?;
-        let probs = if fused::supported(&scores) && mask.dtype() == scores.dtype() {
+        let fused_path = fused::supported(x) && mask.dtype() == x.dtype();
+        let attn = if fused_path {
+            // Projections straight into the heads layout (keys transposed), the probabilities
+            // in one op, and the output projection reading the heads: no layout nodes.
+            let heads = |tr| fused::LinearOp {
+                heads_in: false,
+                heads_out: Some((self.heads, tr)),
+            };
+            let q = self.query.forward_op(x, heads(false))?;
+            let kt = self.key.forward_op(x, heads(true))?;
+            let v = self.value.forward_op(x, heads(false))?;
+            let scores = q.matmul(&kt)?;
             let keep = match rng.as_deref_mut() {
                 Some(r) if self.p_attn > 0.0 => Some(r.dropout_mask(
                     scores.dims(),
@@ -195,18 +202,26 @@ impl BertLayer {
                 scale,
                 dropout: keep,
             };
-            scores.apply_op2(&mask.contiguous()?, op)?
+            let probs = scores.apply_op2(&mask.contiguous()?, op)?;
+            let ctx = probs.matmul(&v)?;
+            self.attn_out.forward_op(
+                &ctx,
+                fused::LinearOp {
+                    heads_in: true,
+                    heads_out: None,
+                },
+            )?
         } else {
-            let scores = (scores * scale)?.broadcast_add(mask)?;
+            let q = split(self.query.forward(x)?)?;
+            let k = split(self.key.forward(x)?)?;
+            let v = split(self.value.forward(x)?)?;
+            let scores = (q.matmul(&k.t()?)? * scale)?.broadcast_add(mask)?;
             let probs = softmax_last(&scores)?;
-            dropout(&probs, self.p_attn, rng.as_deref_mut())?
+            let probs = dropout(&probs, self.p_attn, rng.as_deref_mut())?;
+            let ctx = probs.matmul(&v)?.transpose(1, 2)?.reshape((b, t, h))?;
+            self.attn_out.forward(&ctx)?
         };
-        let ctx = probs.matmul(&v)?.transpose(1, 2)?.reshape((b, t, h))?;
-        let a = dropout(
-            &self.attn_out.forward(&ctx)?,
-            self.p_hidden,
-            rng.as_deref_mut(),
-        )?;
+        let a = dropout(&attn, self.p_hidden, rng.as_deref_mut())?;
         let a = self.attn_norm.forward(&(a + x)?)?;
         let f = activation(&self.intermediate.forward(&a)?, self.act)?;
         let f = dropout(&self.output.forward(&f)?, self.p_hidden, rng.as_deref_mut())?;

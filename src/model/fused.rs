@@ -487,8 +487,17 @@ impl CustomOp2 for GeluErfBwd {
 /// `y = x Wᵀ + b` for `x` `[..., in]`, `W` `[out, in]`, `b` `[out]`, as one graph node: the
 /// composed form (reshape, transpose, matmul, broadcast, add, reshape) costs a zero-fill and an
 /// add over the activations per node in candle's backward.
-#[derive(Debug, Clone, Copy)]
-pub struct LinearOp;
+///
+/// For attention it can also take its input as heads (`[B, nh, T, d]`, merged into rows) and
+/// give its output as heads (`[B, nh, T, d]`, or `[B, nh, d, T]` for the keys), so the head
+/// split and merge cost no graph nodes either.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct LinearOp {
+    /// The input is `[B, nh, T, d]` (the attention context), read as `[B·T, nh·d]` rows.
+    pub heads_in: bool,
+    /// `Some((nh, false))`: output `[B, nh, T, d]`; `Some((nh, true))`: `[B, nh, d, T]`.
+    pub heads_out: Option<(usize, bool)>,
+}
 
 fn add_bias<T: WithDType>(y: &mut [T], b: &[T]) {
     let out = b.len();
@@ -499,6 +508,66 @@ fn add_bias<T: WithDType>(y: &mut [T], b: &[T]) {
             }
         }
     });
+}
+
+/// `[B, nh, T, d]` → rows `[B·T, nh·d]`.
+fn heads_to_rows<T: WithDType>(x: &[T], b: usize, nh: usize, t: usize, d: usize) -> Vec<T> {
+    debug_assert_eq!(x.len(), b * nh * t * d);
+    let mut out = vec![T::zero(); x.len()];
+    out.par_chunks_mut(t * nh * d)
+        .enumerate()
+        .for_each(|(bi, ob)| {
+            for h in 0..nh {
+                for ti in 0..t {
+                    let src = &x[((bi * nh + h) * t + ti) * d..][..d];
+                    ob[ti * nh * d + h * d..][..d].copy_from_slice(src);
+                }
+            }
+        });
+    out
+}
+
+/// Rows `[B·T, nh·d]` → `[B, nh, T, d]`, or `[B, nh, d, T]` when `transposed`.
+fn rows_to_heads<T: WithDType>(
+    y: &[T],
+    b: usize,
+    t: usize,
+    nh: usize,
+    d: usize,
+    transposed: bool,
+) -> Vec<T> {
+    let mut out = vec![T::zero(); y.len()];
+    out.par_chunks_mut(nh * t * d)
+        .enumerate()
+        .for_each(|(bi, ob)| {
+            for ti in 0..t {
+                let row = &y[(bi * t + ti) * nh * d..][..nh * d];
+                for h in 0..nh {
+                    for j in 0..d {
+                        let dst = if transposed {
+                            (h * d + j) * t + ti
+                        } else {
+                            (h * t + ti) * d + j
+                        };
+                        ob[dst] = row[h * d + j];
+                    }
+                }
+            }
+        });
+    debug_assert_eq!(out.len(), b * t * nh * d);
+    out
+}
+
+impl LinearOp {
+    /// (B, T) of the input.
+    fn batch_time(&self, dims: &[usize]) -> CResult<(usize, usize)> {
+        match (self.heads_in, dims) {
+            (true, [b, _, t, _]) => Ok((*b, *t)),
+            (false, [b, t, _]) => Ok((*b, *t)),
+            (false, _) if self.heads_out.is_none() => Ok((1, 1)),
+            _ => candle_core::bail!("linear: unexpected input shape {dims:?} for a heads layout"),
+        }
+    }
 }
 
 impl CustomOp3 for LinearOp {
@@ -515,34 +584,78 @@ impl CustomOp3 for LinearOp {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> CResult<(CpuStorage, Shape)> {
-        let (Some((xa, _)), Some((wa, _))) = (l1.contiguous_offsets(), l2.contiguous_offsets())
-        else {
+        let Some((wa, _)) = l2.contiguous_offsets() else {
             return Err(candle_core::Error::RequiresContiguous { op: "linear" });
         };
-        let k = last_dim(l1);
-        let n = l1.shape().elem_count() / k;
+        let dims = l1.dims();
+        let k = if self.heads_in {
+            dims.get(1).copied().unwrap_or(1) * dims.get(3).copied().unwrap_or(1)
+        } else {
+            last_dim(l1)
+        };
+        let n = l1.shape().elem_count() / k.max(1);
         let (out, wk) = l2.shape().dims2()?;
         if wk != k {
             candle_core::bail!("linear: input has {k} features, the weight expects {wk}");
         }
-        let lx = Layout::contiguous_with_offset((n, k), xa);
-        let lwt = Layout::contiguous_with_offset((out, k), wa).transpose(0, 1)?;
-        let mut y = s1.matmul(s2, (1, n, out, k), &lx, &lwt)?;
-        match (&mut y, s3) {
-            (CpuStorage::F32(y), CpuStorage::F32(b)) => add_bias(y, slice(b, l3, "linear")?),
-            (CpuStorage::F64(y), CpuStorage::F64(b)) => add_bias(y, slice(b, l3, "linear")?),
-            _ => {
-                return Err(candle_core::Error::UnsupportedDTypeForOp(
-                    s1.dtype(),
-                    "linear",
-                ))
+        if let Some((nh, _)) = self.heads_out {
+            if nh == 0 || out % nh != 0 {
+                candle_core::bail!("linear: {out} outputs do not split into {nh} heads");
             }
         }
-        let mut dims = l1.dims().to_vec();
-        if let Some(last) = dims.last_mut() {
-            *last = out;
+        let lwt = Layout::contiguous_with_offset((out, k), wa).transpose(0, 1)?;
+        let (b, t) = self.batch_time(dims)?;
+        let op = "linear";
+        // Rows of the input: the storage itself, or the heads merged into a new buffer.
+        let merged;
+        let (xs, lx) = if self.heads_in {
+            let (nh, d) = (dims[1], dims[3]);
+            merged = match s1 {
+                CpuStorage::F32(x) => {
+                    CpuStorage::F32(heads_to_rows(slice(x, l1, op)?, b, nh, t, d))
+                }
+                CpuStorage::F64(x) => {
+                    CpuStorage::F64(heads_to_rows(slice(x, l1, op)?, b, nh, t, d))
+                }
+                _ => return Err(candle_core::Error::UnsupportedDTypeForOp(s1.dtype(), op)),
+            };
+            (&merged, Layout::contiguous((n, k)))
+        } else {
+            let Some((xa, _)) = l1.contiguous_offsets() else {
+                return Err(candle_core::Error::RequiresContiguous { op });
+            };
+            (s1, Layout::contiguous_with_offset((n, k), xa))
+        };
+        let mut y = xs.matmul(s2, (1, n, out, k), &lx, &lwt)?;
+        let heads = |y: &mut CpuStorage| -> CResult<()> {
+            if let Some((nh, tr)) = self.heads_out {
+                *y = match &*y {
+                    CpuStorage::F32(v) => CpuStorage::F32(rows_to_heads(v, b, t, nh, out / nh, tr)),
+                    CpuStorage::F64(v) => CpuStorage::F64(rows_to_heads(v, b, t, nh, out / nh, tr)),
+                    _ => return Err(candle_core::Error::UnsupportedDTypeForOp(s1.dtype(), op)),
+                };
+            }
+            Ok(())
+        };
+        match (&mut y, s3) {
+            (CpuStorage::F32(y), CpuStorage::F32(bias)) => add_bias(y, slice(bias, l3, op)?),
+            (CpuStorage::F64(y), CpuStorage::F64(bias)) => add_bias(y, slice(bias, l3, op)?),
+            _ => return Err(candle_core::Error::UnsupportedDTypeForOp(s1.dtype(), op)),
         }
-        Ok((y, Shape::from(dims)))
+        heads(&mut y)?;
+        let out_dims: Vec<usize> = match self.heads_out {
+            Some((nh, false)) => vec![b, nh, t, out / nh],
+            Some((nh, true)) => vec![b, nh, out / nh, t],
+            None if self.heads_in => vec![b, t, out],
+            None => {
+                let mut d = dims.to_vec();
+                if let Some(last) = d.last_mut() {
+                    *last = out;
+                }
+                d
+            }
+        };
+        Ok((y, Shape::from(out_dims)))
     }
 
     fn bwd(
@@ -555,9 +668,26 @@ impl CustomOp3 for LinearOp {
     ) -> CResult<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let (out, k) = w.dims2()?;
         let n = x.elem_count() / k;
-        let g = grad.contiguous()?.reshape((n, out))?;
-        let x2 = x.reshape((n, k))?;
-        let dx = g.matmul(w)?.reshape(x.shape())?;
+        let g = match self.heads_out {
+            Some((_, false)) => grad.transpose(1, 2)?.contiguous()?.reshape((n, out))?,
+            Some((_, true)) => grad
+                .permute((0, 3, 1, 2))?
+                .contiguous()?
+                .reshape((n, out))?,
+            None => grad.contiguous()?.reshape((n, out))?,
+        };
+        let x2 = if self.heads_in {
+            x.transpose(1, 2)?.contiguous()?.reshape((n, k))?
+        } else {
+            x.reshape((n, k))?
+        };
+        let dx = g.matmul(w)?;
+        let dx = if self.heads_in {
+            let (b, nh, t, d) = x.dims4()?;
+            dx.reshape((b, t, nh, d))?.transpose(1, 2)?.contiguous()?
+        } else {
+            dx.reshape(x.shape())?
+        };
         let dw = g.t()?.matmul(&x2)?;
         let db = g.apply_op1_no_bwd(&ColSum)?;
         Ok((Some(dx), Some(dw), Some(db)))

@@ -26,7 +26,7 @@ impl Linear {
             return Ok(x.contiguous()?.apply_op3(
                 &self.weight.contiguous()?,
                 &self.bias.contiguous()?,
-                fused::LinearOp,
+                fused::LinearOp::default(),
             )?);
         }
         // Leading dimensions are flattened into one GEMM: a broadcast (batched) matmul would
@@ -44,6 +44,14 @@ impl Linear {
             *last = w.dim(1)?;
         }
         Ok(y.reshape(out)?)
+    }
+}
+
+impl Linear {
+    /// The fused CPU form with an attention layout on either side (see [`fused::LinearOp`]).
+    pub fn forward_op(&self, x: &Tensor, op: fused::LinearOp) -> Result<Tensor> {
+        Ok(x.contiguous()?
+            .apply_op3(&self.weight.contiguous()?, &self.bias.contiguous()?, op)?)
     }
 }
 

@@ -63,6 +63,7 @@ pub struct Bar {
 enum Content {
     Lines(Vec<Series>),
     Bars(Vec<Bar>),
+    Heatmap(Vec<Vec<f64>>),
 }
 
 /// A chart: title, axis labels and its data, rendered on demand to SVG or PNG.
@@ -115,11 +116,24 @@ impl Figure {
         }
     }
 
+    /// A heatmap of a matrix (row 0 at the top), diverging colours around 0 (blue < 0 < red),
+    /// scaled by the largest magnitude.
+    pub fn heatmap(title: &str, x_label: &str, y_label: &str, matrix: Vec<Vec<f64>>) -> Self {
+        Figure {
+            title: title.into(),
+            x_label: x_label.into(),
+            y_label: y_label.into(),
+            size: (560, 520),
+            content: Content::Heatmap(matrix),
+        }
+    }
+
     /// The series (line charts) or bar names, for checks.
     pub fn names(&self) -> Vec<String> {
         match &self.content {
             Content::Lines(s) => s.iter().map(|s| s.name.clone()).collect(),
             Content::Bars(b) => b.iter().map(|b| b.name.clone()).collect(),
+            Content::Heatmap(_) => vec![],
         }
     }
 
@@ -132,6 +146,7 @@ impl Figure {
         match &self.content {
             Content::Lines(series) => self.draw_lines(&root, series)?,
             Content::Bars(bars) => self.draw_bars(&root, bars)?,
+            Content::Heatmap(m) => self.draw_heatmap(&root, m)?,
         }
         root.present().map_err(plot_err)
     }
@@ -289,6 +304,60 @@ impl Figure {
             .position(SeriesLabelPosition::UpperRight)
             .draw()
             .map_err(plot_err)?;
+        Ok(())
+    }
+
+    fn draw_heatmap<DB: DrawingBackend>(
+        &self,
+        root: &DrawingArea<DB, Shift>,
+        m: &[Vec<f64>],
+    ) -> Result<()>
+    where
+        DB::ErrorType: 'static,
+    {
+        let rows = m.len();
+        let cols = m.iter().map(Vec::len).max().unwrap_or(0);
+        let scale = m
+            .iter()
+            .flatten()
+            .filter(|v| v.is_finite())
+            .fold(0.0f64, |a, v| a.max(v.abs()))
+            .max(1e-300);
+        let mut chart = ChartBuilder::on(root)
+            .caption(&self.title, ("sans-serif", 20))
+            .margin(12)
+            .x_label_area_size(40)
+            .y_label_area_size(50)
+            .build_cartesian_2d(0.0..cols.max(1) as f64, rows.max(1) as f64..0.0)
+            .map_err(plot_err)?;
+        chart
+            .configure_mesh()
+            .disable_mesh()
+            .x_desc(&self.x_label)
+            .y_desc(&self.y_label)
+            .label_style(("sans-serif", 14))
+            .draw()
+            .map_err(plot_err)?;
+        let cells = m.iter().enumerate().flat_map(|(i, row)| {
+            row.iter().enumerate().map(move |(j, &v)| {
+                let t = if v.is_finite() {
+                    (v / scale).clamp(-1.0, 1.0)
+                } else {
+                    0.0
+                };
+                let fade = |c: f64| (255.0 * (1.0 - t.abs()) + c * t.abs()) as u8;
+                let color = if t >= 0.0 {
+                    RGBColor(fade(213.0), fade(94.0), fade(0.0))
+                } else {
+                    RGBColor(fade(0.0), fade(114.0), fade(178.0))
+                };
+                Rectangle::new(
+                    [(j as f64, i as f64), (j as f64 + 1.0, i as f64 + 1.0)],
+                    color.filled(),
+                )
+            })
+        });
+        chart.draw_series(cells).map_err(plot_err)?;
         Ok(())
     }
 

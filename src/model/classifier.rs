@@ -326,6 +326,46 @@ impl BertClassifier {
         Ok((model, report))
     }
 
+    /// The same model (weights, tokenizer, dropout state) with its parameters re-created as new
+    /// candle variables, holding copies of the values.
+    ///
+    /// Why: in an evcxr notebook every cell carries its own copy of candle, and candle's tensor
+    /// ids restart at 1 in each. A model made in one cell and trained in another would share ids
+    /// with the new cell's tensors and mix up gradients. [`crate::train::Trainer::fit`] calls
+    /// this first; call it yourself before a hand-written training loop in a new cell.
+    ///
+    /// ```
+    /// use mfac_lab::prelude::*;
+    /// let m = BertClassifier::random(&BertConfig::bert_tiny(), 3, 1, &Device::Cpu, DType::F32)?;
+    /// let r = m.rebind()?;
+    /// assert_ne!(m.vars()[0].id(), r.vars()[0].id());
+    /// let same = (m.vars()[0].as_tensor() - r.vars()[0].as_tensor())?.abs()?.max_all()?;
+    /// assert_eq!(same.to_scalar::<f32>()?, 0.0);
+    /// # Ok::<(), mfac_lab::Error>(())
+    /// ```
+    pub fn rebind(&self) -> Result<Self> {
+        let tensors = self
+            .vars
+            .iter()
+            .map(|(n, v)| Ok((n.clone(), v.as_tensor().copy()?)))
+            .collect::<Result<Vec<_>>>()?;
+        let weights = WeightMap::from_tensors("<in-memory model>", tensors);
+        let (mut m, _) = Self::build(
+            self.config.clone(),
+            self.num_labels,
+            Some(weights),
+            0,
+            &self.device,
+            self.dtype,
+        )?;
+        m.tokenizer = self.tokenizer.clone();
+        m.report = self.report.clone();
+        if let (Ok(src), Ok(mut dst)) = (self.dropout_rng.lock(), m.dropout_rng.lock()) {
+            *dst = src.clone();
+        }
+        Ok(m)
+    }
+
     /// A randomly initialised model (HF's init: N(0, initializer_range²) matrices and embeddings,
     /// [PAD] row 0, zero biases, unit LayerNorm), reproducible from `seed`. It has no tokenizer;
     /// attach one with [`BertClassifier::with_tokenizer`].

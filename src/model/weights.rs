@@ -35,6 +35,16 @@ fn canonical_name(key: &str) -> String {
 }
 
 impl WeightMap {
+    /// A map from tensors already in memory (canonical HF names); `label` stands for the path
+    /// in messages.
+    pub fn from_tensors(label: &str, tensors: Vec<(String, Tensor)>) -> Self {
+        WeightMap {
+            path: PathBuf::from(label),
+            tensors: tensors.into_iter().collect(),
+            used: BTreeSet::new(),
+        }
+    }
+
     /// Reads a `.safetensors` file or a zip-format torch `.bin` (by extension).
     pub fn read(path: &Path) -> Result<Self> {
         let is_safetensors = path.extension().is_some_and(|e| e == "safetensors");

@@ -117,6 +117,21 @@ impl Stepper {
         }
         let mut grads = loss.backward()?;
         let vars = model.vars();
+        // Gradients are keyed by tensor id. In evcxr, a model created in another cell can share
+        // ids with this cell's tensors: catch the mix-up instead of training on wrong gradients.
+        for v in &vars {
+            if let Some(g) = grads.get(v.as_tensor()) {
+                if g.dims() != v.dims() {
+                    return Err(Error::InvalidArgument(format!(
+                        "a gradient of shape {:?} was stored for a parameter of shape {:?}: tensor \
+                         ids collide (in evcxr, a model made in another cell: call \
+                         model.rebind() in this cell, or use Trainer, which does)",
+                        g.dims(),
+                        v.dims()
+                    )));
+                }
+            }
+        }
         let grad_norm = match self.cfg.max_grad_norm {
             Some(max) if max > 0.0 => clip_grad_norm(&mut grads, &vars, max)?,
             _ => crate::optim::grad_norm(&grads, &vars)?,

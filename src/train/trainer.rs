@@ -328,6 +328,9 @@ impl Trainer {
                 task.num_labels()
             )));
         }
+        // Fresh variables for this call's copy of candle (see BertClassifier::rebind: in
+        // evcxr, a model from another cell would otherwise share tensor ids with this one's).
+        self.model = self.model.rebind()?;
         let (train, evals) = self.encode(data)?;
         if train.is_empty() {
             return Err(Error::InvalidArgument("no training rows".into()));

@@ -12,6 +12,8 @@ use candle_core::{
     backend::BackendStorage, CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Shape,
     Tensor, WithDType,
 };
+use std::sync::{Arc, Mutex};
+
 use rayon::prelude::*;
 
 type CResult<T> = candle_core::Result<T>;
@@ -288,7 +290,7 @@ impl CustomOp3 for LayerNormBwd {
 #[derive(Debug, Clone, Copy)]
 pub struct SoftmaxOp;
 
-fn softmax_fwd<T: WithDType>(x: &[T], n: usize) -> Vec<T> {
+fn softmax_fwd<T: NativeMath>(x: &[T], n: usize) -> Vec<T> {
     let mut y = vec![T::zero(); x.len()];
     let chunk = rows_per_task(n) * n;
     y.par_chunks_mut(chunk)
@@ -301,7 +303,7 @@ fn softmax_fwd<T: WithDType>(x: &[T], n: usize) -> Vec<T> {
                     .fold(f64::NEG_INFINITY, f64::max);
                 let mut sum = 0.0;
                 for (yi, xi) in yr.iter_mut().zip(xr) {
-                    let e = (xi.to_f64() - max).exp();
+                    let e = T::exp_n(xi.to_f64() - max);
                     sum += e;
                     *yi = T::from_f64(e);
                 }
@@ -392,23 +394,57 @@ impl CustomOp2 for SoftmaxBwd {
 
 // ---------------------------------------------------------------- GELU
 
-/// The exact GELU, `x · Φ(x) = 0.5 · x · (1 + erf(x / √2))`.
-#[derive(Debug, Clone, Copy)]
-pub struct GeluErfOp;
+/// `exp` and `erf` at the storage's own precision: f32 data get the f32 functions (several
+/// times faster, and exact to f32 rounding), f64 data the f64 ones (the parity tests' 1e-10).
+pub trait NativeMath: WithDType {
+    /// `exp(x)` computed in this type.
+    fn exp_n(x: f64) -> f64;
+    /// `erf(x)` computed in this type.
+    fn erf_n(x: f64) -> f64;
+}
+
+impl NativeMath for f32 {
+    fn exp_n(x: f64) -> f64 {
+        (x as f32).exp() as f64
+    }
+    fn erf_n(x: f64) -> f64 {
+        libm::erff(x as f32) as f64
+    }
+}
+
+impl NativeMath for f64 {
+    fn exp_n(x: f64) -> f64 {
+        x.exp()
+    }
+    fn erf_n(x: f64) -> f64 {
+        libm::erf(x)
+    }
+}
+
+/// The exact GELU, `x · Φ(x) = 0.5 · x · (1 + erf(x / √2))`. The forward keeps Φ(x) for the
+/// backward, which then needs no second `erf`.
+#[derive(Debug, Default)]
+pub struct GeluErfOp {
+    cdf: Mutex<Option<Arc<CpuStorage>>>,
+}
 
 const PAR_CHUNK: usize = 16384;
 
-fn gelu_fwd<T: WithDType>(x: &[T]) -> Vec<T> {
+fn gelu_fwd<T: NativeMath>(x: &[T]) -> (Vec<T>, Vec<T>) {
     let mut y = vec![T::zero(); x.len()];
+    let mut cdf = vec![T::zero(); x.len()];
     y.par_chunks_mut(PAR_CHUNK)
+        .zip(cdf.par_chunks_mut(PAR_CHUNK))
         .zip(x.par_chunks(PAR_CHUNK))
-        .for_each(|(yc, xc)| {
-            for (yi, xi) in yc.iter_mut().zip(xc) {
+        .for_each(|((yc, cc), xc)| {
+            for ((yi, ci), xi) in yc.iter_mut().zip(cc.iter_mut()).zip(xc) {
                 let v = xi.to_f64();
-                *yi = T::from_f64(0.5 * v * (1.0 + libm::erf(v * std::f64::consts::FRAC_1_SQRT_2)));
+                let phi = 0.5 * (1.0 + T::erf_n(v * std::f64::consts::FRAC_1_SQRT_2));
+                *ci = T::from_f64(phi);
+                *yi = T::from_f64(v * phi);
             }
         });
-    y
+    (y, cdf)
 }
 
 impl CustomOp1 for GeluErfOp {
@@ -417,34 +453,57 @@ impl CustomOp1 for GeluErfOp {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> CResult<(CpuStorage, Shape)> {
-        let out = dispatch!(s, "gelu-erf", |v| Ok(WithDType::to_cpu_storage_owned(
-            gelu_fwd(slice(v, l, "gelu-erf")?)
-        )))?;
-        Ok((out, l.shape().clone()))
+        let (y, cdf) = match s {
+            CpuStorage::F32(v) => {
+                let (y, c) = gelu_fwd(slice(v, l, "gelu-erf")?);
+                (CpuStorage::F32(y), CpuStorage::F32(c))
+            }
+            CpuStorage::F64(v) => {
+                let (y, c) = gelu_fwd(slice(v, l, "gelu-erf")?);
+                (CpuStorage::F64(y), CpuStorage::F64(c))
+            }
+            other => {
+                return Err(candle_core::Error::UnsupportedDTypeForOp(
+                    other.dtype(),
+                    "gelu-erf",
+                ))
+            }
+        };
+        if let Ok(mut saved) = self.cdf.lock() {
+            *saved = Some(Arc::new(cdf));
+        }
+        Ok((y, l.shape().clone()))
     }
 
     fn bwd(&self, x: &Tensor, _y: &Tensor, grad: &Tensor) -> CResult<Option<Tensor>> {
-        Ok(Some(
-            x.contiguous()?
-                .apply_op2_no_bwd(&grad.contiguous()?, &GeluErfBwd)?,
-        ))
+        let cdf = self.cdf.lock().ok().and_then(|c| c.clone());
+        Ok(Some(x.contiguous()?.apply_op2_no_bwd(
+            &grad.contiguous()?,
+            &GeluErfBwd { cdf },
+        )?))
     }
 }
 
-/// `dx = g · (Φ(x) + x · φ(x))`.
-struct GeluErfBwd;
+/// `dx = g · (Φ(x) + x · φ(x))`, with Φ from the forward when kept.
+struct GeluErfBwd {
+    cdf: Option<Arc<CpuStorage>>,
+}
 
-fn gelu_bwd<T: WithDType>(x: &[T], g: &[T]) -> Vec<T> {
+fn gelu_bwd<T: NativeMath>(x: &[T], g: &[T], cdf: Option<&[T]>) -> Vec<T> {
     const INV_SQRT_2PI: f64 = 0.398_942_280_401_432_7;
     let mut dx = vec![T::zero(); x.len()];
     dx.par_chunks_mut(PAR_CHUNK)
-        .zip(x.par_chunks(PAR_CHUNK).zip(g.par_chunks(PAR_CHUNK)))
-        .for_each(|(dc, (xc, gc))| {
-            for ((di, xi), gi) in dc.iter_mut().zip(xc).zip(gc) {
-                let v = xi.to_f64();
-                let cdf = 0.5 * (1.0 + libm::erf(v * std::f64::consts::FRAC_1_SQRT_2));
-                let pdf = INV_SQRT_2PI * (-0.5 * v * v).exp();
-                *di = T::from_f64(gi.to_f64() * (cdf + v * pdf));
+        .enumerate()
+        .for_each(|(k, dc)| {
+            let a = k * PAR_CHUNK;
+            for (i, di) in dc.iter_mut().enumerate() {
+                let v = x[a + i].to_f64();
+                let phi = match cdf {
+                    Some(c) => c[a + i].to_f64(),
+                    None => 0.5 * (1.0 + T::erf_n(v * std::f64::consts::FRAC_1_SQRT_2)),
+                };
+                let pdf = INV_SQRT_2PI * T::exp_n(-0.5 * v * v);
+                *di = T::from_f64(g[a + i].to_f64() * (phi + v * pdf));
             }
         });
     dx
@@ -462,21 +521,24 @@ impl CustomOp2 for GeluErfBwd {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> CResult<(CpuStorage, Shape)> {
-        let out = match (s1, s2) {
-            (CpuStorage::F32(x), CpuStorage::F32(g)) => CpuStorage::F32(gelu_bwd(
-                slice(x, l1, "gelu-erf-bwd")?,
-                slice(g, l2, "gelu-erf-bwd")?,
-            )),
-            (CpuStorage::F64(x), CpuStorage::F64(g)) => CpuStorage::F64(gelu_bwd(
-                slice(x, l1, "gelu-erf-bwd")?,
-                slice(g, l2, "gelu-erf-bwd")?,
-            )),
-            _ => {
-                return Err(candle_core::Error::UnsupportedDTypeForOp(
-                    s1.dtype(),
-                    "gelu-erf-bwd",
-                ))
+        let op = "gelu-erf-bwd";
+        let n = l1.shape().elem_count();
+        let out = match (s1, s2, self.cdf.as_deref()) {
+            (CpuStorage::F32(x), CpuStorage::F32(g), c) => {
+                let c = match c {
+                    Some(CpuStorage::F32(c)) if c.len() == n => Some(c.as_slice()),
+                    _ => None,
+                };
+                CpuStorage::F32(gelu_bwd(slice(x, l1, op)?, slice(g, l2, op)?, c))
             }
+            (CpuStorage::F64(x), CpuStorage::F64(g), c) => {
+                let c = match c {
+                    Some(CpuStorage::F64(c)) if c.len() == n => Some(c.as_slice()),
+                    _ => None,
+                };
+                CpuStorage::F64(gelu_bwd(slice(x, l1, op)?, slice(g, l2, op)?, c))
+            }
+            _ => return Err(candle_core::Error::UnsupportedDTypeForOp(s1.dtype(), op)),
         };
         Ok((out, l1.shape().clone()))
     }
@@ -707,7 +769,7 @@ pub struct AttnProbsOp {
     pub dropout: Option<Tensor>,
 }
 
-fn attn_probs<T: WithDType>(
+fn attn_probs<T: NativeMath>(
     s: &[T],
     mask: &[T],
     drop: Option<&[T]>,
@@ -734,7 +796,7 @@ fn attn_probs<T: WithDType>(
                 }
                 let mut sum = 0.0;
                 for pj in p.iter_mut() {
-                    *pj = (*pj - max).exp();
+                    *pj = T::exp_n(*pj - max);
                     sum += *pj;
                 }
                 let inv = 1.0 / sum;

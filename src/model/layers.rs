@@ -91,7 +91,9 @@ impl LayerNorm {
 /// Applies the activation. `Gelu` is the exact erf form, differentiated through `erf`.
 pub fn activation(x: &Tensor, act: HiddenAct) -> Result<Tensor> {
     Ok(match act {
-        HiddenAct::Gelu if fused::supported(x) => x.contiguous()?.apply_op1(fused::GeluErfOp)?,
+        HiddenAct::Gelu if fused::supported(x) => {
+            x.contiguous()?.apply_op1(fused::GeluErfOp::default())?
+        }
         HiddenAct::Gelu => {
             let e = x.affine(std::f64::consts::FRAC_1_SQRT_2, 0.0)?.erf()?;
             ((e + 1.0)? * x)?.affine(0.5, 0.0)?

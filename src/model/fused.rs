@@ -81,6 +81,49 @@ macro_rules! dispatch {
     };
 }
 
+/// Matches three storages of one float dtype (f32 or f64), binds their contiguous slices to
+/// `$a, $b, $c` and wraps `$body` (a `Vec` of that dtype) back into a storage.
+macro_rules! same_dtype3 {
+    ($op:expr, ($s1:expr, $l1:expr), ($s2:expr, $l2:expr), ($s3:expr, $l3:expr), |$a:ident, $b:ident, $c:ident| $body:expr) => {
+        match ($s1, $s2, $s3) {
+            (CpuStorage::F32(x), CpuStorage::F32(y), CpuStorage::F32(z)) => {
+                let ($a, $b, $c) = (
+                    slice(x, $l1, $op)?,
+                    slice(y, $l2, $op)?,
+                    slice(z, $l3, $op)?,
+                );
+                CpuStorage::F32($body)
+            }
+            (CpuStorage::F64(x), CpuStorage::F64(y), CpuStorage::F64(z)) => {
+                let ($a, $b, $c) = (
+                    slice(x, $l1, $op)?,
+                    slice(y, $l2, $op)?,
+                    slice(z, $l3, $op)?,
+                );
+                CpuStorage::F64($body)
+            }
+            _ => return Err(candle_core::Error::UnsupportedDTypeForOp($s1.dtype(), $op)),
+        }
+    };
+}
+
+/// Two-storage form of [`same_dtype3`].
+macro_rules! same_dtype2 {
+    ($op:expr, ($s1:expr, $l1:expr), ($s2:expr, $l2:expr), |$a:ident, $b:ident| $body:expr) => {
+        match ($s1, $s2) {
+            (CpuStorage::F32(x), CpuStorage::F32(y)) => {
+                let ($a, $b) = (slice(x, $l1, $op)?, slice(y, $l2, $op)?);
+                CpuStorage::F32($body)
+            }
+            (CpuStorage::F64(x), CpuStorage::F64(y)) => {
+                let ($a, $b) = (slice(x, $l1, $op)?, slice(y, $l2, $op)?);
+                CpuStorage::F64($body)
+            }
+            _ => return Err(candle_core::Error::UnsupportedDTypeForOp($s1.dtype(), $op)),
+        }
+    };
+}
+
 // ---------------------------------------------------------------- LayerNorm
 
 /// `y = (x − mean) / sqrt(var + eps) · w + b` over the last axis (biased variance).
@@ -187,32 +230,13 @@ impl CustomOp3 for LayerNormOp {
         l3: &Layout,
     ) -> CResult<(CpuStorage, Shape)> {
         let h = last_dim(l1);
-        let out = match (s1, s2, s3) {
-            (CpuStorage::F32(x), CpuStorage::F32(w), CpuStorage::F32(b)) => {
-                CpuStorage::F32(ln_fwd(
-                    slice(x, l1, "layer-norm")?,
-                    slice(w, l2, "layer-norm")?,
-                    slice(b, l3, "layer-norm")?,
-                    h,
-                    self.eps,
-                ))
-            }
-            (CpuStorage::F64(x), CpuStorage::F64(w), CpuStorage::F64(b)) => {
-                CpuStorage::F64(ln_fwd(
-                    slice(x, l1, "layer-norm")?,
-                    slice(w, l2, "layer-norm")?,
-                    slice(b, l3, "layer-norm")?,
-                    h,
-                    self.eps,
-                ))
-            }
-            _ => {
-                return Err(candle_core::Error::UnsupportedDTypeForOp(
-                    s1.dtype(),
-                    "layer-norm",
-                ))
-            }
-        };
+        let out = same_dtype3!(
+            "layer-norm",
+            (s1, l1),
+            (s2, l2),
+            (s3, l3),
+            |x, w, b| ln_fwd(x, w, b, h, self.eps)
+        );
         Ok((out, l1.shape().clone()))
     }
 
@@ -254,32 +278,9 @@ impl CustomOp3 for LayerNormBwd {
     ) -> CResult<(CpuStorage, Shape)> {
         let h = last_dim(l1);
         let n = l1.shape().elem_count();
-        let out = match (s1, s2, s3) {
-            (CpuStorage::F32(x), CpuStorage::F32(w), CpuStorage::F32(g)) => {
-                CpuStorage::F32(ln_bwd(
-                    slice(x, l1, "layer-norm-bwd")?,
-                    slice(w, l2, "layer-norm-bwd")?,
-                    slice(g, l3, "layer-norm-bwd")?,
-                    h,
-                    self.eps,
-                ))
-            }
-            (CpuStorage::F64(x), CpuStorage::F64(w), CpuStorage::F64(g)) => {
-                CpuStorage::F64(ln_bwd(
-                    slice(x, l1, "layer-norm-bwd")?,
-                    slice(w, l2, "layer-norm-bwd")?,
-                    slice(g, l3, "layer-norm-bwd")?,
-                    h,
-                    self.eps,
-                ))
-            }
-            _ => {
-                return Err(candle_core::Error::UnsupportedDTypeForOp(
-                    s1.dtype(),
-                    "layer-norm-bwd",
-                ))
-            }
-        };
+        let out = same_dtype3!("layer-norm-bwd", (s1, l1), (s2, l2), (s3, l3), |x, w, g| {
+            ln_bwd(x, w, g, h, self.eps)
+        });
         Ok((out, Shape::from(n + 2 * h)))
     }
 }
@@ -370,24 +371,9 @@ impl CustomOp2 for SoftmaxBwd {
         l2: &Layout,
     ) -> CResult<(CpuStorage, Shape)> {
         let n = last_dim(l1);
-        let out = match (s1, s2) {
-            (CpuStorage::F32(y), CpuStorage::F32(g)) => CpuStorage::F32(softmax_bwd(
-                slice(y, l1, "softmax-bwd")?,
-                slice(g, l2, "softmax-bwd")?,
-                n,
-            )),
-            (CpuStorage::F64(y), CpuStorage::F64(g)) => CpuStorage::F64(softmax_bwd(
-                slice(y, l1, "softmax-bwd")?,
-                slice(g, l2, "softmax-bwd")?,
-                n,
-            )),
-            _ => {
-                return Err(candle_core::Error::UnsupportedDTypeForOp(
-                    s1.dtype(),
-                    "softmax-bwd",
-                ))
-            }
-        };
+        let out = same_dtype2!("softmax-bwd", (s1, l1), (s2, l2), |y, g| softmax_bwd(
+            y, g, n
+        ));
         Ok((out, l1.shape().clone()))
     }
 }
@@ -1036,16 +1022,13 @@ impl CustomOp3 for EmbeddingsOp {
     ) -> CResult<(CpuStorage, Shape)> {
         let (vocab, h) = l1.shape().dims2()?;
         self.check(vocab, l2.shape().dims2()?.0, l3.shape().dims2()?.0)?;
-        let op = "bert-embeddings";
-        let out = match (s1, s2, s3) {
-            (CpuStorage::F32(w), CpuStorage::F32(p), CpuStorage::F32(t)) => CpuStorage::F32(
-                self.fwd(slice(w, l1, op)?, slice(p, l2, op)?, slice(t, l3, op)?, h),
-            ),
-            (CpuStorage::F64(w), CpuStorage::F64(p), CpuStorage::F64(t)) => CpuStorage::F64(
-                self.fwd(slice(w, l1, op)?, slice(p, l2, op)?, slice(t, l3, op)?, h),
-            ),
-            _ => return Err(candle_core::Error::UnsupportedDTypeForOp(s1.dtype(), op)),
-        };
+        let out = same_dtype3!(
+            "bert-embeddings",
+            (s1, l1),
+            (s2, l2),
+            (s3, l3),
+            |w, p, t| self.fwd(w, p, t, h)
+        );
         let b = self.ids.len() / self.seq_len.max(1);
         Ok((out, Shape::from((b, self.seq_len, h))))
     }

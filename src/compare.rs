@@ -247,6 +247,15 @@ impl Comparison {
         out
     }
 
+    /// The final value of `metric` on `split` of every finished run of `optimizer`.
+    fn finals(&self, optimizer: &str, split: &str, metric: &str) -> Vec<f64> {
+        self.runs
+            .iter()
+            .filter(|r| r.optimizer == optimizer)
+            .filter_map(|r| r.history.final_metric(split, metric))
+            .collect()
+    }
+
     fn splits(&self) -> Vec<String> {
         let mut out: Vec<String> = vec![];
         for e in self.runs.iter().flat_map(|r| &r.history.evals) {
@@ -299,12 +308,7 @@ impl Comparison {
                     }
                 }
                 for m in names {
-                    let vals: Vec<f64> = self
-                        .runs
-                        .iter()
-                        .filter(|r| r.optimizer == o)
-                        .filter_map(|r| r.history.final_metric(&s, &m))
-                        .collect();
+                    let vals = self.finals(&o, &s, &m);
                     if vals.is_empty() {
                         continue;
                     }
@@ -345,12 +349,7 @@ impl Comparison {
         for o in self.optimizers() {
             let mut cells = vec![];
             for sp in &splits {
-                let vals: Vec<f64> = self
-                    .runs
-                    .iter()
-                    .filter(|r| r.optimizer == o)
-                    .filter_map(|r| r.history.final_metric(sp, &self.metric))
-                    .collect();
+                let vals = self.finals(&o, sp, &self.metric);
                 cells.push(if vals.is_empty() {
                     "–".to_string()
                 } else {
@@ -448,12 +447,7 @@ impl Comparison {
         let mut bars = vec![];
         for o in self.optimizers() {
             for sp in self.splits() {
-                let vals: Vec<f64> = self
-                    .runs
-                    .iter()
-                    .filter(|r| r.optimizer == o)
-                    .filter_map(|r| r.history.final_metric(&sp, &self.metric))
-                    .collect();
+                let vals = self.finals(&o, &sp, &self.metric);
                 if vals.is_empty() {
                     continue;
                 }

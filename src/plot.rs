@@ -29,6 +29,23 @@ fn font_ready() {
     });
 }
 
+/// The legend box, upper right, shared by the line and bar charts.
+fn draw_legend<'a, DB, CT>(chart: &mut ChartContext<'a, DB, CT>) -> Result<()>
+where
+    DB: DrawingBackend + 'a,
+    DB::ErrorType: 'static,
+    CT: CoordTranslate,
+{
+    chart
+        .configure_series_labels()
+        .background_style(WHITE.mix(0.85))
+        .border_style(BLACK)
+        .label_font(("sans-serif", 14))
+        .position(SeriesLabelPosition::UpperRight)
+        .draw()
+        .map_err(plot_err)
+}
+
 /// A line of a line chart.
 #[derive(Debug, Clone)]
 pub struct Series {
@@ -216,15 +233,7 @@ impl Figure {
                     .map_err(plot_err)?;
             }
         }
-        chart
-            .configure_series_labels()
-            .background_style(WHITE.mix(0.85))
-            .border_style(BLACK)
-            .label_font(("sans-serif", 14))
-            .position(SeriesLabelPosition::UpperRight)
-            .draw()
-            .map_err(plot_err)?;
-        Ok(())
+        draw_legend(&mut chart)
     }
 
     fn draw_bars<DB: DrawingBackend>(
@@ -296,15 +305,7 @@ impl Figure {
             });
             chart.draw_series(errs).map_err(plot_err)?;
         }
-        chart
-            .configure_series_labels()
-            .background_style(WHITE.mix(0.85))
-            .border_style(BLACK)
-            .label_font(("sans-serif", 14))
-            .position(SeriesLabelPosition::UpperRight)
-            .draw()
-            .map_err(plot_err)?;
-        Ok(())
+        draw_legend(&mut chart)
     }
 
     fn draw_heatmap<DB: DrawingBackend>(

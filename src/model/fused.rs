@@ -1,12 +1,12 @@
-//! Fused CPU kernels, with their backward passes, for the three element-wise blocks of BERT that
-//! dominate a training step once the matrix products are done: LayerNorm, the last-axis softmax
-//! and the exact-erf GELU. Written from plain tensor ops, each of them is 5–10 candle ops forward
-//! and more backward, every one a single-threaded pass over memory; fused they are one
-//! multi-threaded pass each way.
+//! Fused CPU kernels, with their backward passes, for the blocks of BERT that dominate a
+//! training step besides the matrix products: Linear, LayerNorm, the exact-erf GELU, the
+//! attention probabilities (scale, mask, softmax, dropout) and the embeddings. Written from plain
+//! tensor ops, each is several candle graph nodes, and candle's backward gives every node a
+//! zero-filled buffer and an add; fused, each is one node and one multi-threaded pass each way.
 //!
-//! Every kernel computes in f64 internally and stores in the tensor's dtype (f32 or f64), so the
-//! f64 model still matches HF's float64 references to ~1e-12. On other devices or dtypes the
-//! callers in [`crate::model::layers`] use the composed ops instead.
+//! Every kernel accumulates in f64 and stores in the tensor's dtype (f32 or f64; `exp`/`erf` at
+//! that dtype's precision), so the f64 model still matches HF's float64 references to ~1e-12.
+//! On other devices or dtypes the callers in [`crate::model::layers`] use the composed ops.
 
 use candle_core::{
     backend::BackendStorage, CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Shape,
@@ -100,23 +100,6 @@ macro_rules! same_dtype3 {
                     slice(y, $l2, $op)?,
                     slice(z, $l3, $op)?,
                 );
-                CpuStorage::F64($body)
-            }
-            _ => return Err(candle_core::Error::UnsupportedDTypeForOp($s1.dtype(), $op)),
-        }
-    };
-}
-
-/// Two-storage form of [`same_dtype3`].
-macro_rules! same_dtype2 {
-    ($op:expr, ($s1:expr, $l1:expr), ($s2:expr, $l2:expr), |$a:ident, $b:ident| $body:expr) => {
-        match ($s1, $s2) {
-            (CpuStorage::F32(x), CpuStorage::F32(y)) => {
-                let ($a, $b) = (slice(x, $l1, $op)?, slice(y, $l2, $op)?);
-                CpuStorage::F32($body)
-            }
-            (CpuStorage::F64(x), CpuStorage::F64(y)) => {
-                let ($a, $b) = (slice(x, $l1, $op)?, slice(y, $l2, $op)?);
                 CpuStorage::F64($body)
             }
             _ => return Err(candle_core::Error::UnsupportedDTypeForOp($s1.dtype(), $op)),
@@ -282,99 +265,6 @@ impl CustomOp3 for LayerNormBwd {
             ln_bwd(x, w, g, h, self.eps)
         });
         Ok((out, Shape::from(n + 2 * h)))
-    }
-}
-
-// ---------------------------------------------------------------- softmax
-
-/// Softmax over the last axis.
-#[derive(Debug, Clone, Copy)]
-pub struct SoftmaxOp;
-
-fn softmax_fwd<T: NativeMath>(x: &[T], n: usize) -> Vec<T> {
-    let mut y = vec![T::zero(); x.len()];
-    let chunk = rows_per_task(n) * n;
-    y.par_chunks_mut(chunk)
-        .zip(x.par_chunks(chunk))
-        .for_each(|(yc, xc)| {
-            for (yr, xr) in yc.chunks_mut(n).zip(xc.chunks(n)) {
-                let max = xr
-                    .iter()
-                    .map(|v| v.to_f64())
-                    .fold(f64::NEG_INFINITY, f64::max);
-                let mut sum = 0.0;
-                for (yi, xi) in yr.iter_mut().zip(xr) {
-                    let e = T::exp_n(xi.to_f64() - max);
-                    sum += e;
-                    *yi = T::from_f64(e);
-                }
-                let inv = 1.0 / sum;
-                for yi in yr.iter_mut() {
-                    *yi = T::from_f64(yi.to_f64() * inv);
-                }
-            }
-        });
-    y
-}
-
-impl CustomOp1 for SoftmaxOp {
-    fn name(&self) -> &'static str {
-        "softmax"
-    }
-
-    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> CResult<(CpuStorage, Shape)> {
-        let n = last_dim(l);
-        let out = dispatch!(s, "softmax", |v| Ok(WithDType::to_cpu_storage_owned(
-            softmax_fwd(slice(v, l, "softmax")?, n)
-        )))?;
-        Ok((out, l.shape().clone()))
-    }
-
-    fn bwd(&self, _x: &Tensor, y: &Tensor, grad: &Tensor) -> CResult<Option<Tensor>> {
-        Ok(Some(y.apply_op2_no_bwd(&grad.contiguous()?, &SoftmaxBwd)?))
-    }
-}
-
-/// `dx = y · (g − Σ g·y)` per row.
-struct SoftmaxBwd;
-
-fn softmax_bwd<T: WithDType>(y: &[T], g: &[T], n: usize) -> Vec<T> {
-    let mut dx = vec![T::zero(); y.len()];
-    let chunk = rows_per_task(n) * n;
-    dx.par_chunks_mut(chunk)
-        .zip(y.par_chunks(chunk).zip(g.par_chunks(chunk)))
-        .for_each(|(dc, (yc, gc))| {
-            for ((dr, yr), gr) in dc.chunks_mut(n).zip(yc.chunks(n)).zip(gc.chunks(n)) {
-                let dot: f64 = yr
-                    .iter()
-                    .zip(gr)
-                    .map(|(a, b)| a.to_f64() * b.to_f64())
-                    .sum();
-                for i in 0..n {
-                    dr[i] = T::from_f64(yr[i].to_f64() * (gr[i].to_f64() - dot));
-                }
-            }
-        });
-    dx
-}
-
-impl CustomOp2 for SoftmaxBwd {
-    fn name(&self) -> &'static str {
-        "softmax-bwd"
-    }
-
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> CResult<(CpuStorage, Shape)> {
-        let n = last_dim(l1);
-        let out = same_dtype2!("softmax-bwd", (s1, l1), (s2, l2), |y, g| softmax_bwd(
-            y, g, n
-        ));
-        Ok((out, l1.shape().clone()))
     }
 }
 

@@ -125,10 +125,8 @@ pub fn dtype_min(dtype: DType) -> f64 {
     }
 }
 
-/// Softmax over the last axis, differentiable (fused on CPU, composed elsewhere).
+/// Softmax over the last axis, differentiable (the composed path; on the CPU the attention uses
+/// the fused [`fused::AttnProbsOp`] instead).
 pub fn softmax_last(x: &Tensor) -> Result<Tensor> {
-    if fused::supported(x) {
-        return Ok(x.contiguous()?.apply_op1(fused::SoftmaxOp)?);
-    }
     Ok(candle_nn::ops::softmax(x, D::Minus1)?)
 }

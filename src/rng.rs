@@ -69,16 +69,28 @@ impl SeededRng {
         dtype: DType,
         device: &Device,
     ) -> Result<Tensor> {
-        let n: usize = shape.iter().product();
-        // Keep when a uniform u32 is at or above p·2³².
-        let threshold = (p * 4_294_967_296.0) as u64;
-        let keep: Vec<u8> = (0..n)
-            .map(|_| (self.0.next_u32() as u64 >= threshold) as u8)
-            .collect();
+        let keep = self.keep_flags(shape.iter().product(), p);
         let mask = Tensor::from_vec(keep, shape, &Device::Cpu)?
             .to_device(device)?
             .to_dtype(dtype)?;
         Ok(mask.affine(1.0 / (1.0 - p), 0.0)?)
+    }
+
+    /// The draws behind [`SeededRng::dropout_mask`]: `n` flags, each 0 with probability `p`
+    /// (a uniform u32 below p·2³²), else 1. The same stream, so a mask built from these flags
+    /// equals the tensor mask drawn from the same state.
+    ///
+    /// ```
+    /// use mfac_lab::rng::SeededRng;
+    /// let f = SeededRng::new(3).keep_flags(1000, 0.1);
+    /// let kept = f.iter().filter(|&&k| k == 1).count();
+    /// assert!(kept > 850 && kept < 950);
+    /// ```
+    pub fn keep_flags(&mut self, n: usize, p: f64) -> Vec<u8> {
+        let threshold = (p * 4_294_967_296.0) as u64;
+        (0..n)
+            .map(|_| (self.0.next_u32() as u64 >= threshold) as u8)
+            .collect()
     }
 
     /// The next raw 64-bit value (to derive sub-seeds).

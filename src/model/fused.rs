@@ -25,9 +25,12 @@ thread_local! {
 /// True when the fused kernels can run on `t` (CPU, f32 or f64) and are not switched off on
 /// this thread by [`with_composed_ops`].
 pub fn supported(t: &Tensor) -> bool {
+    enabled() && t.device().is_cpu() && matches!(t.dtype(), DType::F32 | DType::F64)
+}
+
+/// True unless the fused kernels are switched off on this thread by [`with_composed_ops`].
+pub fn enabled() -> bool {
     !DISABLED.with(|d| d.get())
-        && t.device().is_cpu()
-        && matches!(t.dtype(), DType::F32 | DType::F64)
 }
 
 /// Runs `f` with the fused kernels switched off on this thread, so the model uses the composed

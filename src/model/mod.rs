@@ -6,6 +6,7 @@ mod classifier;
 mod config;
 pub mod fused;
 mod layers;
+mod native;
 mod save;
 mod tokenizer;
 mod weights;

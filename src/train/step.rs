@@ -101,13 +101,7 @@ impl Stepper {
         batch: &Batch,
         step: usize,
     ) -> Result<StepRecord> {
-        let labels = batch
-            .labels
-            .as_ref()
-            .ok_or_else(|| Error::InvalidArgument("a training batch needs labels".into()))?;
-        let logits = model.forward(batch, self.cfg.dropout)?;
-        let loss = BertClassifier::loss(&logits, labels)?;
-        let loss_value = scalar(&loss)?;
+        let (loss_value, mut grads) = model.loss_and_grads(batch, self.cfg.dropout)?;
         if !loss_value.is_finite() {
             return Err(Error::NonFiniteLoss {
                 step,
@@ -115,7 +109,6 @@ impl Stepper {
                 saved: String::new(),
             });
         }
-        let mut grads = loss.backward()?;
         let vars = model.vars();
         // Gradients are keyed by tensor id. In evcxr, a model created in another cell can share
         // ids with this cell's tensors: catch the mix-up instead of training on wrong gradients.

@@ -1,0 +1,1017 @@
+//! The training pass of [`BertClassifier`] written out by hand for the CPU: forward, loss and
+//! every gradient, on plain buffers, without candle's autograd graph.
+//!
+//! Why: candle's backward gives every graph node a zero-filled gradient buffer and an add, and
+//! allocates every intermediate afresh; at bert-tiny's size that bookkeeping costs more than the
+//! arithmetic. Here each block is one pass each way: Q, K and V are one product, attention runs
+//! per batch row with its head views read in place (no split/merge copies), dropout, residual and
+//! LayerNorm are fused, and gradients of a product are accumulated into their destination.
+//!
+//! It computes exactly what the graph computes: the same dropout draws in the same order (from
+//! the model's seeded stream), the same masking, the same loss (cross-entropy, or MSE for a
+//! one-output model with float labels). `tests/native_pass.rs` checks it against HF's float64
+//! gradients and against the graph path with dropout on. Other devices, dtypes, activations, or
+//! a thread inside [`crate::model::fused::with_composed_ops`], use the graph.
+
+use std::collections::HashMap;
+
+use candle_core::backprop::GradStore;
+use candle_core::{DType, Device, Storage, Tensor};
+use gemm::Parallelism;
+use rayon::prelude::*;
+
+use crate::error::{Error, Result};
+use crate::model::batch::Batch;
+use crate::model::classifier::BertClassifier;
+use crate::model::config::HiddenAct;
+use crate::model::fused::{self, NativeMath};
+use crate::model::layers::dtype_min;
+use crate::rng::SeededRng;
+
+/// True when [`loss_and_grads`] can run `model`: CPU, f32 or f64, exact GELU, fused kernels on.
+pub(crate) fn supported(model: &BertClassifier) -> bool {
+    model.device().is_cpu()
+        && matches!(model.dtype(), DType::F32 | DType::F64)
+        && model.config().activation() == HiddenAct::Gelu
+        && fused::enabled()
+}
+
+/// The element types of the pass.
+trait Real: NativeMath + Send + Sync + 'static {}
+impl Real for f32 {}
+impl Real for f64 {}
+
+/// Mean loss of `batch` and the gradient of every parameter. Dropout draws from `rng` when given.
+pub(crate) fn loss_and_grads(
+    model: &BertClassifier,
+    batch: &Batch,
+    rng: Option<&mut SeededRng>,
+) -> Result<(f64, GradStore)> {
+    match model.dtype() {
+        DType::F32 => run::<f32>(model, batch, rng),
+        DType::F64 => run::<f64>(model, batch, rng),
+        d => Err(Error::InvalidArgument(format!(
+            "the CPU training pass needs f32 or f64, not {d:?}"
+        ))),
+    }
+}
+
+// ---------------------------------------------------------------- products
+
+/// A strided matrix inside a slice: element (i, j) is at `off + i·rs + j·cs`.
+#[derive(Debug, Clone, Copy)]
+struct View {
+    off: usize,
+    rows: usize,
+    cols: usize,
+    rs: usize,
+    cs: usize,
+}
+
+impl View {
+    /// Row-major `rows × cols` with row stride `rs`, starting at `off`.
+    fn rows(off: usize, rows: usize, cols: usize, rs: usize) -> Self {
+        View {
+            off,
+            rows,
+            cols,
+            rs,
+            cs: 1,
+        }
+    }
+
+    /// The transpose (same memory).
+    fn t(self) -> Self {
+        View {
+            off: self.off,
+            rows: self.cols,
+            cols: self.rows,
+            rs: self.cs,
+            cs: self.rs,
+        }
+    }
+
+    /// One past the last element touched.
+    fn end(&self) -> usize {
+        if self.rows == 0 || self.cols == 0 {
+            self.off
+        } else {
+            self.off + (self.rows - 1) * self.rs + (self.cols - 1) * self.cs + 1
+        }
+    }
+}
+
+/// `dst = a · b`, or `dst += a · b` with `acc`. Bounds are checked, so the unsafe call only sees
+/// memory inside the slices.
+fn matmul<T: Real>(
+    dst: &mut [T],
+    dv: View,
+    acc: bool,
+    a: &[T],
+    av: View,
+    b: &[T],
+    bv: View,
+    par: Parallelism,
+) {
+    let (m, n, k) = (dv.rows, dv.cols, av.cols);
+    assert!(
+        av.rows == m && bv.rows == k && bv.cols == n,
+        "matmul shapes"
+    );
+    assert!(dv.end() <= dst.len() && av.end() <= a.len() && bv.end() <= b.len());
+    if m == 0 || n == 0 {
+        return;
+    }
+    if k == 0 {
+        if !acc {
+            for i in 0..m {
+                for j in 0..n {
+                    dst[dv.off + i * dv.rs + j * dv.cs] = T::zero();
+                }
+            }
+        }
+        return;
+    }
+    // SAFETY: every index the product touches is inside its slice (checked above); `dst` is
+    // borrowed mutably, so it does not alias `a` or `b`.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr().add(dv.off),
+            dv.cs as isize,
+            dv.rs as isize,
+            acc,
+            a.as_ptr().add(av.off),
+            av.cs as isize,
+            av.rs as isize,
+            b.as_ptr().add(bv.off),
+            bv.cs as isize,
+            bv.rs as isize,
+            T::one(),
+            T::one(),
+            false,
+            false,
+            false,
+            par,
+        );
+    }
+}
+
+const ALL: Parallelism = Parallelism::Rayon(0);
+
+/// Rows per parallel task for rows of `cols` elements.
+fn task_rows(cols: usize) -> usize {
+    (16384 / cols.max(1)).max(1)
+}
+
+/// `y[n, out] = x[n, in] · Wᵀ + b` (W `[out, in]`).
+fn linear<T: Real>(x: &[T], w: &[T], b: &[T], n: usize, k: usize) -> Vec<T> {
+    let out = b.len();
+    let mut y = Vec::with_capacity(n * out);
+    for _ in 0..n {
+        y.extend_from_slice(b);
+    }
+    matmul(
+        &mut y,
+        View::rows(0, n, out, out),
+        true,
+        x,
+        View::rows(0, n, k, k),
+        w,
+        View::rows(0, out, k, k).t(),
+        ALL,
+    );
+    y
+}
+
+/// The gradients of [`linear`]: `(dW, db)`, and `dx` written (or added, with `acc`) into `dx`.
+fn linear_bwd<T: Real>(
+    x: &[T],
+    w: &[T],
+    dy: &[T],
+    n: usize,
+    k: usize,
+    dx: Option<(&mut [T], bool)>,
+) -> (Vec<T>, Vec<T>) {
+    let out = w.len() / k;
+    let mut dw = vec![T::zero(); out * k];
+    matmul(
+        &mut dw,
+        View::rows(0, out, k, k),
+        false,
+        dy,
+        View::rows(0, n, out, out).t(),
+        x,
+        View::rows(0, n, k, k),
+        ALL,
+    );
+    if let Some((dx, acc)) = dx {
+        matmul(
+            dx,
+            View::rows(0, n, k, k),
+            acc,
+            dy,
+            View::rows(0, n, out, out),
+            w,
+            View::rows(0, out, k, k),
+            ALL,
+        );
+    }
+    (dw, col_sums(dy, out))
+}
+
+/// Column sums of a row-major `[n, c]` matrix, accumulated in f64.
+fn col_sums<T: Real>(g: &[T], c: usize) -> Vec<T> {
+    let parts: Vec<Vec<f64>> = g
+        .par_chunks(task_rows(c) * c)
+        .map(|block| {
+            let mut acc = vec![0f64; c];
+            for row in block.chunks(c) {
+                for (a, v) in acc.iter_mut().zip(row) {
+                    *a += v.to_f64();
+                }
+            }
+            acc
+        })
+        .collect();
+    (0..c)
+        .map(|j| T::from_f64(parts.iter().map(|p| p[j]).sum()))
+        .collect()
+}
+
+// ---------------------------------------------------------------- dropout, residual, LayerNorm
+
+/// A dropout site: keep flags and the `1/(1-p)` multiplier, or nothing (identity).
+struct Mask<T> {
+    keep: Vec<u8>,
+    mult: T,
+}
+
+fn draw<T: Real>(rng: &mut Option<&mut SeededRng>, n: usize, p: f64) -> Option<Mask<T>> {
+    match rng {
+        Some(r) if p > 0.0 => Some(Mask {
+            keep: r.keep_flags(n, p),
+            // The graph's mask is `keep · (1/(1-p))` in the model's dtype.
+            mult: T::from_f64(1.0 / (1.0 - p)),
+        }),
+        _ => None,
+    }
+}
+
+/// `x · mask` as the graph computes it (the mask value rounded to `T` first).
+#[inline]
+fn dropped<T: Real>(x: T, d: &Option<Mask<T>>, i: usize) -> T {
+    match d {
+        Some(d) => x * (T::from_f64(d.keep[i] as f64) * d.mult),
+        None => x,
+    }
+}
+
+/// What the backward of a LayerNorm needs: the normalised input and `1/σ` per row.
+struct NormSaved<T> {
+    xhat: Vec<T>,
+    inv: Vec<f64>,
+}
+
+/// `y = LN(drop(a) + res)` over rows of `h`, then (for the embeddings) `drop_out(y)`.
+#[allow(clippy::too_many_arguments)]
+fn add_norm<T: Real>(
+    a: &[T],
+    drop: &Option<Mask<T>>,
+    res: Option<&[T]>,
+    w: &[T],
+    b: &[T],
+    eps: f64,
+    drop_out: &Option<Mask<T>>,
+    h: usize,
+) -> (Vec<T>, NormSaved<T>) {
+    let n = a.len();
+    let mut y = vec![T::zero(); n];
+    let mut xhat = vec![T::zero(); n];
+    let mut inv = vec![0f64; n / h];
+    let rows = task_rows(h);
+    y.par_chunks_mut(rows * h)
+        .zip(xhat.par_chunks_mut(rows * h))
+        .zip(inv.par_chunks_mut(rows))
+        .enumerate()
+        .for_each(|(c, ((yc, xc), ic))| {
+            let mut r = vec![0f64; h];
+            for (k, inv_k) in ic.iter_mut().enumerate() {
+                let row = c * rows + k;
+                let base = row * h;
+                for i in 0..h {
+                    let v = dropped(a[base + i], drop, base + i);
+                    r[i] = match res {
+                        Some(res) => (v + res[base + i]).to_f64(),
+                        None => v.to_f64(),
+                    };
+                }
+                let mean = r.iter().sum::<f64>() / h as f64;
+                let var = r.iter().map(|v| (v - mean) * (v - mean)).sum::<f64>() / h as f64;
+                let s = 1.0 / (var + eps).sqrt();
+                *inv_k = s;
+                for i in 0..h {
+                    let xh = (r[i] - mean) * s;
+                    xc[k * h + i] = T::from_f64(xh);
+                    let out = T::from_f64(xh * w[i].to_f64() + b[i].to_f64());
+                    yc[k * h + i] = dropped(out, drop_out, base + i);
+                }
+            }
+        });
+    (y, NormSaved { xhat, inv })
+}
+
+/// Backward of [`add_norm`] for the gradient `dy` of its output (before `drop_out`, applied
+/// here): returns `dr` (the gradient of `drop(a) + res`, which is `res`'s), `da` (`a`'s, when
+/// `drop` is active; else it equals `dr`), and `(dw, db)`.
+fn add_norm_bwd<T: Real>(
+    dy: &[T],
+    saved: &NormSaved<T>,
+    w: &[T],
+    drop: &Option<Mask<T>>,
+    drop_out: &Option<Mask<T>>,
+    h: usize,
+) -> (Vec<T>, Option<Vec<T>>, Vec<T>, Vec<T>) {
+    let n = dy.len();
+    let mut dr = vec![T::zero(); n];
+    let mut da = drop.as_ref().map(|_| vec![T::zero(); n]);
+    let rows = task_rows(h);
+    let xhat = &saved.xhat;
+    let body = |c: usize, drc: &mut [T], mut dac: Option<&mut [T]>| -> (Vec<f64>, Vec<f64>) {
+        let (mut dw, mut db) = (vec![0f64; h], vec![0f64; h]);
+        let mut gw = vec![0f64; h];
+        for k in 0..drc.len() / h {
+            let row = c * rows + k;
+            let base = row * h;
+            let (mut s_gw, mut s_gwxh) = (0.0, 0.0);
+            for i in 0..h {
+                let g = dropped(dy[base + i], drop_out, base + i).to_f64();
+                let xh = xhat[base + i].to_f64();
+                gw[i] = g * w[i].to_f64();
+                s_gw += gw[i];
+                s_gwxh += gw[i] * xh;
+                dw[i] += g * xh;
+                db[i] += g;
+            }
+            let (m1, m2) = (s_gw / h as f64, s_gwxh / h as f64);
+            let inv = saved.inv[row];
+            for i in 0..h {
+                let xh = xhat[base + i].to_f64();
+                let v = T::from_f64(inv * (gw[i] - m1 - xh * m2));
+                drc[k * h + i] = v;
+                if let Some(dac) = dac.as_deref_mut() {
+                    dac[k * h + i] = dropped(v, drop, base + i);
+                }
+            }
+        }
+        (dw, db)
+    };
+    let parts: Vec<(Vec<f64>, Vec<f64>)> = match da.as_mut() {
+        Some(da) => dr
+            .par_chunks_mut(rows * h)
+            .zip(da.par_chunks_mut(rows * h))
+            .enumerate()
+            .map(|(c, (drc, dac))| body(c, drc, Some(dac)))
+            .collect(),
+        None => dr
+            .par_chunks_mut(rows * h)
+            .enumerate()
+            .map(|(c, drc)| body(c, drc, None))
+            .collect(),
+    };
+    let sum = |f: fn(&(Vec<f64>, Vec<f64>)) -> &Vec<f64>| -> Vec<T> {
+        (0..h)
+            .map(|i| T::from_f64(parts.iter().map(|p| f(p)[i]).sum()))
+            .collect()
+    };
+    let (dw, db) = (sum(|p| &p.0), sum(|p| &p.1));
+    (dr, da, dw, db)
+}
+
+// ---------------------------------------------------------------- GELU
+
+const CHUNK: usize = 16384;
+
+/// `g = f · Φ(f)`, keeping Φ for the backward.
+fn gelu<T: Real>(f: &[T]) -> (Vec<T>, Vec<T>) {
+    let mut g = vec![T::zero(); f.len()];
+    let mut phi = vec![T::zero(); f.len()];
+    g.par_chunks_mut(CHUNK)
+        .zip(phi.par_chunks_mut(CHUNK))
+        .zip(f.par_chunks(CHUNK))
+        .for_each(|((gc, pc), fc)| {
+            for ((gi, pi), fi) in gc.iter_mut().zip(pc.iter_mut()).zip(fc) {
+                let v = fi.to_f64();
+                let p = 0.5 * (1.0 + T::erf_n(v * std::f64::consts::FRAC_1_SQRT_2));
+                *pi = T::from_f64(p);
+                *gi = T::from_f64(v * p);
+            }
+        });
+    (g, phi)
+}
+
+/// `df = dg · (Φ(f) + f · φ(f))`, in place of `dg`.
+fn gelu_bwd<T: Real>(dg: &mut [T], f: &[T], phi: &[T]) {
+    const INV_SQRT_2PI: f64 = 0.398_942_280_401_432_7;
+    dg.par_chunks_mut(CHUNK)
+        .zip(f.par_chunks(CHUNK))
+        .zip(phi.par_chunks(CHUNK))
+        .for_each(|((dc, fc), pc)| {
+            for ((d, fi), pi) in dc.iter_mut().zip(fc).zip(pc) {
+                let v = fi.to_f64();
+                let pdf = INV_SQRT_2PI * T::exp_n(-0.5 * v * v);
+                *d = T::from_f64(d.to_f64() * (pi.to_f64() + v * pdf));
+            }
+        });
+}
+
+// ---------------------------------------------------------------- attention
+
+/// Sizes of one pass.
+#[derive(Debug, Clone, Copy)]
+struct Dims {
+    b: usize,
+    t: usize,
+    h: usize,
+    nh: usize,
+    d: usize,
+    inter: usize,
+}
+
+impl Dims {
+    fn n(&self) -> usize {
+        self.b * self.t
+    }
+}
+
+/// Attention over `qkv` `[B·T, 3H]` (Q | K | V, heads side by side): returns the context
+/// `[B·T, H]` and the probabilities before dropout `[B, nh, T, T]`. One task per batch row.
+fn attention<T: Real>(
+    qkv: &[T],
+    mask_add: &[T],
+    drop: &Option<Mask<T>>,
+    scale: f64,
+    dm: Dims,
+) -> (Vec<T>, Vec<T>) {
+    let Dims { t, h, nh, d, .. } = dm;
+    let tt = t * t;
+    let mut ctx = vec![T::zero(); dm.n() * h];
+    let mut probs = vec![T::zero(); dm.b * nh * tt];
+    ctx.par_chunks_mut(t * h)
+        .zip(probs.par_chunks_mut(nh * tt))
+        .enumerate()
+        .for_each(|(bi, (cx, pr))| {
+            let rows = &qkv[bi * t * 3 * h..][..t * 3 * h];
+            let madd = &mask_add[bi * t..][..t];
+            let mut pd = vec![T::zero(); if drop.is_some() { tt } else { 0 }];
+            let mut s = vec![0f64; t];
+            for hh in 0..nh {
+                let p = &mut pr[hh * tt..][..tt];
+                matmul(
+                    p,
+                    View::rows(0, t, t, t),
+                    false,
+                    rows,
+                    View::rows(hh * d, t, d, 3 * h),
+                    rows,
+                    View::rows(h + hh * d, t, d, 3 * h).t(),
+                    Parallelism::None,
+                );
+                let base = (bi * nh + hh) * tt;
+                for (i, prow) in p.chunks_mut(t).enumerate() {
+                    let mut max = f64::NEG_INFINITY;
+                    for j in 0..t {
+                        s[j] = prow[j].to_f64() * scale + madd[j].to_f64();
+                        max = max.max(s[j]);
+                    }
+                    let mut sum = 0.0;
+                    for sj in s.iter_mut() {
+                        *sj = T::exp_n(*sj - max);
+                        sum += *sj;
+                    }
+                    let inv = 1.0 / sum;
+                    for j in 0..t {
+                        prow[j] = T::from_f64(s[j] * inv);
+                        if let Some(dr) = drop {
+                            let k = dr.keep[base + i * t + j] as f64;
+                            pd[i * t + j] = T::from_f64(s[j] * inv * (k * dr.mult.to_f64()));
+                        }
+                    }
+                }
+                let src: &[T] = if drop.is_some() { &pd } else { p };
+                matmul(
+                    cx,
+                    View::rows(hh * d, t, d, h),
+                    false,
+                    src,
+                    View::rows(0, t, t, t),
+                    rows,
+                    View::rows(2 * h + hh * d, t, d, 3 * h),
+                    Parallelism::None,
+                );
+            }
+        });
+    (ctx, probs)
+}
+
+/// Backward of [`attention`]: the gradient of `qkv` from the context's gradient `dctx`.
+fn attention_bwd<T: Real>(
+    qkv: &[T],
+    probs: &[T],
+    dctx: &[T],
+    drop: &Option<Mask<T>>,
+    scale: f64,
+    dm: Dims,
+) -> Vec<T> {
+    let Dims { t, h, nh, d, .. } = dm;
+    let tt = t * t;
+    let mut dqkv = vec![T::zero(); dm.n() * 3 * h];
+    dqkv.par_chunks_mut(t * 3 * h)
+        .zip(dctx.par_chunks(t * h))
+        .enumerate()
+        .for_each(|(bi, (dq, dc))| {
+            let rows = &qkv[bi * t * 3 * h..][..t * 3 * h];
+            let mut pd = vec![T::zero(); if drop.is_some() { tt } else { 0 }];
+            let mut dp = vec![T::zero(); tt];
+            for hh in 0..nh {
+                let base = (bi * nh + hh) * tt;
+                let p = &probs[base..][..tt];
+                // dPd = dctx · Vᵀ
+                matmul(
+                    &mut dp,
+                    View::rows(0, t, t, t),
+                    false,
+                    dc,
+                    View::rows(hh * d, t, d, h),
+                    rows,
+                    View::rows(2 * h + hh * d, t, d, 3 * h).t(),
+                    Parallelism::None,
+                );
+                if let Some(dr) = drop {
+                    for (i, v) in pd.iter_mut().enumerate() {
+                        *v = p[i] * (T::from_f64(dr.keep[base + i] as f64) * dr.mult);
+                    }
+                }
+                let pdr: &[T] = if drop.is_some() { &pd } else { p };
+                // dV = Pdᵀ · dctx
+                matmul(
+                    dq,
+                    View::rows(2 * h + hh * d, t, d, 3 * h),
+                    false,
+                    pdr,
+                    View::rows(0, t, t, t).t(),
+                    dc,
+                    View::rows(hh * d, t, d, h),
+                    Parallelism::None,
+                );
+                // dS = scale · P ∘ (g − Σ g·P), g = dPd ∘ mask
+                for (i, row) in dp.chunks_mut(t).enumerate() {
+                    let pr = &p[i * t..][..t];
+                    let g = |j: usize, v: T| -> f64 {
+                        match drop {
+                            Some(dr) => {
+                                v.to_f64() * dr.keep[base + i * t + j] as f64 * dr.mult.to_f64()
+                            }
+                            None => v.to_f64(),
+                        }
+                    };
+                    let mut dot = 0.0;
+                    for j in 0..t {
+                        dot += g(j, row[j]) * pr[j].to_f64();
+                    }
+                    for j in 0..t {
+                        row[j] = T::from_f64(scale * pr[j].to_f64() * (g(j, row[j]) - dot));
+                    }
+                }
+                // dQ = dS · K, dK = dSᵀ · Q
+                matmul(
+                    dq,
+                    View::rows(hh * d, t, d, 3 * h),
+                    false,
+                    &dp,
+                    View::rows(0, t, t, t),
+                    rows,
+                    View::rows(h + hh * d, t, d, 3 * h),
+                    Parallelism::None,
+                );
+                matmul(
+                    dq,
+                    View::rows(h + hh * d, t, d, 3 * h),
+                    false,
+                    &dp,
+                    View::rows(0, t, t, t).t(),
+                    rows,
+                    View::rows(hh * d, t, d, 3 * h),
+                    Parallelism::None,
+                );
+            }
+        });
+    dqkv
+}
+
+// ---------------------------------------------------------------- parameters
+
+/// The parameters as host slices, by HF name (read guards held by the caller).
+struct Params<'a, T> {
+    by_name: HashMap<&'a str, &'a [T]>,
+}
+
+impl<'a, T: Real> Params<'a, T> {
+    fn get(&self, name: &str) -> Result<&'a [T]> {
+        self.by_name
+            .get(name)
+            .copied()
+            .ok_or_else(|| Error::InvalidArgument(format!("the model has no parameter {name}")))
+    }
+}
+
+/// One encoder layer's weights, Q/K/V stacked into one `[3H, H]` product.
+struct LayerW<'a, T> {
+    qkv_w: Vec<T>,
+    qkv_b: Vec<T>,
+    o_w: &'a [T],
+    o_b: &'a [T],
+    ln1: (&'a [T], &'a [T]),
+    i_w: &'a [T],
+    i_b: &'a [T],
+    f_w: &'a [T],
+    f_b: &'a [T],
+    ln2: (&'a [T], &'a [T]),
+}
+
+fn layer_weights<'a, T: Real>(p: &Params<'a, T>, i: usize) -> Result<LayerW<'a, T>> {
+    let n = |s: &str| format!("bert.encoder.layer.{i}.{s}");
+    let mut qkv_w = Vec::new();
+    let mut qkv_b = Vec::new();
+    for part in ["query", "key", "value"] {
+        qkv_w.extend_from_slice(p.get(&n(&format!("attention.self.{part}.weight")))?);
+        qkv_b.extend_from_slice(p.get(&n(&format!("attention.self.{part}.bias")))?);
+    }
+    Ok(LayerW {
+        qkv_w,
+        qkv_b,
+        o_w: p.get(&n("attention.output.dense.weight"))?,
+        o_b: p.get(&n("attention.output.dense.bias"))?,
+        ln1: (
+            p.get(&n("attention.output.LayerNorm.weight"))?,
+            p.get(&n("attention.output.LayerNorm.bias"))?,
+        ),
+        i_w: p.get(&n("intermediate.dense.weight"))?,
+        i_b: p.get(&n("intermediate.dense.bias"))?,
+        f_w: p.get(&n("output.dense.weight"))?,
+        f_b: p.get(&n("output.dense.bias"))?,
+        ln2: (
+            p.get(&n("output.LayerNorm.weight"))?,
+            p.get(&n("output.LayerNorm.bias"))?,
+        ),
+    })
+}
+
+/// What one layer's forward keeps for its backward.
+struct LayerSaved<T> {
+    qkv: Vec<T>,
+    probs: Vec<T>,
+    attn_drop: Option<Mask<T>>,
+    ctx: Vec<T>,
+    drop1: Option<Mask<T>>,
+    norm1: NormSaved<T>,
+    y1: Vec<T>,
+    f: Vec<T>,
+    phi: Vec<T>,
+    g: Vec<T>,
+    drop2: Option<Mask<T>>,
+    norm2: NormSaved<T>,
+}
+
+fn ids_of(t: &Tensor) -> Result<Vec<u32>> {
+    Ok(t.flatten_all()?.to_dtype(DType::U32)?.to_vec1::<u32>()?)
+}
+
+// ---------------------------------------------------------------- the pass
+
+fn run<T: Real>(
+    model: &BertClassifier,
+    batch: &Batch,
+    mut rng: Option<&mut SeededRng>,
+) -> Result<(f64, GradStore)> {
+    let cfg = model.config();
+    let (b, t) = batch.input_ids.dims2()?;
+    let (h, nh) = (cfg.hidden_size, cfg.num_attention_heads);
+    if nh == 0 || h % nh != 0 {
+        return Err(Error::InvalidArgument(format!(
+            "hidden_size {h} does not split into {nh} heads"
+        )));
+    }
+    let dm = Dims {
+        b,
+        t,
+        h,
+        nh,
+        d: h / nh,
+        inter: cfg.intermediate_size,
+    };
+    let n = dm.n();
+    let c = model.num_labels();
+    let labels = batch
+        .labels
+        .as_ref()
+        .ok_or_else(|| Error::InvalidArgument("a training batch needs labels".into()))?;
+    let regression = c == 1 && labels.dtype().is_float();
+    let targets: Vec<f64> = labels.to_dtype(DType::F64)?.to_vec1()?;
+    if targets.len() != b {
+        return Err(Error::InvalidArgument(format!(
+            "{} labels for a batch of {b}",
+            targets.len()
+        )));
+    }
+    if !regression {
+        if let Some(l) = targets.iter().find(|&&l| l < 0.0 || l as usize >= c) {
+            return Err(Error::InvalidArgument(format!(
+                "label {l} is out of range for {c} classes"
+            )));
+        }
+    }
+    let ids = ids_of(&batch.input_ids)?;
+    let type_ids = ids_of(&batch.token_type_ids)?;
+    if t > cfg.max_position_embeddings {
+        return Err(Error::InvalidArgument(format!(
+            "sequence length {t} exceeds max_position_embeddings {}",
+            cfg.max_position_embeddings
+        )));
+    }
+    if let Some(&id) = ids.iter().find(|&&i| i as usize >= cfg.vocab_size) {
+        return Err(Error::InvalidArgument(format!(
+            "token id {id} is out of the vocabulary (size {})",
+            cfg.vocab_size
+        )));
+    }
+    if let Some(&id) = type_ids
+        .iter()
+        .find(|&&i| i as usize >= cfg.type_vocab_size)
+    {
+        return Err(Error::InvalidArgument(format!(
+            "token type id {id} is out of range (type_vocab_size {})",
+            cfg.type_vocab_size
+        )));
+    }
+    // HF's additive mask, in the model's dtype: (mask − 1) · (−min).
+    let big = T::from_f64(-dtype_min(model.dtype()));
+    let mask_add: Vec<T> = batch
+        .attention_mask
+        .to_dtype(model.dtype())?
+        .flatten_all()?
+        .to_vec1::<T>()?
+        .into_iter()
+        .map(|k| (k - T::one()) * big)
+        .collect();
+
+    // Host views of the parameters; the guards live until the gradients are built.
+    let vars = model.named_vars();
+    let guards: Vec<_> = vars
+        .iter()
+        .map(|(_, v)| v.as_tensor().storage_and_layout())
+        .collect();
+    let mut by_name = HashMap::new();
+    for ((name, _), (storage, layout)) in vars.iter().zip(&guards) {
+        let Storage::Cpu(cpu) = &**storage else {
+            return Err(Error::InvalidArgument(
+                "the CPU training pass needs CPU parameters".into(),
+            ));
+        };
+        let all = T::cpu_storage_as_slice(cpu)?;
+        let (a, e) = layout
+            .contiguous_offsets()
+            .ok_or_else(|| Error::InvalidArgument(format!("parameter {name} is not contiguous")))?;
+        by_name.insert(name.as_str(), &all[a..e]);
+    }
+    let p = Params { by_name };
+    let eps = cfg.layer_norm_eps;
+    let (p_hid, p_attn) = (cfg.hidden_dropout_prob, cfg.attention_probs_dropout_prob);
+    let scale = (dm.d as f64).powf(-0.5);
+
+    // Embeddings.
+    let word = p.get("bert.embeddings.word_embeddings.weight")?;
+    let pos = p.get("bert.embeddings.position_embeddings.weight")?;
+    let typ = p.get("bert.embeddings.token_type_embeddings.weight")?;
+    let mut emb = vec![T::zero(); n * h];
+    emb.par_chunks_mut(h).enumerate().for_each(|(r, o)| {
+        let (wr, pr, tr) = (
+            &word[ids[r] as usize * h..][..h],
+            &pos[(r % t) * h..][..h],
+            &typ[type_ids[r] as usize * h..][..h],
+        );
+        for i in 0..h {
+            o[i] = T::from_f64(wr[i].to_f64() + pr[i].to_f64() + tr[i].to_f64());
+        }
+    });
+    let ln0 = (
+        p.get("bert.embeddings.LayerNorm.weight")?,
+        p.get("bert.embeddings.LayerNorm.bias")?,
+    );
+    let drop0 = draw::<T>(&mut rng, n * h, p_hid);
+    let (x0, norm0) = add_norm(&emb, &None, None, ln0.0, ln0.1, eps, &drop0, h);
+    drop(emb);
+
+    // Encoder.
+    let weights: Vec<LayerW<T>> = (0..cfg.num_hidden_layers)
+        .map(|i| layer_weights(&p, i))
+        .collect::<Result<_>>()?;
+    let mut xs: Vec<Vec<T>> = vec![x0];
+    let mut saved: Vec<LayerSaved<T>> = Vec::with_capacity(weights.len());
+    for lw in &weights {
+        let x = xs.last().expect("the embeddings' output");
+        let qkv = linear(x, &lw.qkv_w, &lw.qkv_b, n, h);
+        let attn_drop = draw::<T>(&mut rng, dm.b * nh * t * t, p_attn);
+        let (ctx, probs) = attention(&qkv, &mask_add, &attn_drop, scale, dm);
+        let a = linear(&ctx, lw.o_w, lw.o_b, n, h);
+        let drop1 = draw::<T>(&mut rng, n * h, p_hid);
+        let (y1, norm1) = add_norm(&a, &drop1, Some(x), lw.ln1.0, lw.ln1.1, eps, &None, h);
+        let f = linear(&y1, lw.i_w, lw.i_b, n, h);
+        let (g, phi) = gelu(&f);
+        let o = linear(&g, lw.f_w, lw.f_b, n, dm.inter);
+        let drop2 = draw::<T>(&mut rng, n * h, p_hid);
+        let (y2, norm2) = add_norm(&o, &drop2, Some(&y1), lw.ln2.0, lw.ln2.1, eps, &None, h);
+        xs.push(y2);
+        saved.push(LayerSaved {
+            qkv,
+            probs,
+            attn_drop,
+            ctx,
+            drop1,
+            norm1,
+            y1,
+            f,
+            phi,
+            g,
+            drop2,
+            norm2,
+        });
+    }
+
+    // Pooler, dropout, head, loss.
+    let last = xs.last().expect("the encoder's output");
+    let mut cls = Vec::with_capacity(b * h);
+    for bi in 0..b {
+        cls.extend_from_slice(&last[bi * t * h..][..h]);
+    }
+    let (pool_w, pool_b) = (
+        p.get("bert.pooler.dense.weight")?,
+        p.get("bert.pooler.dense.bias")?,
+    );
+    let pooled: Vec<T> = linear(&cls, pool_w, pool_b, b, h)
+        .into_iter()
+        .map(|z| T::from_f64(z.to_f64().tanh()))
+        .collect();
+    let drop_c = draw::<T>(&mut rng, b * h, cfg.classifier_dropout_prob());
+    let head_in: Vec<T> = (0..b * h).map(|i| dropped(pooled[i], &drop_c, i)).collect();
+    let (cls_w, cls_b) = (p.get("classifier.weight")?, p.get("classifier.bias")?);
+    let logits = linear(&head_in, cls_w, cls_b, b, h);
+    let (loss, dlogits) = loss_grad(&logits, &targets, c, regression);
+
+    // Backward: head and pooler.
+    let mut grads: Vec<(&str, Vec<T>)> = Vec::new();
+    let mut dhead = vec![T::zero(); b * h];
+    let (dw, db) = linear_bwd(&head_in, cls_w, &dlogits, b, h, Some((&mut dhead, false)));
+    grads.push(("classifier.weight", dw));
+    grads.push(("classifier.bias", db));
+    let dz: Vec<T> = (0..b * h)
+        .map(|i| {
+            let y = pooled[i].to_f64();
+            T::from_f64(dropped(dhead[i], &drop_c, i).to_f64() * (1.0 - y * y))
+        })
+        .collect();
+    let mut dcls = vec![T::zero(); b * h];
+    let (dw, db) = linear_bwd(&cls, pool_w, &dz, b, h, Some((&mut dcls, false)));
+    grads.push(("bert.pooler.dense.weight", dw));
+    grads.push(("bert.pooler.dense.bias", db));
+    let mut dy = vec![T::zero(); n * h];
+    for bi in 0..b {
+        dy[bi * t * h..][..h].copy_from_slice(&dcls[bi * h..][..h]);
+    }
+
+    // Backward: the encoder, last layer first.
+    for (li, (lw, s)) in weights.iter().zip(&saved).enumerate().rev() {
+        let pre = format!("bert.encoder.layer.{li}");
+        let x = &xs[li];
+        let (mut dy1, do_, dw2, db2) = add_norm_bwd(&dy, &s.norm2, lw.ln2.0, &s.drop2, &None, h);
+        let mut dg = vec![T::zero(); n * dm.inter];
+        let do_ref = do_.as_deref().unwrap_or(&dy1);
+        let (dwf, dbf) = linear_bwd(&s.g, lw.f_w, do_ref, n, dm.inter, Some((&mut dg, false)));
+        drop(do_);
+        gelu_bwd(&mut dg, &s.f, &s.phi);
+        let (dwi, dbi) = linear_bwd(&s.y1, lw.i_w, &dg, n, h, Some((&mut dy1, true)));
+        drop(dg);
+        let (mut dx, da, dw1, db1) = add_norm_bwd(&dy1, &s.norm1, lw.ln1.0, &s.drop1, &None, h);
+        let mut dctx = vec![T::zero(); n * h];
+        let da_ref = da.as_deref().unwrap_or(&dx);
+        let (dwo, dbo) = linear_bwd(&s.ctx, lw.o_w, da_ref, n, h, Some((&mut dctx, false)));
+        drop(da);
+        let dqkv = attention_bwd(&s.qkv, &s.probs, &dctx, &s.attn_drop, scale, dm);
+        let (dwqkv, dbqkv) = linear_bwd(x, &lw.qkv_w, &dqkv, n, h, Some((&mut dx, true)));
+        let mut layer: Vec<(String, Vec<T>)> = Vec::new();
+        for (k, part) in ["query", "key", "value"].iter().enumerate() {
+            layer.push((
+                format!("{pre}.attention.self.{part}.weight"),
+                dwqkv[k * h * h..][..h * h].to_vec(),
+            ));
+            layer.push((
+                format!("{pre}.attention.self.{part}.bias"),
+                dbqkv[k * h..][..h].to_vec(),
+            ));
+        }
+        for (name, g) in [
+            ("attention.output.dense.weight", dwo),
+            ("attention.output.dense.bias", dbo),
+            ("attention.output.LayerNorm.weight", dw1),
+            ("attention.output.LayerNorm.bias", db1),
+            ("intermediate.dense.weight", dwi),
+            ("intermediate.dense.bias", dbi),
+            ("output.dense.weight", dwf),
+            ("output.dense.bias", dbf),
+            ("output.LayerNorm.weight", dw2),
+            ("output.LayerNorm.bias", db2),
+        ] {
+            layer.push((format!("{pre}.{name}"), g));
+        }
+        for (name, g) in layer {
+            let key = p
+                .by_name
+                .get_key_value(name.as_str())
+                .map(|(k, _)| *k)
+                .ok_or_else(|| Error::InvalidArgument(format!("no parameter {name}")))?;
+            grads.push((key, g));
+        }
+        dy = dx;
+    }
+
+    // Backward: embeddings (the [PAD] row of the word table gets no gradient).
+    let (de, _, dln_w, dln_b) = add_norm_bwd(&dy, &norm0, ln0.0, &None, &drop0, h);
+    grads.push(("bert.embeddings.LayerNorm.weight", dln_w));
+    grads.push(("bert.embeddings.LayerNorm.bias", dln_b));
+    let mut dword = vec![T::zero(); word.len()];
+    let mut dpos = vec![T::zero(); pos.len()];
+    let mut dtyp = vec![T::zero(); typ.len()];
+    let pad = cfg.pad_token_id;
+    for r in 0..n {
+        let g = &de[r * h..][..h];
+        let rows: [(&mut Vec<T>, Option<usize>); 3] = [
+            (&mut dword, (ids[r] != pad).then_some(ids[r] as usize)),
+            (&mut dpos, Some(r % t)),
+            (&mut dtyp, Some(type_ids[r] as usize)),
+        ];
+        for (table, row) in rows {
+            if let Some(row) = row {
+                for (o, v) in table[row * h..][..h].iter_mut().zip(g) {
+                    *o += *v;
+                }
+            }
+        }
+    }
+    grads.push(("bert.embeddings.word_embeddings.weight", dword));
+    grads.push(("bert.embeddings.position_embeddings.weight", dpos));
+    grads.push(("bert.embeddings.token_type_embeddings.weight", dtyp));
+
+    let mut by_grad: HashMap<&str, Vec<T>> = grads.into_iter().collect();
+    let mut store = GradStore::default();
+    for (name, var) in vars {
+        let g = by_grad
+            .remove(name.as_str())
+            .ok_or_else(|| Error::InvalidArgument(format!("no gradient for {name}")))?;
+        store.insert(
+            var.as_tensor(),
+            Tensor::from_vec(g, var.shape(), &Device::Cpu)?,
+        );
+    }
+    Ok((loss, store))
+}
+
+/// The mean loss and its gradient with respect to the logits `[B, C]`.
+fn loss_grad<T: Real>(logits: &[T], targets: &[f64], c: usize, regression: bool) -> (f64, Vec<T>) {
+    let b = targets.len();
+    let mut dl = vec![T::zero(); logits.len()];
+    let mut total = 0.0;
+    for (i, &y) in targets.iter().enumerate() {
+        let z = &logits[i * c..][..c];
+        if regression {
+            let e = z[0].to_f64() - y;
+            total += e * e;
+            dl[i] = T::from_f64(2.0 * e / b as f64);
+            continue;
+        }
+        let max = z
+            .iter()
+            .map(|v| v.to_f64())
+            .fold(f64::NEG_INFINITY, f64::max);
+        let sum: f64 = z.iter().map(|v| (v.to_f64() - max).exp()).sum();
+        let lse = max + sum.ln();
+        total += lse - z[y as usize].to_f64();
+        for j in 0..c {
+            let p = (z[j].to_f64() - lse).exp();
+            let onehot = if j == y as usize { 1.0 } else { 0.0 };
+            dl[i * c + j] = T::from_f64((p - onehot) / b as f64);
+        }
+    }
+    (total / b as f64, dl)
+}

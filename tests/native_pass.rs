@@ -1,0 +1,190 @@
+//! The hand-written CPU training pass (`BertClassifier::loss_and_grads`) against HF's float64
+//! references and against candle's autograd graph, dropout included.
+
+mod common;
+
+use candle_core::{DType, Device, Tensor};
+use common::{fixture, load_st, reference_batch, rel_l2};
+use mfac_lab::model::fused::with_composed_ops;
+use mfac_lab::prelude::*;
+
+/// The graph's loss and gradients (forward, loss, `backward()`), for comparison.
+fn graph_pass(model: &BertClassifier, batch: &Batch, train: bool) -> (f64, GradStore) {
+    let logits = model.forward(batch, train).unwrap();
+    let loss = BertClassifier::loss(&logits, batch.labels.as_ref().unwrap()).unwrap();
+    let value = loss
+        .to_dtype(DType::F64)
+        .unwrap()
+        .to_scalar::<f64>()
+        .unwrap();
+    (value, loss.backward().unwrap())
+}
+
+use candle_core::backprop::GradStore;
+
+fn micro_config() -> BertConfig {
+    BertConfig::from_file(fixture("bert-micro-random").join("config.json")).unwrap()
+}
+
+fn check_against_hf(name: &str, dtype: DType, tol: f64) {
+    let dir = fixture(name);
+    let r = load_st(&dir.join("reference.safetensors"));
+    let model = BertClassifier::from_dir(&dir, 3, &Device::Cpu, dtype).unwrap();
+    let batch = reference_batch(&r);
+    let (loss, grads) = model.loss_and_grads(&batch, false).unwrap();
+    let ref_loss = r["loss"].to_vec1::<f64>().unwrap()[0];
+    assert!(
+        ((loss - ref_loss) / ref_loss).abs() <= tol,
+        "{name} {dtype:?} loss {loss} vs HF {ref_loss}"
+    );
+    let global = r["grad_global_norm"].to_vec1::<f64>().unwrap()[0];
+    let mut failures = vec![];
+    for (n, v) in model.named_vars() {
+        let g = grads
+            .get(v.as_tensor())
+            .unwrap_or_else(|| panic!("no gradient for {n}"));
+        let e = common::grad_err(g, &r[&format!("grad.{n}")], global);
+        if e.is_nan() || e > tol {
+            failures.push(format!("grad.{n}: error {e:e}"));
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "{name} {dtype:?}: the CPU pass differs from HF:\n{}",
+        failures.join("\n")
+    );
+}
+
+// f64 against HF's f64: the same arithmetic in another order, so only accumulated rounding
+// (~1e-15) separates them; 1e-10 is the bound bert_parity.rs uses for the graph, and any real
+// slip (a missing mask, a wrong LayerNorm term) moves gradients by far more.
+#[test]
+fn tiny_f64_pass_matches_hf_loss_and_all_41_gradients() {
+    check_against_hf("bert-tiny-random", DType::F64, 1e-10);
+}
+
+#[test]
+fn micro_f64_pass_matches_hf_loss_and_all_gradients() {
+    check_against_hf("bert-micro-random", DType::F64, 1e-10);
+}
+
+// f32: the graph's f32 bound (bert_parity.rs): ~6e-8 per op through softmax and LayerNorm
+// backward stays below 1e-4 relative.
+#[test]
+fn tiny_f32_pass_matches_hf() {
+    check_against_hf("bert-tiny-random", DType::F32, 1e-4);
+}
+
+/// The worst gradient error over every parameter ([`common::grad_err`]: relative L2, or against
+/// the global norm for gradients that are analytically zero, like the key bias's).
+fn max_grad_diff(
+    ma: &BertClassifier,
+    a: &GradStore,
+    mb: &BertClassifier,
+    b: &GradStore,
+) -> (f64, String) {
+    let global = mb
+        .named_vars()
+        .iter()
+        .flat_map(|(_, v)| common::f64s(b.get(v.as_tensor()).unwrap()))
+        .map(|x| x * x)
+        .sum::<f64>()
+        .sqrt();
+    let mut worst = (0.0, String::new());
+    for ((n, va), (_, vb)) in ma.named_vars().iter().zip(mb.named_vars()) {
+        let (ga, gb) = (a.get(va.as_tensor()).unwrap(), b.get(vb.as_tensor()).unwrap());
+        let e = common::grad_err(ga, gb, global);
+        if e.is_nan() || e > worst.0 {
+            worst = (e, n.clone());
+        }
+    }
+    worst
+}
+
+/// With dropout on, the pass draws the same masks in the same order as the graph, so two models
+/// with the same dropout seed give the same loss and gradients, step after step.
+#[test]
+fn pass_equals_graph_with_dropout_on() {
+    for name in ["bert-micro-random", "bert-tiny-random"] {
+        let dir = fixture(name);
+        let r = load_st(&dir.join("reference.safetensors"));
+        let batch = reference_batch(&r);
+        let a = BertClassifier::from_dir(&dir, 3, &Device::Cpu, DType::F64).unwrap();
+        let b = BertClassifier::from_dir(&dir, 3, &Device::Cpu, DType::F64).unwrap();
+        a.set_dropout_seed(11);
+        b.set_dropout_seed(11);
+        let (eval_loss, _) = a.loss_and_grads(&batch, false).unwrap();
+        for call in 0..2 {
+            let (la, ga) = a.loss_and_grads(&batch, true).unwrap();
+            let (lb, gb) = graph_pass(&b, &batch, true);
+            // Dropout is really on: the loss moves away from the eval loss.
+            assert!(
+                (la - eval_loss).abs() > 1e-6,
+                "{name}: dropout had no effect"
+            );
+            // Both are f64 with the same masks: rounding-level agreement (1e-12).
+            assert!(
+                ((la - lb) / lb).abs() < 1e-12,
+                "{name} call {call}: loss {la} vs graph {lb}"
+            );
+            let (e, which) = max_grad_diff(&a, &ga, &b, &gb);
+            assert!(
+                e < 1e-12,
+                "{name} call {call}: grad {which} differs by {e:e}"
+            );
+        }
+    }
+}
+
+/// A one-output model with float labels trains on the squared error, as in the graph (stsb).
+#[test]
+fn regression_pass_equals_graph() {
+    let model = BertClassifier::random(&micro_config(), 1, 5, &Device::Cpu, DType::F64).unwrap();
+    let ids = Tensor::new(
+        &[[101u32, 2054, 2003, 102, 0], [101, 7592, 2088, 2003, 102]],
+        &Device::Cpu,
+    )
+    .unwrap();
+    let mask = ids.ne(0u32).unwrap().to_dtype(DType::U32).unwrap();
+    let labels = Tensor::new(&[3.5f32, 0.25], &Device::Cpu).unwrap();
+    let batch = Batch::new(ids.clone(), ids.zeros_like().unwrap(), mask, Some(labels)).unwrap();
+    let (la, ga) = model.loss_and_grads(&batch, false).unwrap();
+    let (lb, gb) = graph_pass(&model, &batch, false);
+    assert!(((la - lb) / lb).abs() < 1e-12, "mse {la} vs graph {lb}");
+    let (e, which) = max_grad_diff(&model, &ga, &model, &gb);
+    assert!(e < 1e-12, "grad {which} differs by {e:e}");
+}
+
+/// Off the fused kernels (what CUDA runs) the same call takes the graph, with the same result.
+#[test]
+fn composed_ops_give_the_same_pass() {
+    let dir = fixture("bert-micro-random");
+    let r = load_st(&dir.join("reference.safetensors"));
+    let batch = reference_batch(&r);
+    let model = BertClassifier::from_dir(&dir, 3, &Device::Cpu, DType::F64).unwrap();
+    let (la, ga) = model.loss_and_grads(&batch, false).unwrap();
+    let (lb, gb) = with_composed_ops(|| model.loss_and_grads(&batch, false)).unwrap();
+    assert!(((la - lb) / lb).abs() < 1e-12);
+    let (e, which) = max_grad_diff(&model, &ga, &model, &gb);
+    assert!(e < 1e-12, "grad {which} differs by {e:e}");
+}
+
+#[test]
+fn bad_batches_are_errors() {
+    let model = BertClassifier::random(&micro_config(), 3, 1, &Device::Cpu, DType::F32).unwrap();
+    let ids = Tensor::new(&[[101u32, 7, 102]], &Device::Cpu).unwrap();
+    let types = ids.zeros_like().unwrap();
+    let mask = ids.ones_like().unwrap();
+    let with = |ids: &Tensor, label: u32| {
+        let l = Tensor::new(&[label], &Device::Cpu).unwrap();
+        Batch::new(ids.clone(), types.clone(), mask.clone(), Some(l)).unwrap()
+    };
+    let e = model.loss_and_grads(&with(&ids, 3), true).unwrap_err();
+    assert!(e.to_string().contains("out of range"), "{e}");
+    let big = Tensor::new(&[[101u32, 999_999, 102]], &Device::Cpu).unwrap();
+    let e = model.loss_and_grads(&with(&big, 0), true).unwrap_err();
+    assert!(e.to_string().contains("vocabulary"), "{e}");
+    let unlabelled = Batch::new(ids.clone(), types.clone(), mask.clone(), None).unwrap();
+    let e = model.loss_and_grads(&unlabelled, true).unwrap_err();
+    assert!(e.to_string().contains("labels"), "{e}");
+}

@@ -4,6 +4,7 @@ mod batch;
 mod bert;
 mod classifier;
 mod config;
+mod fastmath;
 pub mod fused;
 mod layers;
 mod native;

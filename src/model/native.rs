@@ -25,6 +25,7 @@ use crate::error::{Error, Result};
 use crate::model::batch::Batch;
 use crate::model::classifier::BertClassifier;
 use crate::model::config::HiddenAct;
+use crate::model::fastmath;
 use crate::model::fused::{self, NativeMath};
 use crate::model::layers::dtype_min;
 use crate::rng::SeededRng;
@@ -41,14 +42,60 @@ pub(crate) fn supported(model: &BertClassifier) -> bool {
 trait Real: NativeMath + Send + Sync + 'static {
     /// Buffers of this type kept between passes.
     fn pool() -> &'static Mutex<Vec<Vec<Self>>>;
+    /// `g = f · Φ(f)` and `phi = Φ(f)` over a chunk.
+    fn gelu_chunk(f: &[Self], g: &mut [Self], phi: &mut [Self]) {
+        for ((gi, pi), fi) in g.iter_mut().zip(phi.iter_mut()).zip(f) {
+            let v = fi.to_f64();
+            let p = 0.5 * (1.0 + Self::erf_n(v * std::f64::consts::FRAC_1_SQRT_2));
+            *pi = Self::from_f64(p);
+            *gi = Self::from_f64(v * p);
+        }
+    }
+    /// `dg ← dg · (Φ(f) + f · φ(f))` over a chunk.
+    fn gelu_bwd_chunk(dg: &mut [Self], f: &[Self], phi: &[Self]) {
+        const INV_SQRT_2PI: f64 = 0.398_942_280_401_432_7;
+        for ((d, fi), pi) in dg.iter_mut().zip(f).zip(phi) {
+            let v = fi.to_f64();
+            let pdf = INV_SQRT_2PI * Self::exp_n(-0.5 * v * v);
+            *d = Self::from_f64(d.to_f64() * (pi.to_f64() + v * pdf));
+        }
+    }
+    /// `row ← softmax(row · scale + mask)` (one attention row), in f64 with `tmp` (row-sized).
+    fn softmax_row(row: &mut [Self], mask: &[Self], scale: f64, tmp: &mut [f64]) {
+        let mut max = f64::NEG_INFINITY;
+        for ((s, r), m) in tmp.iter_mut().zip(row.iter()).zip(mask) {
+            *s = r.to_f64() * scale + m.to_f64();
+            max = max.max(*s);
+        }
+        let mut sum = 0.0;
+        for s in tmp.iter_mut() {
+            *s = Self::exp_n(*s - max);
+            sum += *s;
+        }
+        let inv = 1.0 / sum;
+        for (r, s) in row.iter_mut().zip(tmp.iter()) {
+            *r = Self::from_f64(s * inv);
+        }
+    }
 }
 
 static POOL_F32: Mutex<Vec<Vec<f32>>> = Mutex::new(Vec::new());
 static POOL_F64: Mutex<Vec<Vec<f64>>> = Mutex::new(Vec::new());
 
+/// f32 models use the vectorised loops of [`crate::model::fastmath`] (torch's f32 softmax, Φ
+/// within 1.2e-7); f64 models the exact libm forms above (the 1e-10 parity with HF).
 impl Real for f32 {
     fn pool() -> &'static Mutex<Vec<Vec<f32>>> {
         &POOL_F32
+    }
+    fn gelu_chunk(f: &[f32], g: &mut [f32], phi: &mut [f32]) {
+        fastmath::gelu(f, g, phi)
+    }
+    fn gelu_bwd_chunk(dg: &mut [f32], f: &[f32], phi: &[f32]) {
+        fastmath::gelu_bwd(dg, f, phi)
+    }
+    fn softmax_row(row: &mut [f32], mask: &[f32], scale: f64, _tmp: &mut [f64]) {
+        fastmath::softmax_row(row, mask, scale as f32)
     }
 }
 impl Real for f64 {
@@ -488,30 +535,16 @@ fn gelu<T: Real>(f: &[T]) -> (Buf<T>, Buf<T>) {
     g.par_chunks_mut(CHUNK)
         .zip(phi.par_chunks_mut(CHUNK))
         .zip(f.par_chunks(CHUNK))
-        .for_each(|((gc, pc), fc)| {
-            for ((gi, pi), fi) in gc.iter_mut().zip(pc.iter_mut()).zip(fc) {
-                let v = fi.to_f64();
-                let p = 0.5 * (1.0 + T::erf_n(v * std::f64::consts::FRAC_1_SQRT_2));
-                *pi = T::from_f64(p);
-                *gi = T::from_f64(v * p);
-            }
-        });
+        .for_each(|((gc, pc), fc)| T::gelu_chunk(fc, gc, pc));
     (g, phi)
 }
 
 /// `df = dg · (Φ(f) + f · φ(f))`, in place of `dg`.
 fn gelu_bwd<T: Real>(dg: &mut [T], f: &[T], phi: &[T]) {
-    const INV_SQRT_2PI: f64 = 0.398_942_280_401_432_7;
     dg.par_chunks_mut(CHUNK)
         .zip(f.par_chunks(CHUNK))
         .zip(phi.par_chunks(CHUNK))
-        .for_each(|((dc, fc), pc)| {
-            for ((d, fi), pi) in dc.iter_mut().zip(fc).zip(pc) {
-                let v = fi.to_f64();
-                let pdf = INV_SQRT_2PI * T::exp_n(-0.5 * v * v);
-                *d = T::from_f64(d.to_f64() * (pi.to_f64() + v * pdf));
-            }
-        });
+        .for_each(|((dc, fc), pc)| T::gelu_bwd_chunk(dc, fc, pc));
 }
 
 // ---------------------------------------------------------------- attention
@@ -567,24 +600,13 @@ fn attention<T: Real>(
                     Parallelism::None,
                 );
                 let base = (bi * nh + hh) * tt;
-                for (i, prow) in p.chunks_mut(t).enumerate() {
-                    let mut max = f64::NEG_INFINITY;
-                    for j in 0..t {
-                        s[j] = prow[j].to_f64() * scale + madd[j].to_f64();
-                        max = max.max(s[j]);
-                    }
-                    let mut sum = 0.0;
-                    for sj in s.iter_mut() {
-                        *sj = T::exp_n(*sj - max);
-                        sum += *sj;
-                    }
-                    let inv = 1.0 / sum;
-                    for j in 0..t {
-                        prow[j] = T::from_f64(s[j] * inv);
-                        if let Some(dr) = drop {
-                            let k = dr.keep[base + i * t + j] as f64;
-                            pd[i * t + j] = T::from_f64(s[j] * inv * (k * dr.mult.to_f64()));
-                        }
+                for prow in p.chunks_mut(t) {
+                    T::softmax_row(prow, madd, scale, &mut s);
+                }
+                if let Some(dr) = drop {
+                    let keep = &dr.keep[base..][..tt];
+                    for ((o, &pv), &k) in pd.iter_mut().zip(p.iter()).zip(keep) {
+                        *o = pv * (T::from_f64(k as f64) * dr.mult);
                     }
                 }
                 let src: &[T] = if drop.is_some() { &pd } else { p };

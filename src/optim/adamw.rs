@@ -5,7 +5,6 @@ use std::cell::RefCell;
 use candle_core::backprop::GradStore;
 use candle_core::{CpuStorage, DType, Layout, Tensor, Var};
 
-use crate::optim::window::Elem;
 
 /// AdamW hyper-parameters. `Default` = HF Trainer's: lr 5e-5, betas (0.9, 0.999), eps 1e-8,
 /// weight decay 0 (note: candle-nn's `ParamsAdamW::default()` has weight decay 0.01).
@@ -42,22 +41,22 @@ impl Default for AdamWConfig {
 
 struct Slot {
     var: Var,
-    /// First and second moments. On the CPU they live in host f64 buffers updated by one fused
-    /// loop ([`AdamWKernel`]); elsewhere they are tensors updated with tensor ops.
+    /// First and second moments. On the CPU they live in host buffers of the parameter's dtype
+    /// (as torch keeps them) updated by one fused loop ([`AdamWKernel`]); elsewhere they are
+    /// tensors updated with tensor ops.
     moments: Moments,
     decay: bool,
 }
 
 enum Moments {
-    Host { m: Vec<f64>, v: Vec<f64> },
+    F32 { m: Vec<f32>, v: Vec<f32> },
+    F64 { m: Vec<f64>, v: Vec<f64> },
     Device { m: Tensor, v: Tensor },
 }
 
-/// The whole AdamW update of one contiguous CPU parameter, in place, in one pass: torch's
-/// formula step by step, in f64.
-struct AdamWKernel<'a> {
-    m: RefCell<&'a mut [f64]>,
-    v: RefCell<&'a mut [f64]>,
+/// One step's constants: torch's `1 − lr·wd`, `lr / (1 − β₁ᵗ)`, `sqrt(1 − β₂ᵗ)`.
+#[derive(Clone, Copy)]
+struct Coefs {
     beta1: f64,
     beta2: f64,
     decay: f64,
@@ -66,18 +65,63 @@ struct AdamWKernel<'a> {
     eps: f64,
 }
 
-impl AdamWKernel<'_> {
-    fn run<P: Elem, G: Elem>(&self, w: &mut [P], g: &[G]) {
-        let (mut m, mut v) = (self.m.borrow_mut(), self.v.borrow_mut());
-        let (b1, b2) = (self.beta1, self.beta2);
-        for (((w, g), m), v) in w.iter_mut().zip(g).zip(m.iter_mut()).zip(v.iter_mut()) {
-            let g = g.to_f64();
-            *m = *m * b1 + g * (1.0 - b1);
-            *v = *v * b2 + g * g * (1.0 - b2);
-            let denom = v.sqrt() / self.bc2_sqrt + self.eps;
-            *w = P::from_f64(w.to_f64() * self.decay - *m / denom * self.step_size);
+/// The whole AdamW update of one contiguous CPU parameter, in place: torch's single-tensor
+/// formula step by step (`lerp` for m, `addcmul` for v, `addcdiv` for w), in the parameter's
+/// dtype, over chunks in parallel.
+struct AdamWKernel<'a> {
+    moments: RefCell<&'a mut Moments>,
+    c: Coefs,
+}
+
+/// Defines the update loop for one float type; `$avx` is the same loop compiled for AVX2 + FMA.
+macro_rules! adamw_loop {
+    ($name:ident, $avx:ident, $t:ty) => {
+        #[inline(always)]
+        fn $name(w: &mut [$t], g: &[$t], m: &mut [$t], v: &mut [$t], c: Coefs) {
+            let (b1, b2) = (c.beta1 as $t, c.beta2 as $t);
+            let (w1, w2) = (1.0 - b1, 1.0 - b2);
+            let (decay, step, bc2, eps) =
+                (c.decay as $t, c.step_size as $t, c.bc2_sqrt as $t, c.eps as $t);
+            for (((w, &g), m), v) in w.iter_mut().zip(g).zip(m.iter_mut()).zip(v.iter_mut()) {
+                // torch's lerp with weight < 0.5: m + w·(g − m).
+                *m += w1 * (g - *m);
+                *v = *v * b2 + w2 * (g * g);
+                let denom = v.sqrt() / bc2 + eps;
+                *w = *w * decay - step * (*m / denom);
+            }
         }
-    }
+
+        #[cfg(target_arch = "x86_64")]
+        #[target_feature(enable = "avx2,fma")]
+        unsafe fn $avx(w: &mut [$t], g: &[$t], m: &mut [$t], v: &mut [$t], c: Coefs) {
+            $name(w, g, m, v, c)
+        }
+    };
+}
+
+adamw_loop!(adamw_f32, adamw_f32_avx2, f32);
+adamw_loop!(adamw_f64, adamw_f64_avx2, f64);
+
+/// Runs an update loop over 16K-element chunks in parallel, with the AVX2 build when possible.
+macro_rules! adamw_par {
+    ($w:expr, $g:expr, $m:expr, $v:expr, $c:expr, $plain:ident, $avx:ident) => {{
+        use rayon::prelude::*;
+        const CHUNK: usize = 16384;
+        #[cfg(target_arch = "x86_64")]
+        let simd = is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma");
+        $w.par_chunks_mut(CHUNK)
+            .zip($g.par_chunks(CHUNK))
+            .zip($m.par_chunks_mut(CHUNK))
+            .zip($v.par_chunks_mut(CHUNK))
+            .for_each(|(((w, g), m), v)| {
+                #[cfg(target_arch = "x86_64")]
+                if simd {
+                    // SAFETY: the CPU has the features the loop is compiled for.
+                    return unsafe { $avx(w, g, m, v, $c) };
+                }
+                $plain(w, g, m, v, $c)
+            });
+    }};
 }
 
 impl candle_core::InplaceOp2 for AdamWKernel<'_> {
@@ -97,9 +141,17 @@ impl candle_core::InplaceOp2 for AdamWKernel<'_> {
         else {
             candle_core::bail!("adamw-update needs contiguous tensors");
         };
-        match (dst, src) {
-            (CpuStorage::F32(w), CpuStorage::F32(g)) => self.run(&mut w[a..b], &g[ga..gb]),
-            (CpuStorage::F64(w), CpuStorage::F64(g)) => self.run(&mut w[a..b], &g[ga..gb]),
+        let mut moments = self.moments.borrow_mut();
+        let c = self.c;
+        match (dst, src, &mut **moments) {
+            (CpuStorage::F32(w), CpuStorage::F32(g), Moments::F32 { m, v }) => {
+                let (w, g) = (&mut w[a..b], &g[ga..gb]);
+                adamw_par!(w, g, m, v, c, adamw_f32, adamw_f32_avx2)
+            }
+            (CpuStorage::F64(w), CpuStorage::F64(g), Moments::F64 { m, v }) => {
+                let (w, g) = (&mut w[a..b], &g[ga..gb]);
+                adamw_par!(w, g, m, v, c, adamw_f64, adamw_f64_avx2)
+            }
             _ => candle_core::bail!("adamw-update needs f32 or f64 tensors of one dtype"),
         }
         Ok(())
@@ -162,20 +214,21 @@ impl candle_nn::Optimizer for AdamW {
             .into_iter()
             .filter(|v| v.dtype().is_float())
             .map(|var| {
-                let host = var.device().is_cpu()
-                    && var.is_contiguous()
-                    && matches!(var.dtype(), DType::F32 | DType::F64);
-                let moments = if host {
-                    let n = var.elem_count();
-                    Moments::Host {
+                let host = var.device().is_cpu() && var.is_contiguous();
+                let n = var.elem_count();
+                let moments = match var.dtype() {
+                    DType::F32 if host => Moments::F32 {
                         m: vec![0.0; n],
                         v: vec![0.0; n],
-                    }
-                } else {
-                    Moments::Device {
+                    },
+                    DType::F64 if host => Moments::F64 {
+                        m: vec![0.0; n],
+                        v: vec![0.0; n],
+                    },
+                    _ => Moments::Device {
                         m: var.zeros_like()?,
                         v: var.zeros_like()?,
-                    }
+                    },
                 };
                 Ok(Slot {
                     var,
@@ -217,26 +270,6 @@ impl candle_nn::Optimizer for AdamW {
                 1.0
             };
             match &mut slot.moments {
-                Moments::Host { m, v } if g.device().is_cpu() && g.dtype() == slot.var.dtype() => {
-                    let kernel = AdamWKernel {
-                        m: RefCell::new(m),
-                        v: RefCell::new(v),
-                        beta1,
-                        beta2,
-                        decay,
-                        step_size,
-                        bc2_sqrt,
-                        eps,
-                    };
-                    slot.var
-                        .as_tensor()
-                        .inplace_op2(&g.contiguous()?, &kernel)?;
-                }
-                Moments::Host { .. } => {
-                    candle_core::bail!(
-                        "AdamW: the gradient's device or dtype differs from its parameter's"
-                    )
-                }
                 Moments::Device { m, v } => {
                     *m = ((&*m * beta1)? + (g * (1.0 - beta1))?)?;
                     *v = ((&*v * beta2)? + (g.sqr()? * (1.0 - beta2))?)?;
@@ -244,6 +277,27 @@ impl candle_nn::Optimizer for AdamW {
                     let denom = ((v.sqrt()? / bc2_sqrt)? + eps)?;
                     let w = (w - (m.div(&denom)? * step_size)?)?;
                     slot.var.set(&w)?;
+                }
+                host => {
+                    if !g.device().is_cpu() || g.dtype() != slot.var.dtype() {
+                        candle_core::bail!(
+                            "AdamW: the gradient's device or dtype differs from its parameter's"
+                        )
+                    }
+                    let kernel = AdamWKernel {
+                        moments: RefCell::new(host),
+                        c: Coefs {
+                            beta1,
+                            beta2,
+                            decay,
+                            step_size,
+                            bc2_sqrt,
+                            eps,
+                        },
+                    };
+                    slot.var
+                        .as_tensor()
+                        .inplace_op2(&g.contiguous()?, &kernel)?;
                 }
             }
         }

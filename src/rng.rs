@@ -87,14 +87,51 @@ impl SeededRng {
     /// assert!(kept > 850 && kept < 950);
     /// ```
     pub fn keep_flags(&mut self, n: usize, p: f64) -> Vec<u8> {
+        use rayon::prelude::*;
+        const CHUNK: usize = 65536;
         let threshold = (p * 4_294_967_296.0) as u64;
-        (0..n)
-            .map(|_| (self.0.next_u32() as u64 >= threshold) as u8)
-            .collect()
+        // The words are those of n calls of next_u32. ChaCha can seek, so chunks of the stream
+        // are generated in parallel, each by a copy of the generator moved to its offset.
+        let start = self.0.get_word_pos();
+        let mut flags = vec![0u8; n];
+        flags
+            .par_chunks_mut(CHUNK)
+            .enumerate()
+            .for_each(|(i, out)| {
+                let mut r = self.0.clone();
+                r.set_word_pos(start + (i * CHUNK) as u128);
+                let mut bytes = vec![0u8; 4 * out.len()];
+                r.fill_bytes(&mut bytes);
+                for (f, w) in out.iter_mut().zip(bytes.chunks_exact(4)) {
+                    *f = (u32::from_le_bytes([w[0], w[1], w[2], w[3]]) as u64 >= threshold) as u8;
+                }
+            });
+        self.0.set_word_pos(start + n as u128);
+        flags
     }
 
     /// The next raw 64-bit value (to derive sub-seeds).
     pub fn next_u64(&mut self) -> u64 {
         self.0.next_u64()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keep_flags_are_the_next_u32_draws_and_keep_the_stream_in_step() {
+        let mut a = SeededRng::new(9);
+        let mut b = a.clone();
+        let _ = a.next_u64();
+        let _ = b.next_u64();
+        let mut flags = a.keep_flags(1001, 0.3);
+        flags.extend(a.keep_flags(200_003, 0.3));
+        let threshold = (0.3 * 4_294_967_296.0) as u64;
+        for f in &flags {
+            assert_eq!(*f, (b.0.next_u32() as u64 >= threshold) as u8);
+        }
+        assert_eq!(a.next_u64(), b.next_u64());
     }
 }

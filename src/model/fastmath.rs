@@ -88,22 +88,56 @@ fn gelu_bwd_body(dg: &mut [f32], f: &[f32], phi: &[f32]) {
     }
 }
 
+/// Reduces `f(i)` over `0..n` with `op` in 8 interleaved lanes (vectorisable; a single running
+/// value would be one long dependency chain).
+#[inline(always)]
+fn lanes(n: usize, init: f32, f: impl Fn(usize) -> f32, op: impl Fn(f32, f32) -> f32) -> f32 {
+    let mut acc = [init; 8];
+    let full = n / 8 * 8;
+    let mut i = 0;
+    while i < full {
+        for (j, a) in acc.iter_mut().enumerate() {
+            *a = op(*a, f(i + j));
+        }
+        i += 8;
+    }
+    let mut r = op(
+        op(op(acc[0], acc[4]), op(acc[1], acc[5])),
+        op(op(acc[2], acc[6]), op(acc[3], acc[7])),
+    );
+    for k in full..n {
+        r = op(r, f(k));
+    }
+    r
+}
+
 /// `row = softmax(row · scale + mask)`, in f32 as torch computes it.
 #[inline(always)]
 fn softmax_body(row: &mut [f32], mask: &[f32], scale: f32) {
-    let mut max = f32::NEG_INFINITY;
     for (v, &m) in row.iter_mut().zip(mask) {
         *v = v.mul_add(scale, m);
-        max = max.max(*v);
     }
-    let mut sum = 0.0f32;
+    let max = lanes(row.len(), f32::NEG_INFINITY, |j| row[j], f32::max);
     for v in row.iter_mut() {
         *v = exp(*v - max);
-        sum += *v;
     }
-    let inv = 1.0 / sum;
+    let inv = 1.0 / lanes(row.len(), 0.0, |j| row[j], |a, b| a + b);
     for v in row.iter_mut() {
         *v *= inv;
+    }
+}
+
+/// The softmax backward of one row: `g ← scale · p ∘ (g' − Σ g'·p)`, `g' = g ∘ keep · mult`.
+#[inline(always)]
+fn softmax_bwd_body(g: &mut [f32], p: &[f32], mask: Option<(&[u8], f32)>, scale: f32) {
+    if let Some((keep, mult)) = mask {
+        for (v, &k) in g.iter_mut().zip(keep) {
+            *v *= k as f32 * mult;
+        }
+    }
+    let dot = lanes(g.len(), 0.0, |j| g[j] * p[j], |a, b| a + b);
+    for (v, &pj) in g.iter_mut().zip(p) {
+        *v = scale * pj * (*v - dot);
     }
 }
 
@@ -136,6 +170,11 @@ simd_dispatch!(
 simd_dispatch!(
     /// GELU's backward in place: `dg ← dg · (Φ(f) + f · φ(f))`.
     gelu_bwd, gelu_bwd_avx2, gelu_bwd_body, (dg: &mut [f32], f: &[f32], phi: &[f32])
+);
+simd_dispatch!(
+    /// The backward of one attention row's softmax and dropout, in place of the gradient.
+    softmax_bwd_row, softmax_bwd_row_avx2, softmax_bwd_body,
+    (g: &mut [f32], p: &[f32], mask: Option<(&[u8], f32)>, scale: f32)
 );
 simd_dispatch!(
     /// A masked, scaled softmax of one attention row, in place.
@@ -197,8 +236,14 @@ mod tests {
         mask[100..].iter_mut().for_each(|m| *m = f32::MIN);
         let plain = row.clone();
         softmax_row(&mut row, &mask, 0.125);
-        let max = plain[..100].iter().map(|v| v * 0.125).fold(f32::MIN, f32::max);
-        let sum: f64 = plain[..100].iter().map(|v| ((v * 0.125 - max) as f64).exp()).sum();
+        let max = plain[..100]
+            .iter()
+            .map(|v| v * 0.125)
+            .fold(f32::MIN, f32::max);
+        let sum: f64 = plain[..100]
+            .iter()
+            .map(|v| ((v * 0.125 - max) as f64).exp())
+            .sum();
         for j in 0..128 {
             let want = if j < 100 {
                 ((plain[j] * 0.125 - max) as f64).exp() / sum

@@ -60,6 +60,28 @@ trait Real: NativeMath + Send + Sync + 'static {
             *d = Self::from_f64(d.to_f64() * (pi.to_f64() + v * pdf));
         }
     }
+    /// The backward of one attention row: `g ← scale · p ∘ (g' − Σ g'·p)` with `g' = g ∘ mask`
+    /// (the dropout multipliers `keep · mult`, when given).
+    fn softmax_bwd_row(g: &mut [Self], p: &[Self], mask: Option<(&[u8], Self)>, scale: f64) {
+        let t = g.len();
+        let mut gm = vec![0f64; t];
+        match mask {
+            Some((keep, mult)) => {
+                for ((o, &v), &k) in gm.iter_mut().zip(g.iter()).zip(keep) {
+                    *o = v.to_f64() * (Self::from_f64(k as f64) * mult).to_f64();
+                }
+            }
+            None => {
+                for (o, &v) in gm.iter_mut().zip(g.iter()) {
+                    *o = v.to_f64();
+                }
+            }
+        }
+        let dot = lane_sum(t, |j| gm[j] * p[j].to_f64());
+        for ((o, &gj), &pj) in g.iter_mut().zip(&gm).zip(p) {
+            *o = Self::from_f64(scale * pj.to_f64() * (gj - dot));
+        }
+    }
     /// `row ← softmax(row · scale + mask)` (one attention row), in f64 with `tmp` (row-sized).
     fn softmax_row(row: &mut [Self], mask: &[Self], scale: f64, tmp: &mut [f64]) {
         let mut max = f64::NEG_INFINITY;
@@ -96,6 +118,9 @@ impl Real for f32 {
     }
     fn softmax_row(row: &mut [f32], mask: &[f32], scale: f64, _tmp: &mut [f64]) {
         fastmath::softmax_row(row, mask, scale as f32)
+    }
+    fn softmax_bwd_row(g: &mut [f32], p: &[f32], mask: Option<(&[u8], f32)>, scale: f64) {
+        fastmath::softmax_bwd_row(g, p, mask, scale as f32)
     }
 }
 impl Real for f64 {
@@ -394,6 +419,35 @@ fn draw<T: Real>(rng: &mut Option<&mut SeededRng>, n: usize, p: f64) -> Option<M
     }
 }
 
+/// Sum of `f(i)` over `0..n` in 8 interleaved lanes: independent chains the CPU can overlap
+/// and the compiler can vectorise (a single running sum is one long dependency chain).
+#[inline(always)]
+fn lane_sum(n: usize, f: impl Fn(usize) -> f64) -> f64 {
+    let mut acc = [0f64; 8];
+    let full = n / 8 * 8;
+    let mut i = 0;
+    while i < full {
+        for (j, a) in acc.iter_mut().enumerate() {
+            *a += f(i + j);
+        }
+        i += 8;
+    }
+    let mut tail = 0.0;
+    for k in full..n {
+        tail += f(k);
+    }
+    ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7])) + tail
+}
+
+/// The mask multipliers of one row as values of `T` (`keep · 1/(1-p)`), into `out`.
+#[inline(always)]
+fn row_mask<T: Real>(d: &Mask<T>, base: usize, out: &mut [T]) {
+    let n = out.len();
+    for (o, &k) in out.iter_mut().zip(&d.keep[base..base + n]) {
+        *o = T::from_f64(k as f64) * d.mult;
+    }
+}
+
 /// `x · mask` as the graph computes it (the mask value rounded to `T` first).
 #[inline]
 fn dropped<T: Real>(x: T, d: &Option<Mask<T>>, i: usize) -> T {
@@ -432,25 +486,50 @@ fn add_norm<T: Real>(
         .enumerate()
         .for_each(|(c, ((yc, xc), ic))| {
             let mut r = vec![0f64; h];
+            let mut m = vec![T::zero(); h];
             for (k, inv_k) in ic.iter_mut().enumerate() {
-                let row = c * rows + k;
-                let base = row * h;
-                for i in 0..h {
-                    let v = dropped(a[base + i], drop, base + i);
-                    r[i] = match res {
-                        Some(res) => (v + res[base + i]).to_f64(),
-                        None => v.to_f64(),
-                    };
+                let base = (c * rows + k) * h;
+                let ar = &a[base..base + h];
+                match drop {
+                    Some(d) => {
+                        row_mask(d, base, &mut m);
+                        for ((ri, &ai), &mi) in r.iter_mut().zip(ar).zip(&m) {
+                            *ri = (ai * mi).to_f64();
+                        }
+                    }
+                    None => {
+                        for (ri, &ai) in r.iter_mut().zip(ar) {
+                            *ri = ai.to_f64();
+                        }
+                    }
                 }
-                let mean = r.iter().sum::<f64>() / h as f64;
-                let var = r.iter().map(|v| (v - mean) * (v - mean)).sum::<f64>() / h as f64;
+                if let Some(res) = res {
+                    // In T, as the graph adds the two tensors.
+                    for ((ri, &ai), &si) in r.iter_mut().zip(ar).zip(&res[base..base + h]) {
+                        let v = match drop {
+                            Some(_) => T::from_f64(*ri),
+                            None => ai,
+                        };
+                        *ri = (v + si).to_f64();
+                    }
+                }
+                let mean = lane_sum(h, |i| r[i]) / h as f64;
+                let var = lane_sum(h, |i| (r[i] - mean) * (r[i] - mean)) / h as f64;
                 let s = 1.0 / (var + eps).sqrt();
                 *inv_k = s;
-                for i in 0..h {
-                    let xh = (r[i] - mean) * s;
-                    xc[k * h + i] = T::from_f64(xh);
-                    let out = T::from_f64(xh * w[i].to_f64() + b[i].to_f64());
-                    yc[k * h + i] = dropped(out, drop_out, base + i);
+                let (xo, yo) = (&mut xc[k * h..(k + 1) * h], &mut yc[k * h..(k + 1) * h]);
+                for ((((xo, yo), &ri), &wi), &bi) in
+                    xo.iter_mut().zip(yo.iter_mut()).zip(&r).zip(w).zip(b)
+                {
+                    let xh = (ri - mean) * s;
+                    *xo = T::from_f64(xh);
+                    *yo = T::from_f64(xh * wi.to_f64() + bi.to_f64());
+                }
+                if let Some(d) = drop_out {
+                    row_mask(d, base, &mut m);
+                    for (yo, &mi) in yo.iter_mut().zip(&m) {
+                        *yo = *yo * mi;
+                    }
                 }
             }
         });
@@ -475,28 +554,44 @@ fn add_norm_bwd<T: Real>(
     let xhat = &saved.xhat;
     let body = |c: usize, drc: &mut [T], mut dac: Option<&mut [T]>| -> (Vec<f64>, Vec<f64>) {
         let (mut dw, mut db) = (vec![0f64; h], vec![0f64; h]);
-        let mut gw = vec![0f64; h];
+        let (mut g, mut gw, mut xh) = (vec![0f64; h], vec![0f64; h], vec![0f64; h]);
+        let mut m = vec![T::zero(); h];
         for k in 0..drc.len() / h {
             let row = c * rows + k;
             let base = row * h;
-            let (mut s_gw, mut s_gwxh) = (0.0, 0.0);
-            for i in 0..h {
-                let g = dropped(dy[base + i], drop_out, base + i).to_f64();
-                let xh = xhat[base + i].to_f64();
-                gw[i] = g * w[i].to_f64();
-                s_gw += gw[i];
-                s_gwxh += gw[i] * xh;
-                dw[i] += g * xh;
-                db[i] += g;
+            let dyr = &dy[base..base + h];
+            match drop_out {
+                Some(d) => {
+                    row_mask(d, base, &mut m);
+                    for ((gi, &v), &mi) in g.iter_mut().zip(dyr).zip(&m) {
+                        *gi = (v * mi).to_f64();
+                    }
+                }
+                None => {
+                    for (gi, &v) in g.iter_mut().zip(dyr) {
+                        *gi = v.to_f64();
+                    }
+                }
             }
-            let (m1, m2) = (s_gw / h as f64, s_gwxh / h as f64);
-            let inv = saved.inv[row];
+            for (x, &v) in xh.iter_mut().zip(&xhat[base..base + h]) {
+                *x = v.to_f64();
+            }
             for i in 0..h {
-                let xh = xhat[base + i].to_f64();
-                let v = T::from_f64(inv * (gw[i] - m1 - xh * m2));
-                drc[k * h + i] = v;
-                if let Some(dac) = dac.as_deref_mut() {
-                    dac[k * h + i] = dropped(v, drop, base + i);
+                gw[i] = g[i] * w[i].to_f64();
+                dw[i] += g[i] * xh[i];
+                db[i] += g[i];
+            }
+            let m1 = lane_sum(h, |i| gw[i]) / h as f64;
+            let m2 = lane_sum(h, |i| gw[i] * xh[i]) / h as f64;
+            let inv = saved.inv[row];
+            let dro = &mut drc[k * h..(k + 1) * h];
+            for ((o, &gwi), &x) in dro.iter_mut().zip(&gw).zip(&xh) {
+                *o = T::from_f64(inv * (gwi - m1 - x * m2));
+            }
+            if let (Some(dac), Some(d)) = (dac.as_deref_mut(), drop) {
+                row_mask(d, base, &mut m);
+                for ((o, &v), &mi) in dac[k * h..(k + 1) * h].iter_mut().zip(dro.iter()).zip(&m) {
+                    *o = v * mi;
                 }
             }
         }
@@ -677,22 +772,10 @@ fn attention_bwd<T: Real>(
                 );
                 // dS = scale · P ∘ (g − Σ g·P), g = dPd ∘ mask
                 for (i, row) in dp.chunks_mut(t).enumerate() {
-                    let pr = &p[i * t..][..t];
-                    let g = |j: usize, v: T| -> f64 {
-                        match drop {
-                            Some(dr) => {
-                                v.to_f64() * dr.keep[base + i * t + j] as f64 * dr.mult.to_f64()
-                            }
-                            None => v.to_f64(),
-                        }
-                    };
-                    let mut dot = 0.0;
-                    for j in 0..t {
-                        dot += g(j, row[j]) * pr[j].to_f64();
-                    }
-                    for j in 0..t {
-                        row[j] = T::from_f64(scale * pr[j].to_f64() * (g(j, row[j]) - dot));
-                    }
+                    let mask = drop
+                        .as_ref()
+                        .map(|dr| (&dr.keep[base + i * t..][..t], dr.mult));
+                    T::softmax_bwd_row(row, &p[i * t..][..t], mask, scale);
                 }
                 // dQ = dS · K, dK = dSᵀ · Q
                 matmul(

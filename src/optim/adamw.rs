@@ -5,7 +5,6 @@ use std::cell::RefCell;
 use candle_core::backprop::GradStore;
 use candle_core::{CpuStorage, DType, Layout, Tensor, Var};
 
-
 /// AdamW hyper-parameters. `Default` = HF Trainer's: lr 5e-5, betas (0.9, 0.999), eps 1e-8,
 /// weight decay 0 (note: candle-nn's `ParamsAdamW::default()` has weight decay 0.01).
 ///
@@ -80,8 +79,12 @@ macro_rules! adamw_loop {
         fn $name(w: &mut [$t], g: &[$t], m: &mut [$t], v: &mut [$t], c: Coefs) {
             let (b1, b2) = (c.beta1 as $t, c.beta2 as $t);
             let (w1, w2) = (1.0 - b1, 1.0 - b2);
-            let (decay, step, bc2, eps) =
-                (c.decay as $t, c.step_size as $t, c.bc2_sqrt as $t, c.eps as $t);
+            let (decay, step, bc2, eps) = (
+                c.decay as $t,
+                c.step_size as $t,
+                c.bc2_sqrt as $t,
+                c.eps as $t,
+            );
             for (((w, &g), m), v) in w.iter_mut().zip(g).zip(m.iter_mut()).zip(v.iter_mut()) {
                 // torch's lerp with weight < 0.5: m + w·(g − m).
                 *m += w1 * (g - *m);

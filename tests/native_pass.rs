@@ -4,7 +4,7 @@
 mod common;
 
 use candle_core::{DType, Device, Tensor};
-use common::{fixture, load_st, reference_batch, rel_l2};
+use common::{fixture, load_st, reference_batch};
 use mfac_lab::model::fused::with_composed_ops;
 use mfac_lab::prelude::*;
 
@@ -92,7 +92,10 @@ fn max_grad_diff(
         .sqrt();
     let mut worst = (0.0, String::new());
     for ((n, va), (_, vb)) in ma.named_vars().iter().zip(mb.named_vars()) {
-        let (ga, gb) = (a.get(va.as_tensor()).unwrap(), b.get(vb.as_tensor()).unwrap());
+        let (ga, gb) = (
+            a.get(va.as_tensor()).unwrap(),
+            b.get(vb.as_tensor()).unwrap(),
+        );
         let e = common::grad_err(ga, gb, global);
         if e.is_nan() || e > worst.0 {
             worst = (e, n.clone());

@@ -262,6 +262,7 @@ impl View {
 
 /// `dst = a · b`, or `dst += a · b` with `acc`. Bounds are checked, so the unsafe call only sees
 /// memory inside the slices.
+#[allow(clippy::too_many_arguments)] // three (slice, view) pairs: the call sites read as `dst = a · b`
 fn matmul<T: Real>(
     dst: &mut [T],
     dv: View,
@@ -329,19 +330,23 @@ fn task_rows(cols: usize) -> usize {
 fn linear<T: Real>(x: &[T], w: &[T], b: &[T], n: usize, k: usize) -> Buf<T> {
     let out = b.len();
     let mut y = Buf::dirty(n * out);
-    for row in y.chunks_mut(out) {
-        row.copy_from_slice(b);
-    }
     matmul(
         &mut y,
         View::rows(0, n, out, out),
-        true,
+        false,
         x,
         View::rows(0, n, k, k),
         w,
         View::rows(0, out, k, k).t(),
         ALL,
     );
+    y.par_chunks_mut(task_rows(out) * out).for_each(|c| {
+        for row in c.chunks_mut(out) {
+            for (v, &bi) in row.iter_mut().zip(b) {
+                *v += bi;
+            }
+        }
+    });
     y
 }
 
@@ -528,7 +533,7 @@ fn add_norm<T: Real>(
                 if let Some(d) = drop_out {
                     row_mask(d, base, &mut m);
                     for (yo, &mi) in yo.iter_mut().zip(&m) {
-                        *yo = *yo * mi;
+                        *yo *= mi;
                     }
                 }
             }
@@ -610,12 +615,12 @@ fn add_norm_bwd<T: Real>(
             .map(|(c, drc)| body(c, drc, None))
             .collect(),
     };
-    let sum = |f: fn(&(Vec<f64>, Vec<f64>)) -> &Vec<f64>| -> Vec<T> {
-        (0..h)
-            .map(|i| T::from_f64(parts.iter().map(|p| f(p)[i]).sum()))
-            .collect()
-    };
-    let (dw, db) = (sum(|p| &p.0), sum(|p| &p.1));
+    let dw = (0..h)
+        .map(|i| T::from_f64(parts.iter().map(|p| p.0[i]).sum()))
+        .collect();
+    let db = (0..h)
+        .map(|i| T::from_f64(parts.iter().map(|p| p.1[i]).sum()))
+        .collect();
     (dr, da, dw, db)
 }
 

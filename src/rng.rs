@@ -100,10 +100,16 @@ impl SeededRng {
             .for_each(|(i, out)| {
                 let mut r = self.0.clone();
                 r.set_word_pos(start + (i * CHUNK) as u128);
-                let mut bytes = vec![0u8; 4 * out.len()];
-                r.fill_bytes(&mut bytes);
-                for (f, w) in out.iter_mut().zip(bytes.chunks_exact(4)) {
-                    *f = (u32::from_le_bytes([w[0], w[1], w[2], w[3]]) as u64 >= threshold) as u8;
+                // Through a small stack buffer: a heap one this size would be mmap'd afresh
+                // per task (page faults on every draw).
+                let mut bytes = [0u8; 4096];
+                for piece in out.chunks_mut(1024) {
+                    let b = &mut bytes[..4 * piece.len()];
+                    r.fill_bytes(b);
+                    for (f, w) in piece.iter_mut().zip(b.chunks_exact(4)) {
+                        *f = (u32::from_le_bytes([w[0], w[1], w[2], w[3]]) as u64 >= threshold)
+                            as u8;
+                    }
                 }
             });
         self.0.set_word_pos(start + n as u128);

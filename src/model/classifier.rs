@@ -549,17 +549,20 @@ impl BertClassifier {
         Ok(self.forward_full(batch, train)?.logits)
     }
 
+    /// The dropout stream, locked, when `train` (no dropout otherwise).
+    fn dropout_stream(&self, train: bool) -> Result<Option<std::sync::MutexGuard<'_, SeededRng>>> {
+        if !train {
+            return Ok(None);
+        }
+        self.dropout_rng
+            .lock()
+            .map(Some)
+            .map_err(|_| Error::InvalidArgument("dropout RNG poisoned".into()))
+    }
+
     /// Like [`BertClassifier::forward`], also returning hidden states and the pooled output.
     pub fn forward_full(&self, batch: &Batch, train: bool) -> Result<ClassifierOutput> {
-        let mut guard = if train {
-            Some(
-                self.dropout_rng
-                    .lock()
-                    .map_err(|_| Error::InvalidArgument("dropout RNG poisoned".into()))?,
-            )
-        } else {
-            None
-        };
+        let mut guard = self.dropout_stream(train)?;
         let mut rng = guard.as_deref_mut();
         let bert = self.bert.forward(
             &batch.input_ids,
@@ -594,15 +597,7 @@ impl BertClassifier {
         train: bool,
     ) -> Result<(f64, candle_core::backprop::GradStore)> {
         if crate::model::native::supported(self) {
-            let mut guard = if train {
-                Some(
-                    self.dropout_rng
-                        .lock()
-                        .map_err(|_| Error::InvalidArgument("dropout RNG poisoned".into()))?,
-                )
-            } else {
-                None
-            };
+            let mut guard = self.dropout_stream(train)?;
             return crate::model::native::loss_and_grads(self, batch, guard.as_deref_mut());
         }
         let labels = batch

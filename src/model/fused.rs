@@ -813,10 +813,12 @@ impl CustomOp3 for AttnProbsBwd {
     }
 }
 
-/// Column sums of a contiguous `[n, c]` matrix (the bias gradient), over row blocks in parallel.
+/// The bias gradient as a graph op: [`col_sum`] of a contiguous `[n, c]` matrix.
 struct ColSum;
 
-fn col_sum<T: WithDType>(g: &[T], c: usize) -> Vec<T> {
+/// Column sums of a contiguous row-major `[n, c]` matrix, accumulated in f64 over row blocks
+/// in parallel (also the CPU training pass's bias gradients).
+pub(crate) fn col_sum<T: WithDType>(g: &[T], c: usize) -> Vec<T> {
     let partial: Vec<Vec<f64>> = g
         .par_chunks(rows_per_task(c) * c * 4)
         .map(|block| {

@@ -383,26 +383,7 @@ fn linear_bwd<T: Real>(
             ALL,
         );
     }
-    (dw, col_sums(dy, out))
-}
-
-/// Column sums of a row-major `[n, c]` matrix, accumulated in f64.
-fn col_sums<T: Real>(g: &[T], c: usize) -> Vec<T> {
-    let parts: Vec<Vec<f64>> = g
-        .par_chunks(task_rows(c) * c)
-        .map(|block| {
-            let mut acc = vec![0f64; c];
-            for row in block.chunks(c) {
-                for (a, v) in acc.iter_mut().zip(row) {
-                    *a += v.to_f64();
-                }
-            }
-            acc
-        })
-        .collect();
-    (0..c)
-        .map(|j| T::from_f64(parts.iter().map(|p| p[j]).sum()))
-        .collect()
+    (dw, fused::col_sum(dy, out))
 }
 
 // ---------------------------------------------------------------- dropout, residual, LayerNorm

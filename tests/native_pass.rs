@@ -75,28 +75,34 @@ fn tiny_f32_pass_matches_hf() {
     check_against_hf("bert-tiny-random", DType::F32, 1e-4);
 }
 
-/// The worst gradient error over every parameter ([`common::grad_err`]: relative L2, or against
-/// the global norm for gradients that are analytically zero, like the key bias's).
+/// The worst gradient error over every parameter: relative L2, except for gradients that are
+/// analytically zero (the key bias's: softmax ignores a per-row shift), which hold only rounding
+/// noise on both sides. Those (norm below `floor` × the global norm: 1e-12 in f64, as in
+/// [`common::grad_err`]; 1e-5 in f32, whose noise is ~1e-7) are measured against the global norm.
 fn max_grad_diff(
     ma: &BertClassifier,
     a: &GradStore,
     mb: &BertClassifier,
     b: &GradStore,
+    floor: f64,
 ) -> (f64, String) {
-    let global = mb
-        .named_vars()
-        .iter()
-        .flat_map(|(_, v)| common::f64s(b.get(v.as_tensor()).unwrap()))
-        .map(|x| x * x)
-        .sum::<f64>()
-        .sqrt();
+    let norm = |v: &[f64]| v.iter().map(|x| x * x).sum::<f64>().sqrt();
+    let global = norm(
+        &mb.named_vars()
+            .iter()
+            .flat_map(|(_, v)| common::f64s(b.get(v.as_tensor()).unwrap()))
+            .collect::<Vec<_>>(),
+    );
     let mut worst = (0.0, String::new());
     for ((n, va), (_, vb)) in ma.named_vars().iter().zip(mb.named_vars()) {
-        let (ga, gb) = (
-            a.get(va.as_tensor()).unwrap(),
-            b.get(vb.as_tensor()).unwrap(),
-        );
-        let e = common::grad_err(ga, gb, global);
+        let ga = common::f64s(a.get(va.as_tensor()).unwrap());
+        let gb = common::f64s(b.get(vb.as_tensor()).unwrap());
+        let diff: Vec<f64> = ga.iter().zip(&gb).map(|(x, y)| x - y).collect();
+        let e = if norm(&gb) <= floor * global {
+            norm(&diff) / global
+        } else {
+            norm(&diff) / norm(&gb)
+        };
         if e.is_nan() || e > worst.0 {
             worst = (e, n.clone());
         }
@@ -130,13 +136,35 @@ fn pass_equals_graph_with_dropout_on() {
                 ((la - lb) / lb).abs() < 1e-12,
                 "{name} call {call}: loss {la} vs graph {lb}"
             );
-            let (e, which) = max_grad_diff(&a, &ga, &b, &gb);
+            let (e, which) = max_grad_diff(&a, &ga, &b, &gb, 1e-12);
             assert!(
                 e < 1e-12,
                 "{name} call {call}: grad {which} differs by {e:e}"
             );
         }
     }
+}
+
+/// The f32 pass has its own kernels (vectorised softmax both ways with the dropout multipliers,
+/// Φ, f32 accumulation): with dropout on it must agree with the f32 graph, whose kernels
+/// accumulate in f64 with libm's functions.
+#[test]
+fn f32_pass_equals_f32_graph_with_dropout_on() {
+    let dir = fixture("bert-tiny-random");
+    let r = load_st(&dir.join("reference.safetensors"));
+    let batch = reference_batch(&r);
+    let a = BertClassifier::from_dir(&dir, 3, &Device::Cpu, DType::F32).unwrap();
+    let b = BertClassifier::from_dir(&dir, 3, &Device::Cpu, DType::F32).unwrap();
+    a.set_dropout_seed(5);
+    b.set_dropout_seed(5);
+    let (la, ga) = a.loss_and_grads(&batch, true).unwrap();
+    let (lb, gb) = graph_pass(&b, &batch, true);
+    // Two f32 computations of the same function: ~6e-8 per op, through two layers and their
+    // backward, stays below 1e-4 (the bound bert_parity.rs uses for f32 gradients against
+    // HF); a wrong mask or a missed dropout site moves gradients by far more (≥ 1e-2).
+    assert!(((la - lb) / lb).abs() < 1e-5, "loss {la} vs graph {lb}");
+    let (e, which) = max_grad_diff(&a, &ga, &b, &gb, 1e-5);
+    assert!(e < 1e-4, "grad {which} differs by {e:e}");
 }
 
 /// A one-output model with float labels trains on the squared error, as in the graph (stsb).
@@ -154,7 +182,7 @@ fn regression_pass_equals_graph() {
     let (la, ga) = model.loss_and_grads(&batch, false).unwrap();
     let (lb, gb) = graph_pass(&model, &batch, false);
     assert!(((la - lb) / lb).abs() < 1e-12, "mse {la} vs graph {lb}");
-    let (e, which) = max_grad_diff(&model, &ga, &model, &gb);
+    let (e, which) = max_grad_diff(&model, &ga, &model, &gb, 1e-12);
     assert!(e < 1e-12, "grad {which} differs by {e:e}");
 }
 
@@ -168,7 +196,7 @@ fn composed_ops_give_the_same_pass() {
     let (la, ga) = model.loss_and_grads(&batch, false).unwrap();
     let (lb, gb) = with_composed_ops(|| model.loss_and_grads(&batch, false)).unwrap();
     assert!(((la - lb) / lb).abs() < 1e-12);
-    let (e, which) = max_grad_diff(&model, &ga, &model, &gb);
+    let (e, which) = max_grad_diff(&model, &ga, &model, &gb, 1e-12);
     assert!(e < 1e-12, "grad {which} differs by {e:e}");
 }
 

@@ -89,9 +89,15 @@ fn gelu_bwd_body(dg: &mut [f32], f: &[f32], phi: &[f32]) {
 }
 
 /// Reduces `f(i)` over `0..n` with `op` in 8 interleaved lanes (vectorisable; a single running
-/// value would be one long dependency chain).
+/// value would be one long dependency chain). Used for f32 rows here and for the f64 sums of
+/// the CPU pass's LayerNorm and softmax backward.
 #[inline(always)]
-fn lanes(n: usize, init: f32, f: impl Fn(usize) -> f32, op: impl Fn(f32, f32) -> f32) -> f32 {
+pub(crate) fn lanes<T: Copy>(
+    n: usize,
+    init: T,
+    f: impl Fn(usize) -> T,
+    op: impl Fn(T, T) -> T,
+) -> T {
     let mut acc = [init; 8];
     let full = n / 8 * 8;
     let mut i = 0;

@@ -300,6 +300,37 @@ impl NativeMath for f64 {
     }
 }
 
+/// `Φ(x) = ½ (1 + erf(x / √2))`, with `erf` at `T`'s precision.
+#[inline]
+pub(crate) fn normal_cdf<T: NativeMath>(x: f64) -> f64 {
+    0.5 * (1.0 + T::erf_n(x * std::f64::consts::FRAC_1_SQRT_2))
+}
+
+/// The GELU's derivative `Φ(x) + x · φ(x)`, given `phi = Φ(x)`.
+#[inline]
+pub(crate) fn gelu_slope<T: NativeMath>(x: f64, phi: f64) -> f64 {
+    const INV_SQRT_2PI: f64 = 0.398_942_280_401_432_7;
+    phi + x * (INV_SQRT_2PI * T::exp_n(-0.5 * x * x))
+}
+
+/// `p = softmax(s · scale + mask)` of one row, in f64 (`exp` at `T`'s precision).
+pub(crate) fn softmax_f64<T: NativeMath>(s: &[T], mask: &[T], scale: f64, p: &mut [f64]) {
+    let mut max = f64::NEG_INFINITY;
+    for ((pj, sj), mj) in p.iter_mut().zip(s).zip(mask) {
+        *pj = sj.to_f64() * scale + mj.to_f64();
+        max = max.max(*pj);
+    }
+    let mut sum = 0.0;
+    for pj in p.iter_mut() {
+        *pj = T::exp_n(*pj - max);
+        sum += *pj;
+    }
+    let inv = 1.0 / sum;
+    for pj in p.iter_mut() {
+        *pj *= inv;
+    }
+}
+
 /// The exact GELU, `x · Φ(x) = 0.5 · x · (1 + erf(x / √2))`. The forward keeps Φ(x) for the
 /// backward, which then needs no second `erf`.
 #[derive(Debug, Default)]
@@ -318,7 +349,7 @@ fn gelu_fwd<T: NativeMath>(x: &[T]) -> (Vec<T>, Vec<T>) {
         .for_each(|((yc, cc), xc)| {
             for ((yi, ci), xi) in yc.iter_mut().zip(cc.iter_mut()).zip(xc) {
                 let v = xi.to_f64();
-                let phi = 0.5 * (1.0 + T::erf_n(v * std::f64::consts::FRAC_1_SQRT_2));
+                let phi = normal_cdf::<T>(v);
                 *ci = T::from_f64(phi);
                 *yi = T::from_f64(v * phi);
             }
@@ -369,7 +400,6 @@ struct GeluErfBwd {
 }
 
 fn gelu_bwd<T: NativeMath>(x: &[T], g: &[T], cdf: Option<&[T]>) -> Vec<T> {
-    const INV_SQRT_2PI: f64 = 0.398_942_280_401_432_7;
     let mut dx = vec![T::zero(); x.len()];
     dx.par_chunks_mut(PAR_CHUNK)
         .enumerate()
@@ -379,10 +409,9 @@ fn gelu_bwd<T: NativeMath>(x: &[T], g: &[T], cdf: Option<&[T]>) -> Vec<T> {
                 let v = x[a + i].to_f64();
                 let phi = match cdf {
                     Some(c) => c[a + i].to_f64(),
-                    None => 0.5 * (1.0 + T::erf_n(v * std::f64::consts::FRAC_1_SQRT_2)),
+                    None => normal_cdf::<T>(v),
                 };
-                let pdf = INV_SQRT_2PI * T::exp_n(-0.5 * v * v);
-                *di = T::from_f64(g[a + i].to_f64() * (phi + v * pdf));
+                *di = T::from_f64(g[a + i].to_f64() * gelu_slope::<T>(v, phi));
             }
         });
     dx
@@ -668,23 +697,13 @@ fn attn_probs<T: NativeMath>(
                 let row = t * chunk + r;
                 let (a, b) = (row * tk, (row + 1) * tk);
                 let m = &mask[(row / rows_per_batch) * tk..][..tk];
-                let mut max = f64::NEG_INFINITY;
-                for j in 0..tk {
-                    p[j] = s[a + j].to_f64() * scale + m[j].to_f64();
-                    max = max.max(p[j]);
-                }
-                let mut sum = 0.0;
-                for pj in p.iter_mut() {
-                    *pj = T::exp_n(*pj - max);
-                    sum += *pj;
-                }
-                let inv = 1.0 / sum;
+                softmax_f64(&s[a..b], m, scale, &mut p);
                 let d = drop.map(|d| &d[a..b]);
                 match bwd_grad {
                     None => {
                         for j in 0..tk {
                             let keep = d.map_or(1.0, |d| d[j].to_f64());
-                            orow[j] = T::from_f64(p[j] * inv * keep);
+                            orow[j] = T::from_f64(p[j] * keep);
                         }
                     }
                     Some(g) => {
@@ -692,7 +711,6 @@ fn attn_probs<T: NativeMath>(
                         let g = &g[a..b];
                         let mut dot = 0.0;
                         for j in 0..tk {
-                            p[j] *= inv;
                             let gj = g[j].to_f64() * d.map_or(1.0, |d| d[j].to_f64());
                             dot += gj * p[j];
                         }

@@ -46,18 +46,16 @@ trait Real: NativeMath + Send + Sync + 'static {
     fn gelu_chunk(f: &[Self], g: &mut [Self], phi: &mut [Self]) {
         for ((gi, pi), fi) in g.iter_mut().zip(phi.iter_mut()).zip(f) {
             let v = fi.to_f64();
-            let p = 0.5 * (1.0 + Self::erf_n(v * std::f64::consts::FRAC_1_SQRT_2));
+            let p = fused::normal_cdf::<Self>(v);
             *pi = Self::from_f64(p);
             *gi = Self::from_f64(v * p);
         }
     }
     /// `dg ← dg · (Φ(f) + f · φ(f))` over a chunk.
     fn gelu_bwd_chunk(dg: &mut [Self], f: &[Self], phi: &[Self]) {
-        const INV_SQRT_2PI: f64 = 0.398_942_280_401_432_7;
         for ((d, fi), pi) in dg.iter_mut().zip(f).zip(phi) {
-            let v = fi.to_f64();
-            let pdf = INV_SQRT_2PI * Self::exp_n(-0.5 * v * v);
-            *d = Self::from_f64(d.to_f64() * (pi.to_f64() + v * pdf));
+            let slope = fused::gelu_slope::<Self>(fi.to_f64(), pi.to_f64());
+            *d = Self::from_f64(d.to_f64() * slope);
         }
     }
     /// The backward of one attention row: `g ← scale · p ∘ (g' − Σ g'·p)` with `g' = g ∘ mask`
@@ -84,19 +82,9 @@ trait Real: NativeMath + Send + Sync + 'static {
     }
     /// `row ← softmax(row · scale + mask)` (one attention row), in f64 with `tmp` (row-sized).
     fn softmax_row(row: &mut [Self], mask: &[Self], scale: f64, tmp: &mut [f64]) {
-        let mut max = f64::NEG_INFINITY;
-        for ((s, r), m) in tmp.iter_mut().zip(row.iter()).zip(mask) {
-            *s = r.to_f64() * scale + m.to_f64();
-            max = max.max(*s);
-        }
-        let mut sum = 0.0;
-        for s in tmp.iter_mut() {
-            *s = Self::exp_n(*s - max);
-            sum += *s;
-        }
-        let inv = 1.0 / sum;
+        fused::softmax_f64(row, mask, scale, tmp);
         for (r, s) in row.iter_mut().zip(tmp.iter()) {
-            *r = Self::from_f64(s * inv);
+            *r = Self::from_f64(*s);
         }
     }
 }
@@ -405,24 +393,10 @@ fn draw<T: Real>(rng: &mut Option<&mut SeededRng>, n: usize, p: f64) -> Option<M
     }
 }
 
-/// Sum of `f(i)` over `0..n` in 8 interleaved lanes: independent chains the CPU can overlap
-/// and the compiler can vectorise (a single running sum is one long dependency chain).
+/// Sum of `f(i)` over `0..n` in f64, in 8 lanes ([`fastmath::lanes`]).
 #[inline(always)]
 fn lane_sum(n: usize, f: impl Fn(usize) -> f64) -> f64 {
-    let mut acc = [0f64; 8];
-    let full = n / 8 * 8;
-    let mut i = 0;
-    while i < full {
-        for (j, a) in acc.iter_mut().enumerate() {
-            *a += f(i + j);
-        }
-        i += 8;
-    }
-    let mut tail = 0.0;
-    for k in full..n {
-        tail += f(k);
-    }
-    ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7])) + tail
+    fastmath::lanes(n, 0.0, f, |a, b| a + b)
 }
 
 /// The mask multipliers of one row as values of `T` (`keep · 1/(1-p)`), into `out`.

@@ -78,40 +78,35 @@ fn main() -> Result<()> {
         }
     }
     // The forward + backward pass alone (no clip, no update), at seq 128.
-    {
-        let model =
-            BertClassifier::random(&BertConfig::bert_tiny(), 3, 42, &Device::Cpu, DType::F32)?;
-        let batch = split.collate(&batches[0], Some(128), &Device::Cpu)?;
-        let mut times = vec![];
-        for k in 0..steps + 2 {
-            let t0 = Instant::now();
-            let (_loss, grads) = model.loss_and_grads(&batch, true)?;
-            drop(grads);
-            if k >= 2 {
-                times.push(t0.elapsed().as_secs_f64());
-            }
-        }
-        times.sort_by(f64::total_cmp);
-        println!(
-            "forward + backward alone, seq 128: {:.3} s (the CPU pass)",
-            times[times.len() / 2]
-        );
-        // The same through candle's autograd graph (what other devices run).
-        let mut times = vec![];
-        for k in 0..steps.min(5) + 1 {
-            let t0 = Instant::now();
-            let logits = model.forward(&batch, true)?;
-            let loss = BertClassifier::loss(&logits, batch.labels.as_ref().unwrap())?;
-            drop(loss.backward()?);
-            if k >= 1 {
-                times.push(t0.elapsed().as_secs_f64());
-            }
-        }
-        times.sort_by(f64::total_cmp);
-        println!(
-            "forward + backward alone, seq 128: {:.3} s (candle graph, fused ops)",
-            times[times.len() / 2]
-        );
-    }
+    let model = BertClassifier::random(&BertConfig::bert_tiny(), 3, 42, &Device::Cpu, DType::F32)?;
+    let batch = split.collate(&batches[0], Some(128), &Device::Cpu)?;
+    let pass = median_secs(steps, 2, || {
+        model.loss_and_grads(&batch, true)?;
+        Ok(())
+    })?;
+    println!("forward + backward alone, seq 128: {pass:.3} s (the CPU pass)");
+    // The same through candle's autograd graph (what other devices run).
+    let graph = median_secs(steps.min(5), 1, || {
+        let logits = model.forward(&batch, true)?;
+        let loss = BertClassifier::loss(&logits, batch.labels.as_ref().unwrap())?;
+        loss.backward()?;
+        Ok(())
+    })?;
+    println!("forward + backward alone, seq 128: {graph:.3} s (candle graph, fused ops)");
     Ok(())
+}
+
+/// The median seconds of `runs` calls of `f`, after `warmup` untimed ones.
+fn median_secs(runs: usize, warmup: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
+    for _ in 0..warmup {
+        f()?;
+    }
+    let mut times = (0..runs)
+        .map(|_| {
+            let t0 = Instant::now();
+            f().map(|_| t0.elapsed().as_secs_f64())
+        })
+        .collect::<Result<Vec<f64>>>()?;
+    times.sort_by(f64::total_cmp);
+    Ok(times[times.len() / 2])
 }

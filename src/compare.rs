@@ -479,15 +479,13 @@ impl Comparison {
             .finish(&mut hist)
             .map_err(df_err)?;
         write_bytes_atomic(&dir.join("history.parquet"), &buf)?;
-        let mut buf = Vec::new();
-        CsvWriter::new(&mut buf).finish(&mut hist).map_err(df_err)?;
-        write_bytes_atomic(&dir.join("history.csv"), &buf)?;
-        let mut summary = self.summary()?;
-        let mut buf = Vec::new();
-        CsvWriter::new(&mut buf)
-            .finish(&mut summary)
-            .map_err(df_err)?;
-        write_bytes_atomic(&dir.join("summary.csv"), &buf)?;
+        let write_csv = |df: &mut DataFrame, name: &str| -> Result<()> {
+            let mut buf = Vec::new();
+            CsvWriter::new(&mut buf).finish(df).map_err(df_err)?;
+            write_bytes_atomic(&dir.join(name), &buf)
+        };
+        write_csv(&mut hist, "history.csv")?;
+        write_csv(&mut self.summary()?, "summary.csv")?;
         write_bytes_atomic(&dir.join("summary.md"), self.to_markdown().as_bytes())?;
         for (name, fig) in [
             ("loss", self.plot_loss()),

@@ -12,8 +12,9 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor, Var};
-use mfac_lab::optim::{streaming_read, MFac, MFacConfig};
+use mfac_lab::optim::{MFac, MFacConfig};
 use mfac_lab::rng::SeededRng;
+use rayon::prelude::*;
 
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
@@ -107,4 +108,21 @@ fn main() -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// One plain streaming read of `buf` (the floor an M-FAC step is compared with is two of them),
+/// split across rayon's threads as the M-FAC passes are. Returns a checksum (to keep it honest).
+fn streaming_read(buf: &[f32]) -> f64 {
+    let chunk = buf.len().div_ceil(rayon::current_num_threads()).max(1);
+    buf.par_chunks(chunk)
+        .map(|c| {
+            let mut acc = [0.0f32; 16];
+            for x in c.chunks_exact(16) {
+                for k in 0..16 {
+                    acc[k] += x[k];
+                }
+            }
+            acc.iter().map(|&a| a as f64).sum::<f64>()
+        })
+        .sum()
 }

@@ -26,9 +26,12 @@ pub struct GlueArgs {
     pub data_dir: Option<PathBuf>,
     /// `--device cpu|cuda|auto`.
     pub device: String,
-    /// The optimizer (`--optim`, `--optim_args`, `--learning_rate`, `--weight_decay`).
-    pub optimizer: OptimizerSpec,
-    /// Everything else.
+    /// `--dtype f32|f64`: the model's parameter dtype.
+    pub dtype: DType,
+    /// `--resume_from_checkpoint [DIR]`: `Some(None)` = the newest checkpoint in `--output_dir`.
+    pub resume_from_checkpoint: Option<Option<PathBuf>>,
+    /// Everything else, with the optimizer (`--optim`, `--optim_args`, `--learning_rate`,
+    /// `--weight_decay`) in `train.optimizer`.
     pub train: TrainConfig,
 }
 
@@ -36,8 +39,8 @@ pub struct GlueArgs {
 pub const GLUE_FLAGS: &str = "--model_name_or_path --task_name --do_train --do_eval --max_seq_length \
 --per_device_train_batch_size --per_device_eval_batch_size --learning_rate --weight_decay --num_train_epochs \
 --max_steps --max_train_samples --max_eval_samples --eval_steps --max_grad_norm --lr_scheduler_type --seed \
---output_dir --overwrite_output_dir --optim --optim_args --device --dtype --data_dir --pad_to_max_length \
---logging_steps --quiet";
+--output_dir --overwrite_output_dir --resume_from_checkpoint --save_steps --save_total_limit --optim \
+--optim_args --device --dtype --data_dir --pad_to_max_length --logging_steps --quiet";
 
 fn bad(flag: &str, msg: impl std::fmt::Display) -> Error {
     Error::InvalidArgument(format!("{flag}: {msg}"))
@@ -64,7 +67,7 @@ impl GlueArgs {
     /// ```
     /// let a = mfac_lab::cli::GlueArgs::parse(&["--task_name", "mnli", "--optim", "MFAC",
     ///     "--optim_args", "lr: 1e-4, num_grads: 1024, damp: 1e-6"]).unwrap();
-    /// assert_eq!(a.optimizer.name(), "mfac");
+    /// assert_eq!(a.train.optimizer.name(), "mfac");
     /// ```
     pub fn parse<S: AsRef<str>>(args: &[S]) -> Result<Self> {
         let mut model = crate::model::BERT_TINY_REPO.to_string();
@@ -72,8 +75,11 @@ impl GlueArgs {
         let (mut do_train, mut do_eval) = (false, false);
         let (mut output_dir, mut data_dir) = (None, None);
         let mut device = "auto".to_string();
+        let mut dtype = DType::F32;
+        let mut resume = None;
         let (mut optim, mut optim_args) = ("adamw_torch".to_string(), String::new());
         let mut weight_decay = 0.0;
+        let mut learning_rate = 5e-5;
         let mut cfg = TrainConfig::default();
         let mut it = args.iter().map(|s| s.as_ref().to_string()).peekable();
         while let Some(arg) = it.next() {
@@ -91,13 +97,33 @@ impl GlueArgs {
                 v.parse()
                     .map_err(|_| bad(flag, format!("{v:?} is not a valid number")))
             }
+            // A float flag: finite and ≥ 0 (each flag's own range is checked by
+            // TrainConfig::validate and the optimizer's config).
+            fn real(flag: &str, v: String) -> Result<f64> {
+                let x: f64 = num(flag, v.clone())?;
+                if !x.is_finite() || x < 0.0 {
+                    return Err(bad(flag, format!("{v:?} must be a finite number ≥ 0")));
+                }
+                Ok(x)
+            }
             match flag.as_str() {
                 "--model_name_or_path" => model = value(&mut it)?,
                 "--task_name" => task = value(&mut it)?,
                 "--do_train" => do_train = true,
                 "--do_eval" => do_eval = true,
                 "--quiet" => cfg.quiet = true,
-                "--overwrite_output_dir" => {}
+                "--overwrite_output_dir" => cfg.overwrite_output_dir = true,
+                "--resume_from_checkpoint" => {
+                    // run_glue takes a path; without one (or with `true`), the newest
+                    // checkpoint in --output_dir.
+                    let v = match &inline {
+                        Some(v) => Some(v.clone()),
+                        None => it.next_if(|n| !n.starts_with("--")),
+                    };
+                    resume = Some(v.filter(|v| v != "true").map(PathBuf::from));
+                }
+                "--save_steps" => cfg.save_steps = Some(num(&flag, value(&mut it)?)?),
+                "--save_total_limit" => cfg.save_total_limit = Some(num(&flag, value(&mut it)?)?),
                 "--pad_to_max_length" => cfg.pad_to_max_length = true,
                 "--output_dir" => output_dir = Some(PathBuf::from(value(&mut it)?)),
                 "--data_dir" => data_dir = Some(PathBuf::from(value(&mut it)?)),
@@ -109,9 +135,9 @@ impl GlueArgs {
                 "--per_device_eval_batch_size" => {
                     cfg.eval_batch_size = num(&flag, value(&mut it)?)?
                 }
-                "--learning_rate" => cfg.learning_rate = num(&flag, value(&mut it)?)?,
-                "--weight_decay" => weight_decay = num(&flag, value(&mut it)?)?,
-                "--num_train_epochs" => cfg.num_train_epochs = num(&flag, value(&mut it)?)?,
+                "--learning_rate" => learning_rate = real(&flag, value(&mut it)?)?,
+                "--weight_decay" => weight_decay = real(&flag, value(&mut it)?)?,
+                "--num_train_epochs" => cfg.num_train_epochs = real(&flag, value(&mut it)?)?,
                 "--max_steps" => cfg.max_steps = Some(num(&flag, value(&mut it)?)?),
                 "--max_train_samples" => cfg.max_train_samples = Some(num(&flag, value(&mut it)?)?),
                 "--max_eval_samples" => cfg.max_eval_samples = Some(num(&flag, value(&mut it)?)?),
@@ -121,7 +147,7 @@ impl GlueArgs {
                 }
                 "--seed" => cfg.seed = num(&flag, value(&mut it)?)?,
                 "--max_grad_norm" => {
-                    let v: f64 = num(&flag, value(&mut it)?)?;
+                    let v = real(&flag, value(&mut it)?)?;
                     cfg.max_grad_norm = (v > 0.0).then_some(v);
                 }
                 "--lr_scheduler_type" => {
@@ -134,7 +160,7 @@ impl GlueArgs {
                     }
                 }
                 "--dtype" => {
-                    cfg.dtype = match value(&mut it)?.as_str() {
+                    dtype = match value(&mut it)?.as_str() {
                         "f32" | "float32" => DType::F32,
                         "f64" | "float64" => DType::F64,
                         other => return Err(bad(&flag, format!("{other:?}: use f32 or f64"))),
@@ -143,24 +169,25 @@ impl GlueArgs {
                 _ => return Err(bad(&flag, format!("unknown flag; accepted: {GLUE_FLAGS}"))),
             }
         }
-        if cfg.batch_size == 0 {
-            return Err(bad("--per_device_train_batch_size", "must be at least 1"));
-        }
-        if (cfg.num_train_epochs.is_nan() || cfg.num_train_epochs <= 0.0) && cfg.max_steps.is_none()
-        {
-            return Err(bad("--num_train_epochs", "must be positive"));
-        }
         if !matches!(device.as_str(), "cpu" | "cuda" | "auto") {
             return Err(bad(
                 "--device",
                 format!("{device:?}: use cpu, cuda or auto"),
             ));
         }
-        let mut optimizer = OptimizerSpec::parse_with_lr(&optim, &optim_args, cfg.learning_rate)?;
+        let mut optimizer = OptimizerSpec::parse_with_lr(&optim, &optim_args, learning_rate)?;
         if let OptimizerSpec::AdamW(c) = &mut optimizer {
             if weight_decay > 0.0 {
                 c.weight_decay = weight_decay;
             }
+        }
+        cfg.optimizer = optimizer;
+        cfg.validate()?;
+        if resume == Some(None) && output_dir.is_none() {
+            return Err(bad(
+                "--resume_from_checkpoint",
+                "without a folder it resumes from the newest checkpoint in --output_dir: pass --output_dir (or the checkpoint folder)",
+            ));
         }
         Ok(GlueArgs {
             model_name_or_path: model,
@@ -170,7 +197,8 @@ impl GlueArgs {
             output_dir,
             data_dir,
             device,
-            optimizer,
+            dtype,
+            resume_from_checkpoint: resume,
             train: cfg,
         })
     }

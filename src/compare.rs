@@ -9,10 +9,11 @@ use polars::prelude::*;
 
 use crate::data::GlueData;
 use crate::error::{Error, Result};
+use crate::io::write_bytes_atomic;
 use crate::model::{BertClassifier, BertConfig, LoadOptions, PairTokenizer, BERT_TINY_REPO};
-use crate::optim::OptimizerSpec;
+use crate::optim::{MFacConfig, OptimizerSpec};
 use crate::plot::{smooth, Bar, Figure, Series};
-use crate::train::{write_bytes_atomic, RunHistory, TrainConfig, Trainer};
+use crate::train::{RunHistory, TrainConfig, Trainer};
 
 /// Where each run's model comes from. Every run loads it afresh, seeded by the run's seed (the
 /// classifier head, or all weights for `Random`).
@@ -75,6 +76,79 @@ impl ModelSource {
     }
 }
 
+/// The offline demo's M-FAC window (`mfac-lab compare` with no flags, notebook 02): bert-tiny's
+/// window of 1024 gradients takes 18 GB in f32; 32 take 0.56 GB.
+pub const DEMO_NUM_GRADS: usize = 32;
+
+/// The default comparison with an M-FAC window of `num_grads`: AdamW at the card's lr 1e-4
+/// against M-FAC at [`MFacConfig::model_card_with`]`(num_grads)` — the card's settings with the
+/// lr scaled to the window (1e-4 × 1024 / num_grads: M-FAC's step length grows with num_grads,
+/// docs/MFAC_LR.md). `mfac-lab compare` uses it with 1024 (`--task`) or
+/// [`DEMO_NUM_GRADS`] (the demo).
+///
+/// ```
+/// use mfac_lab::compare::default_specs;
+/// use mfac_lab::optim::OptimizerSpec;
+/// let labels = OptimizerSpec::labels(&default_specs(32)).unwrap();
+/// assert_eq!(labels, ["AdamW", "M-FAC m=32 (lr 3.2e-3)"]);
+/// assert_eq!(OptimizerSpec::labels(&default_specs(1024)).unwrap(), ["AdamW", "M-FAC m=1024"]);
+/// ```
+pub fn default_specs(num_grads: usize) -> Vec<OptimizerSpec> {
+    vec![
+        OptimizerSpec::adamw(crate::optim::CARD_LR),
+        OptimizerSpec::mfac(MFacConfig::model_card_with(num_grads)),
+    ]
+}
+
+/// The offline demo's specs: [`default_specs`]`(`[`DEMO_NUM_GRADS`]`)`, i.e. AdamW vs
+/// `M-FAC m=32 (lr 3.2e-3)`.
+pub fn demo_specs() -> Vec<OptimizerSpec> {
+    default_specs(DEMO_NUM_GRADS)
+}
+
+/// A file-name-safe form of a run label, for run folders: lower case, `M-FAC` → `mfac`, a value
+/// joined to its key, other words joined by `-`, only `[a-z0-9._-]`.
+///
+/// ```
+/// use mfac_lab::compare::label_slug;
+/// assert_eq!(label_slug("M-FAC m=32 (lr 3.2e-3)"), "mfac-m32-lr3.2e-3");
+/// assert_eq!(label_slug("AdamW"), "adamw");
+/// assert_eq!(label_slug("AdamW lr 3e-4, weight_decay 0.01"), "adamw-lr3e-4-weight_decay0.01");
+/// assert_eq!(label_slug("../my run/β"), "my-run");
+/// ```
+pub fn label_slug(label: &str) -> String {
+    let lower = label.to_lowercase().replace("m-fac", "mfac");
+    let mut parts: Vec<String> = vec![];
+    let seps = |c: char| c.is_whitespace() || ",()[]{}/\\:;|\"'".contains(c);
+    for tok in lower.split(seps) {
+        let mut t = String::new();
+        for c in tok.chars().filter(|&c| c != '=') {
+            let c = if c.is_ascii_alphanumeric() || matches!(c, '.' | '_') {
+                c
+            } else {
+                '-'
+            };
+            if !(c == '-' && t.ends_with('-')) {
+                t.push(c);
+            }
+        }
+        let t = t.trim_matches(|c| c == '-' || c == '.');
+        if t.is_empty() {
+            continue;
+        }
+        match parts.last_mut() {
+            // A value joins its key: `lr 3.2e-3` → `lr3.2e-3`.
+            Some(last) if t.starts_with(|c: char| c.is_ascii_digit()) => last.push_str(t),
+            _ => parts.push(t.to_string()),
+        }
+    }
+    if parts.is_empty() {
+        "run".into()
+    } else {
+        parts.join("-")
+    }
+}
+
 /// How to compare: the recipe each run uses (its `seed` is replaced by each of `seeds`), the
 /// seeds, the device, and an optional output folder for each run's files.
 #[derive(Debug, Clone)]
@@ -85,7 +159,11 @@ pub struct CompareConfig {
     pub seeds: Vec<u64>,
     /// Where the models train.
     pub device: Device,
-    /// If set, each run writes its HF-style outputs to `<dir>/<optimizer>-seed<seed>/`.
+    /// The models' parameter dtype: F32 (default) or F64.
+    pub dtype: DType,
+    /// If set, each run writes its HF-style outputs to `<dir>/<slug>-seed<seed>/`, the slug
+    /// being the run's label made file-name safe ([`label_slug`], e.g.
+    /// `mfac-m32-lr3.2e-3-seed42`).
     pub output_dir: Option<PathBuf>,
 }
 
@@ -95,6 +173,7 @@ impl Default for CompareConfig {
             train: TrainConfig::run_glue(),
             seeds: vec![42],
             device: Device::Cpu,
+            dtype: DType::F32,
             output_dir: None,
         }
     }
@@ -103,7 +182,7 @@ impl Default for CompareConfig {
 /// One finished run.
 #[derive(Debug, Clone)]
 pub struct Run {
-    /// The optimizer's name (`adamw`, `mfac`).
+    /// The optimizer's label ([`OptimizerSpec::labels`], e.g. `AdamW`, `M-FAC m=32 (lr 3.2e-3)`).
     pub optimizer: String,
     /// The run's seed.
     pub seed: u64,
@@ -114,7 +193,7 @@ pub struct Run {
 /// One failed run and why.
 #[derive(Debug, Clone)]
 pub struct RunFailure {
-    /// The optimizer's name.
+    /// The optimizer's label.
     pub optimizer: String,
     /// The run's seed.
     pub seed: u64,
@@ -142,14 +221,17 @@ fn df_err(e: PolarsError) -> Error {
     }
 }
 
-/// Trains every (seed, optimizer) pair and collects the results. A run that fails does not stop
-/// the others: when any failed, the error is [`Error::RunsFailed`], which names each failed run
-/// and carries the results of the others.
+/// Trains every (seed, optimizer) pair and collects the results. Each optimizer is known by its
+/// label ([`OptimizerSpec::labels`]: `AdamW`, `M-FAC m=32 (lr 3.2e-3)`, or one given with
+/// [`OptimizerSpec::label`]) in the summary, history, tables, plots and run folders; two
+/// optimizers with the same label (or the same run folder) are an [`Error::InvalidArgument`]
+/// before anything runs. A run that fails does not stop the others: when any failed, the error
+/// is [`Error::RunsFailed`], which names each failed run and carries the results of the others.
 ///
 /// ```no_run
 /// use mfac_lab::prelude::*;
 /// let data = mnli_sample()?;
-/// let specs = [OptimizerSpec::adamw(1e-4), OptimizerSpec::mfac(MFacConfig { num_grads: 32, ..MFacConfig::model_card() })];
+/// let specs = [OptimizerSpec::adamw(1e-4), OptimizerSpec::mfac(MFacConfig::model_card_with(32))];
 /// let cmp = compare_optimizers(&ModelSource::random_bert_tiny(), &data, &specs, &CompareConfig::default())?;
 /// println!("{}", cmp.to_markdown());
 /// cmp.plot_accuracy().save("accuracy.png")?;
@@ -166,6 +248,17 @@ pub fn compare_optimizers(
             "compare_optimizers needs at least one optimizer and one seed".into(),
         ));
     }
+    let labels = OptimizerSpec::labels(specs)?;
+    let slugs: Vec<String> = labels.iter().map(|l| label_slug(l)).collect();
+    for i in 0..slugs.len() {
+        if let Some(j) = (0..i).find(|&j| slugs[j] == slugs[i]) {
+            return Err(Error::InvalidArgument(format!(
+                "optimizers {:?} and {:?} would share the run folder name {:?}: give one a \
+                 different label with OptimizerSpec::label(..)",
+                labels[j], labels[i], slugs[i]
+            )));
+        }
+    }
     let mut cmp = Comparison {
         runs: vec![],
         failures: vec![],
@@ -175,20 +268,23 @@ pub fn compare_optimizers(
     let total = cfg.seeds.len() * specs.len();
     let mut k = 0;
     for &seed in &cfg.seeds {
-        for spec in specs {
+        for ((spec, name), slug) in specs.iter().zip(&labels).zip(&slugs) {
             k += 1;
-            let name = spec.name().to_string();
+            let name = name.clone();
             if !cfg.train.quiet {
                 println!("run {k}/{total}: {name}, seed {seed}");
             }
             let result = (|| -> Result<RunHistory> {
-                let model =
-                    source.load(data.task.num_labels(), seed, &cfg.device, cfg.train.dtype)?;
+                let model = source.load(data.task.num_labels(), seed, &cfg.device, cfg.dtype)?;
                 let mut tc = cfg.train.clone();
                 tc.seed = seed;
-                let mut trainer = Trainer::new(model, tc).optimizer(*spec);
+                // The run folders are the comparison's own: rerunning it replaces its files
+                // (and only those), and one checkpoint per run is enough to resume it.
+                tc.overwrite_output_dir = true;
+                tc.save_total_limit = tc.save_total_limit.or(Some(1));
+                let mut trainer = Trainer::new(model, tc).optimizer(spec.clone());
                 if let Some(dir) = &cfg.output_dir {
-                    trainer = trainer.output_dir(dir.join(format!("{name}-seed{seed}")));
+                    trainer = trainer.output_dir(dir.join(format!("{slug}-seed{seed}")));
                 }
                 trainer.fit(data)
             })();

@@ -125,6 +125,20 @@ pub enum Error {
         saved: String,
     },
 
+    /// Training was stopped on request (Ctrl-C, or `Trainer::stop_at_step`) after a whole
+    /// step; the checkpoint written then continues it exactly.
+    #[error("training stopped at step {step} of {total}{resume}")]
+    Interrupted {
+        /// Optimizer steps done.
+        step: usize,
+        /// Steps the run would have taken.
+        total: usize,
+        /// The checkpoint written, if an output folder was set.
+        checkpoint: Option<PathBuf>,
+        /// How to continue, starting with ": ", or why it cannot.
+        resume: String,
+    },
+
     /// Some runs of a comparison failed; the others finished and are kept in `partial`.
     #[error("{} of {total} runs failed: {}. The other runs finished; their results are in this error's `partial` comparison", failed.len(), failed.join("; "))]
     RunsFailed {

@@ -31,13 +31,32 @@ pub enum RepoKind {
 /// let err = hub.model_file("prajjwal1/bert-tiny", "main", "config.json").unwrap_err();
 /// assert!(err.to_string().contains("prajjwal1/bert-tiny"));
 /// ```
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Clone, PartialEq, Eq)]
 pub struct Hub {
     endpoint: String,
     cache_dir: PathBuf,
     offline: bool,
     token: Option<String>,
     progress: bool,
+}
+
+/// Never shows the token (evcxr prints a cell's value with `Debug`): only whether one is set.
+///
+/// ```
+/// let hub = mfac_lab::hub::Hub::new("http://127.0.0.1:9", "/tmp/c").token("hf_secret");
+/// let shown = format!("{hub:?}");
+/// assert!(!shown.contains("hf_secret") && shown.contains("token: Some(\"<redacted>\")"));
+/// ```
+impl std::fmt::Debug for Hub {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Hub")
+            .field("endpoint", &self.endpoint)
+            .field("cache_dir", &self.cache_dir)
+            .field("offline", &self.offline)
+            .field("token", &self.token.as_ref().map(|_| "<redacted>"))
+            .field("progress", &self.progress)
+            .finish()
+    }
 }
 
 impl Default for Hub {

@@ -18,6 +18,7 @@ pub mod compare;
 pub mod data;
 pub mod error;
 pub mod hub;
+pub mod io;
 pub mod model;
 pub mod optim;
 pub mod plot;
@@ -28,7 +29,9 @@ pub use error::{Error, Result};
 
 /// Everything a notebook needs, in one import.
 pub mod prelude {
-    pub use crate::compare::{compare_optimizers, CompareConfig, Comparison, ModelSource};
+    pub use crate::compare::{
+        compare_optimizers, default_specs, demo_specs, CompareConfig, Comparison, ModelSource,
+    };
     pub use crate::data::{load_glue, load_glue_dir, load_mnli, mnli_sample, GlueData, GlueTask};
     pub use crate::error::{Error, Result};
     pub use crate::hub::Hub;

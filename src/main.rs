@@ -30,7 +30,7 @@ fn glue(args: &[String]) -> Result<()> {
     let opts = LoadOptions::default()
         .num_labels(task.num_labels())
         .device(device)
-        .dtype(a.train.dtype)
+        .dtype(a.dtype)
         .seed(a.train.seed)
         .max_seq_length(a.train.max_seq_length);
     let model = BertClassifier::from_pretrained(&a.model_name_or_path, &opts)?;
@@ -38,12 +38,64 @@ fn glue(args: &[String]) -> Result<()> {
         Some(d) => load_glue_dir(task, d)?,
         None => load_glue(task, &Hub::default())?,
     };
-    let mut trainer = Trainer::new(model, a.train.clone()).optimizer(a.optimizer);
+    let mut trainer = Trainer::new(model, a.train.clone());
     if let Some(o) = &a.output_dir {
         trainer = trainer.output_dir(o);
     }
+    match &a.resume_from_checkpoint {
+        Some(Some(dir)) => trainer = trainer.resume_from(dir),
+        Some(None) => {
+            let out = a.output_dir.as_deref().expect("checked by GlueArgs::parse");
+            match mfac_lab::train::latest_checkpoint(out)? {
+                Some(dir) => {
+                    println!("Resuming from {}", dir.display());
+                    trainer = trainer.resume_from(dir)
+                }
+                None => anyhow::bail!(
+                    "--resume_from_checkpoint: no checkpoint in {} (checkpoint-<step> folders are written at each evaluation and every --save_steps)",
+                    out.display()
+                ),
+            }
+        }
+        None => {}
+    }
     if a.do_train {
-        let history = trainer.fit(&data)?;
+        // Ctrl-C: finish the current step, write a checkpoint, exit non-zero with the command
+        // that resumes. A second Ctrl-C exits at once.
+        let stop = trainer.stop_handle();
+        let _ = ctrlc::set_handler(move || {
+            if stop.swap(true, std::sync::atomic::Ordering::SeqCst) {
+                std::process::exit(130);
+            }
+            eprintln!("\nStopping after this step (Ctrl-C again to quit at once)…");
+        });
+        eprintln!(
+            "Training. Ctrl-C stops after the current step and writes a checkpoint to resume from."
+        );
+        let history = match trainer.fit(&data) {
+            Ok(h) => h,
+            Err(mfac_lab::Error::Interrupted {
+                step,
+                total,
+                checkpoint: Some(c),
+                ..
+            }) => {
+                let mut cmd: Vec<String> = std::env::args().collect();
+                if !cmd
+                    .iter()
+                    .any(|x| x.starts_with("--resume_from_checkpoint"))
+                {
+                    cmd.push("--resume_from_checkpoint".into());
+                    cmd.push(c.display().to_string());
+                }
+                anyhow::bail!(
+                    "training stopped at step {step} of {total}; checkpoint written to {}. Resume with:\n  {}",
+                    c.display(),
+                    cmd.join(" ")
+                );
+            }
+            Err(e) => return Err(e.into()),
+        };
         let last_step = history.train.last().map(|r| r.step).unwrap_or(0);
         let finals: Vec<_> = history
             .evals
@@ -123,19 +175,19 @@ fn compare(args: &[String]) -> Result<()> {
     let optim_args = flag_values(args, "--optim_args");
     let mut specs = vec![];
     if optims.is_empty() {
-        specs.push(OptimizerSpec::adamw(1e-4));
-        // The card's M-FAC keeps 1024 gradients (18 GB in f32 for bert-tiny); the demo keeps 32.
-        let m = if demo { 32 } else { 1024 };
-        specs.push(OptimizerSpec::mfac(MFacConfig {
-            num_grads: m,
-            ..MFacConfig::model_card()
-        }));
+        // The card's M-FAC keeps 1024 gradients (18 GB in f32 for bert-tiny); the demo keeps 32,
+        // with the lr scaled to its window (docs/MFAC_LR.md).
+        specs = default_specs(if demo {
+            mfac_lab::compare::DEMO_NUM_GRADS
+        } else {
+            1024
+        });
     } else {
+        // Unless --optim_args sets lr: AdamW 1e-4, M-FAC 1e-4 × 1024 / num_grads.
         for (i, o) in optims.iter().enumerate() {
-            specs.push(OptimizerSpec::parse_with_lr(
+            specs.push(OptimizerSpec::parse_scaled_lr(
                 o,
                 optim_args.get(i).map(String::as_str).unwrap_or(""),
-                1e-4,
             )?);
         }
     }
@@ -168,8 +220,8 @@ fn compare(args: &[String]) -> Result<()> {
     let out = PathBuf::from(one("--output_dir").unwrap_or_else(|| DEMO_OUT.into()));
     if demo {
         println!(
-            "Offline demo: Adam vs M-FAC (num_grads 32) on the embedded real MNLI sample (1,200 \
-             training pairs), with a randomly initialised bert-tiny (seeded), seeds 42 and 43, 2 \
+            "Offline demo: Adam vs M-FAC (num_grads 32, lr 3.2e-3: the card's 1e-4 scaled by \
+             1024/32, docs/MFAC_LR.md) on the embedded real MNLI sample (1,200 training pairs), with a randomly initialised bert-tiny (seeded), seeds 42 and 43, 2 \
              epochs. These numbers are NOT the model card's: for real ones run \
              `mfac-lab compare --task mnli` (downloads prajjwal1/bert-tiny and GLUE/MNLI from the \
              hub; M-FAC with 1024 gradients wants a GPU or ~18 GB of RAM)."
@@ -180,6 +232,7 @@ fn compare(args: &[String]) -> Result<()> {
         seeds,
         device,
         output_dir: Some(out.join("runs")),
+        ..CompareConfig::default()
     };
     let (cmp, failed) = match compare_optimizers(&source, &data, &specs, &cfg) {
         Ok(c) => (c, None),
@@ -218,7 +271,8 @@ USAGE:
                                      the summary (mean ± std) and writes history, summary and plots.
         With no flags: an offline demo on the embedded real MNLI sample and a random bert-tiny.
         --task mnli (hub data and prajjwal1/bert-tiny), --data_dir DIR, --model_name_or_path M,
-        --optim NAME [--optim_args ARGS] (repeatable, paired in order), --seeds 42,43,44,
+        --optim NAME [--optim_args ARGS] (repeatable, paired in order; an M-FAC without lr
+        gets 1e-4 × 1024 / num_grads), --seeds 42,43,44,
         --num_train_epochs N, --max_train_samples N, --device cpu|cuda|auto,
         --output_dir DIR (default mfac-lab-results), --quiet
     mfac-lab glue [run_glue flags]   train and/or evaluate like HF's run_glue.py, e.g.
@@ -228,14 +282,46 @@ USAGE:
         --optim_args \"lr: 1e-4, num_grads: 1024, damp: 1e-6\"
       also: --data_dir DIR (local parquet/TSV), --device cpu|cuda|auto, --dtype f32|f64,
             --max_steps N, --max_train_samples N, --max_eval_samples N, --eval_steps N,
-            --pad_to_max_length, --quiet
+            --pad_to_max_length, --quiet,
+            --save_steps N (a checkpoint every N steps, besides one at each evaluation),
+            --save_total_limit K (keep the K newest checkpoints),
+            --resume_from_checkpoint [DIR] (continue exactly; no DIR: the newest checkpoint
+              in --output_dir), --overwrite_output_dir (train into a folder holding other
+              files; only mfac-lab's own files are replaced)
+      Ctrl-C finishes the current step, writes a checkpoint and prints the resume command.
     mfac-lab info [MODEL]            load MODEL (local HF folder or hub id; default
                                      prajjwal1/bert-tiny) and describe it
     mfac-lab help                    this text
 
 Environment: HF_ENDPOINT, HF_HOME / HF_HUB_CACHE, HF_HUB_OFFLINE=1 (cache only), HF_TOKEN.";
 
+/// The library logs through the `log` crate and prints nothing itself; the command shows its
+/// warnings (and, with `RUST_LOG=debug` or `info`, more) on stderr.
+struct StderrLog;
+
+impl log::Log for StderrLog {
+    fn enabled(&self, m: &log::Metadata) -> bool {
+        m.level() <= log::max_level()
+    }
+    fn log(&self, r: &log::Record) {
+        if self.enabled(r.metadata()) {
+            eprintln!("{}: {}", r.level().as_str().to_lowercase(), r.args());
+        }
+    }
+    fn flush(&self) {}
+}
+
 fn main() -> Result<()> {
+    let level = match std::env::var("RUST_LOG").as_deref() {
+        Ok("error") => log::LevelFilter::Error,
+        Ok("info") => log::LevelFilter::Info,
+        Ok("debug") | Ok("trace") => log::LevelFilter::Debug,
+        Ok("off") => log::LevelFilter::Off,
+        _ => log::LevelFilter::Warn,
+    };
+    if log::set_logger(&StderrLog).is_ok() {
+        log::set_max_level(level);
+    }
     let args: Vec<String> = std::env::args().skip(1).collect();
     match args.first().map(String::as_str) {
         None | Some("help") | Some("--help") | Some("-h") => {

@@ -106,6 +106,27 @@ pub struct Figure {
     content: Content,
 }
 
+/// The largest figure drawn: 16384 pixels a side and 64 million pixels (a 192 MB bitmap).
+const MAX_SIDE: u32 = 16384;
+const MAX_PIXELS: u64 = 64 << 20;
+
+impl Figure {
+    /// Checks the pixel size before drawing: both sides at least 16 and at most 16384 pixels,
+    /// at most 64 million pixels in all.
+    fn check_size(&self) -> Result<()> {
+        let (w, h) = self.size;
+        if !(16..=MAX_SIDE).contains(&w)
+            || !(16..=MAX_SIDE).contains(&h)
+            || w as u64 * h as u64 > MAX_PIXELS
+        {
+            return Err(Error::InvalidArgument(format!(
+                "figure size {w}×{h}: each side must be 16 to {MAX_SIDE} pixels and the area at most {MAX_PIXELS} pixels (e.g. size = (900, 520))"
+            )));
+        }
+        Ok(())
+    }
+}
+
 fn plot_err(e: impl std::fmt::Display) -> Error {
     Error::InvalidArgument(format!("plotting failed: {e}"))
 }
@@ -364,6 +385,7 @@ impl Figure {
 
     /// The figure as an SVG document.
     pub fn to_svg(&self) -> Result<String> {
+        self.check_size()?;
         let mut s = String::new();
         {
             let root = SVGBackend::with_string(&mut s, self.size).into_drawing_area();
@@ -374,8 +396,9 @@ impl Figure {
 
     /// The figure as PNG bytes.
     pub fn to_png(&self) -> Result<Vec<u8>> {
+        self.check_size()?;
         let (w, h) = self.size;
-        let mut rgb = vec![0u8; (w * h * 3) as usize];
+        let mut rgb = vec![0u8; w as usize * h as usize * 3];
         {
             let root = BitMapBackend::with_buffer(&mut rgb, (w, h)).into_drawing_area();
             self.draw(root)?;
@@ -401,7 +424,7 @@ impl Figure {
                 )))
             }
         };
-        crate::train::write_bytes_atomic(path, &bytes)
+        crate::io::write_bytes_atomic(path, &bytes)
     }
 
     /// What [`Figure::evcxr_display`] prints: the SVG in evcxr's `image/svg+xml` content block.

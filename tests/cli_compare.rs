@@ -23,8 +23,11 @@ fn compare_with_no_arguments_runs_the_offline_demo() {
     );
     assert!(stdout.contains("Offline demo"), "{stdout}");
     assert!(stdout.contains("--task mnli"), "{stdout}");
+    // Each optimizer by its label: the demo's M-FAC keeps 32 gradients with the lr scaled to
+    // its window (1e-4 × 1024 / 32).
     assert!(
-        stdout.contains("| adamw (2 seeds) |") && stdout.contains("| mfac (2 seeds) |"),
+        stdout.contains("| AdamW (2 seeds) |")
+            && stdout.contains("| M-FAC m=32 (lr 3.2e-3) (2 seeds) |"),
         "{stdout}"
     );
     let res = dir.path().join("mfac-lab-results");
@@ -50,7 +53,10 @@ fn compare_with_no_arguments_runs_the_offline_demo() {
     assert!(
         md.contains("validation_matched accuracy") && md.contains("validation_mismatched accuracy")
     );
-    assert!(res.join("runs/mfac-seed43/eval_results.json").is_file());
+    assert!(res
+        .join("runs/mfac-m32-lr3.2e-3-seed43/eval_results.json")
+        .is_file());
+    assert!(res.join("runs/adamw-seed42/eval_results.json").is_file());
 }
 
 #[test]

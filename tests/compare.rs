@@ -13,12 +13,12 @@ fn small_cfg(seeds: Vec<u64>) -> CompareConfig {
     train.num_train_epochs = 1.0;
     train.max_train_samples = Some(128);
     train.max_eval_samples = Some(200);
-    train.learning_rate = 5e-3;
     train.quiet = true;
     CompareConfig {
         train,
         seeds,
         device: Device::Cpu,
+        dtype: DType::F32,
         output_dir: None,
     }
 }
@@ -35,6 +35,10 @@ fn specs() -> Vec<OptimizerSpec> {
         }),
     ]
 }
+
+/// The labels of `specs()`.
+const ADAM: &str = "AdamW lr 5e-3";
+const MFAC: &str = "M-FAC m=4 (lr 5e-3)";
 
 fn micro() -> ModelSource {
     ModelSource::Pretrained(fixture("bert-micro-random").to_string_lossy().into_owned())
@@ -72,7 +76,7 @@ fn two_optimizers_two_seeds_history_summary_and_determinism() {
     }
     let opt = hist.column("optimizer").unwrap().str().unwrap().clone();
     let seed = hist.column("seed").unwrap().u64().unwrap().clone();
-    for o in ["adamw", "mfac"] {
+    for o in [ADAM, MFAC] {
         for s in [1u64, 2] {
             let n = opt
                 .iter()
@@ -134,10 +138,13 @@ fn two_optimizers_two_seeds_history_summary_and_determinism() {
             .train[0]
             .loss
     };
-    assert_eq!(first("adamw", 1), first("mfac", 1));
-    assert_ne!(first("adamw", 1), first("adamw", 2));
+    assert_eq!(first(ADAM, 1), first(MFAC, 1));
+    assert_ne!(first(ADAM, 1), first(ADAM, 2));
     let md = cmp.to_markdown();
-    assert!(md.contains("adamw (2 seeds)") && md.contains("±"), "{md}");
+    assert!(
+        md.contains("| AdamW lr 5e-3 (2 seeds) |") && md.contains("±"),
+        "{md}"
+    );
 }
 
 #[test]
@@ -151,7 +158,7 @@ fn a_failing_optimizer_is_a_clear_error_and_other_runs_are_kept() {
     let err = compare_optimizers(&micro(), &data, &specs, &small_cfg(vec![3])).unwrap_err();
     let msg = err.to_string();
     assert!(
-        msg.contains("1 of 2 runs failed") && msg.contains("mfac seed 3"),
+        msg.contains("1 of 2 runs failed") && msg.contains("M-FAC m=1024 (lr 1e-3) seed 3"),
         "{msg}"
     );
     assert!(
@@ -161,7 +168,7 @@ fn a_failing_optimizer_is_a_clear_error_and_other_runs_are_kept() {
     match err {
         Error::RunsFailed { partial, .. } => {
             assert_eq!(partial.runs.len(), 1);
-            assert_eq!(partial.runs[0].optimizer, "adamw");
+            assert_eq!(partial.runs[0].optimizer, "AdamW lr 1e-3");
             assert!(!partial.runs[0].history.evals.is_empty());
             assert_eq!(partial.failures.len(), 1);
         }
@@ -238,4 +245,139 @@ fn figures_render_as_svg_png_and_evcxr_blocks() {
     ] {
         assert!(dir.path().join("out").join(f).is_file(), "missing {f}");
     }
+}
+
+#[test]
+fn every_spec_keeps_its_own_label_rows_and_run_folder() {
+    // Adam and two M-FAC windows: before labels, both M-FAC configs were `mfac`, averaged
+    // together, and the second overwrote the first's run folder.
+    let data = mnli_sample().unwrap();
+    let mut cfg = small_cfg(vec![7]);
+    cfg.train.max_train_samples = Some(32);
+    cfg.train.max_eval_samples = Some(32);
+    let out = tempfile::tempdir().unwrap();
+    cfg.output_dir = Some(out.path().join("runs"));
+    let specs = vec![
+        OptimizerSpec::adamw(1e-4),
+        OptimizerSpec::mfac(MFacConfig::model_card_with(4)),
+        OptimizerSpec::mfac(MFacConfig {
+            num_grads: 8,
+            ..MFacConfig::model_card()
+        }),
+    ];
+    let cmp = compare_optimizers(&micro(), &data, &specs, &cfg).unwrap();
+    let labels = ["AdamW", "M-FAC m=4 (lr 2.56e-2)", "M-FAC m=8"];
+    let got: Vec<&str> = cmp.runs.iter().map(|r| r.optimizer.as_str()).collect();
+    assert_eq!(got, labels);
+    // Three summary rows for every (split, metric), one per label.
+    let summary = cmp.summary().unwrap();
+    let col = |name: &str| -> Vec<String> {
+        summary
+            .column(name)
+            .unwrap()
+            .str()
+            .unwrap()
+            .iter()
+            .map(|s| s.unwrap().to_string())
+            .collect()
+    };
+    let (opt, split, metric) = (col("optimizer"), col("split"), col("metric"));
+    assert!(!opt.is_empty());
+    for i in 0..opt.len() {
+        let mut same: Vec<&str> = (0..opt.len())
+            .filter(|&k| split[k] == split[i] && metric[k] == metric[i])
+            .map(|k| opt[k].as_str())
+            .collect();
+        same.sort();
+        let mut want = labels.to_vec();
+        want.sort();
+        assert_eq!(same, want, "{} {}: {summary}", split[i], metric[i]);
+    }
+    // The history and the Markdown table say which run is which.
+    let hist = cmp.history().unwrap();
+    let names: std::collections::BTreeSet<String> = hist
+        .column("optimizer")
+        .unwrap()
+        .str()
+        .unwrap()
+        .iter()
+        .map(|s| s.unwrap().to_string())
+        .collect();
+    assert_eq!(names.len(), 3, "{names:?}");
+    let md = cmp.to_markdown();
+    for l in labels {
+        assert!(md.contains(&format!("| {l} (1 seed) |")), "{md}");
+    }
+    assert!(cmp
+        .plot_accuracy()
+        .names()
+        .iter()
+        .any(|n| n.starts_with("M-FAC m=8 ·")));
+    // Three run folders, each with its own results.
+    for dir in ["adamw-seed7", "mfac-m4-lr2.56e-2-seed7", "mfac-m8-seed7"] {
+        assert!(
+            out.path()
+                .join("runs")
+                .join(dir)
+                .join("eval_results.json")
+                .is_file(),
+            "missing run folder {dir}"
+        );
+    }
+    assert_eq!(
+        std::fs::read_dir(out.path().join("runs")).unwrap().count(),
+        3
+    );
+}
+
+#[test]
+fn two_specs_with_one_label_are_refused_before_any_run() {
+    let data = mnli_sample().unwrap();
+    let out = tempfile::tempdir().unwrap();
+    let mut cfg = small_cfg(vec![1]);
+    cfg.output_dir = Some(out.path().join("runs"));
+    let card32 = || {
+        OptimizerSpec::mfac(MFacConfig {
+            num_grads: 32,
+            ..MFacConfig::model_card()
+        })
+    };
+    // The same settings twice; a hand-given label used twice; a hand-given label equal to a
+    // derived one; two labels with the same run folder.
+    for specs in [
+        vec![card32(), card32()],
+        vec![
+            OptimizerSpec::adamw(1e-4).label("mine"),
+            card32().label("mine"),
+        ],
+        vec![OptimizerSpec::adamw(3e-4), card32().label("AdamW lr 3e-4")],
+        vec![
+            card32().label("A b"),
+            OptimizerSpec::adamw(1e-4).label("a-b"),
+        ],
+    ] {
+        let err = compare_optimizers(&micro(), &data, &specs, &cfg).unwrap_err();
+        assert!(matches!(err, Error::InvalidArgument(_)), "{err}");
+        let msg = err.to_string();
+        assert!(msg.contains("label"), "{msg}");
+        assert!(!out.path().join("runs").exists(), "a run started: {msg}");
+    }
+    // Specs of one kind that differ elsewhere than m and lr get the differing field.
+    let specs = vec![
+        card32(),
+        OptimizerSpec::mfac(MFacConfig {
+            num_grads: 32,
+            damp: 1e-4,
+            ..MFacConfig::model_card()
+        }),
+        OptimizerSpec::adamw(1e-4).label("Adam (HF defaults)"),
+    ];
+    assert_eq!(
+        OptimizerSpec::labels(&specs).unwrap(),
+        [
+            "M-FAC m=32 (damp 1e-6)",
+            "M-FAC m=32 (damp 1e-4)",
+            "Adam (HF defaults)"
+        ]
+    );
 }

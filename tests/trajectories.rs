@@ -77,7 +77,6 @@ fn replay(tr: &Traj, edit: impl Fn(&mut TrainConfig)) -> Errs {
         BertClassifier::from_dir(fixture(&tr.model_folder), 3, &Device::Cpu, DType::F64).unwrap();
     let mut cfg = TrainConfig {
         dropout: false,
-        dtype: DType::F64,
         ..TrainConfig::default()
     };
     edit(&mut cfg);
@@ -129,9 +128,9 @@ fn replay(tr: &Traj, edit: impl Fn(&mut TrainConfig)) -> Errs {
 /// whose damp 1e-6 amplifies rounding by |g|²/(m·damp) ~ 1e5; the smallest semantic mistake moves
 /// losses by ≥ 1e-3. The bounds sit 1e3 above the noise and far below any mistake.
 fn tolerances(spec: &OptimizerSpec) -> (f64, f64, f64, f64) {
-    match spec {
-        OptimizerSpec::AdamW(_) => (1e-10, 1e-10, 1e-10, 1e-8),
+    match spec.base() {
         OptimizerSpec::MFac(_) => (1e-8, 1e-8, 1e-8, 1e-6),
+        _ => (1e-10, 1e-10, 1e-10, 1e-8),
     }
 }
 

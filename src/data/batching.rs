@@ -26,9 +26,8 @@ impl EncodedSplit {
     /// Tokenizes `pairs` (in parallel) with `tok`'s truncation, without padding.
     ///
     /// ```
-    /// # let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/fixtures/bert-micro-random");
     /// use mfac_lab::{data::EncodedSplit, model::PairTokenizer};
-    /// let tok = PairTokenizer::from_vocab(dir.join("vocab.txt"), true).unwrap();
+    /// let tok = PairTokenizer::bert_base_uncased().unwrap();
     /// let s = EncodedSplit::encode(&tok, &[("a b c", "d"), ("e", "f")], &[0, 1]).unwrap();
     /// assert_eq!(s.ids[0].len(), 7);
     /// assert_eq!(s.ids[1].len(), 5);
@@ -90,6 +89,13 @@ impl EncodedSplit {
     pub fn collate(&self, rows: &[usize], pad_to: Option<usize>, device: &Device) -> Result<Batch> {
         if rows.is_empty() {
             return Err(Error::InvalidArgument("an empty batch".into()));
+        }
+        if let Some(&r) = rows.iter().find(|&&r| r >= self.ids.len()) {
+            return Err(Error::InvalidArgument(format!(
+                "row {r} is out of range: the split has {} rows (indices 0..{})",
+                self.ids.len(),
+                self.ids.len()
+            )));
         }
         let longest = rows.iter().map(|&r| self.ids[r].len()).max().unwrap_or(0);
         let t = pad_to.unwrap_or(longest).max(longest);

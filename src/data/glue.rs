@@ -259,10 +259,14 @@ pub fn load_glue_dir(task: GlueTask, dir: impl AsRef<Path>) -> Result<GlueData> 
 /// Reads one file (parquet or TSV) and checks it has the task's columns.
 ///
 /// ```
-/// # let shared = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/data/mnli-textfooler");
 /// use mfac_lab::data::{read_split, GlueTask};
-/// let df = read_split(GlueTask::Mnli, shared.join("validation_matched-00000-of-00001.parquet")).unwrap();
-/// assert_eq!(df.height(), 800);
+/// let dir = tempfile::tempdir().unwrap();
+/// let path = dir.path().join("validation_matched.tsv");
+/// std::fs::write(&path, "premise\thypothesis\tlabel\nA man plays.\tSomeone plays.\tentailment\n\
+///                        A man plays.\tNobody plays.\t2\n").unwrap();
+/// let df = read_split(GlueTask::Mnli, &path).unwrap();
+/// assert_eq!(df.height(), 2);
+/// assert_eq!(df.column("label").unwrap().i64().unwrap().get(0), Some(0));
 /// ```
 pub fn read_split(task: GlueTask, path: impl AsRef<Path>) -> Result<DataFrame> {
     let path = path.as_ref();

@@ -33,16 +33,58 @@ impl Batch {
         attention_mask: Tensor,
         labels: Option<Tensor>,
     ) -> Result<Self> {
-        let dims = input_ids.dims().to_vec();
-        if dims.len() != 2 || token_type_ids.dims() != dims || attention_mask.dims() != dims {
+        let b = Batch {
+            input_ids,
+            token_type_ids,
+            attention_mask,
+            labels,
+        };
+        b.validate()?;
+        Ok(b)
+    }
+
+    /// Checks the shapes and dtypes (the fields are public, so a batch may be built by hand):
+    /// three integer tensors `[B, T]` with B, T ≥ 1 on one device, labels `[B]`. Every model
+    /// entry point calls this first, so a bad batch is an error, never a panic.
+    ///
+    /// ```
+    /// use mfac_lab::prelude::*;
+    /// let ids = Tensor::new(&[[101u32, 7, 102]], &Device::Cpu).unwrap();
+    /// let bad = Batch { input_ids: ids.clone(), token_type_ids: ids.narrow(1, 0, 2).unwrap(), attention_mask: ids, labels: None };
+    /// assert!(bad.validate().unwrap_err().to_string().contains("token_type_ids"));
+    /// ```
+    pub fn validate(&self) -> Result<()> {
+        let dims = self.input_ids.dims().to_vec();
+        if dims.len() != 2
+            || dims.contains(&0)
+            || self.token_type_ids.dims() != dims
+            || self.attention_mask.dims() != dims
+        {
             return Err(Error::InvalidArgument(format!(
-                "batch tensors must all be [B, T]: input_ids {:?}, token_type_ids {:?}, attention_mask {:?}",
-                input_ids.dims(),
-                token_type_ids.dims(),
-                attention_mask.dims()
+                "batch tensors must all be [B, T] with B, T ≥ 1: input_ids {:?}, token_type_ids {:?}, attention_mask {:?}",
+                self.input_ids.dims(),
+                self.token_type_ids.dims(),
+                self.attention_mask.dims()
             )));
         }
-        if let Some(l) = &labels {
+        for (name, t) in [
+            ("input_ids", &self.input_ids),
+            ("token_type_ids", &self.token_type_ids),
+            ("attention_mask", &self.attention_mask),
+        ] {
+            if !t.dtype().is_int() {
+                return Err(Error::InvalidArgument(format!(
+                    "batch {name} is {:?}: token tensors must be integers (u32)",
+                    t.dtype()
+                )));
+            }
+            if !t.device().same_device(self.input_ids.device()) {
+                return Err(Error::InvalidArgument(format!(
+                    "batch {name} is on another device than input_ids"
+                )));
+            }
+        }
+        if let Some(l) = &self.labels {
             if l.dims() != [dims[0]] {
                 return Err(Error::InvalidArgument(format!(
                     "labels {:?} must be [B] = [{}]",
@@ -51,12 +93,7 @@ impl Batch {
                 )));
             }
         }
-        Ok(Batch {
-            input_ids,
-            token_type_ids,
-            attention_mask,
-            labels,
-        })
+        Ok(())
     }
 
     /// Packs tokenizer encodings (all of one length) into a batch on `device`.

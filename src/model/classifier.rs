@@ -222,8 +222,12 @@ pub struct ClassifierOutput {
 ///
 /// ```
 /// use mfac_lab::prelude::*;
-/// # let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/fixtures/bert-micro-random");
-/// let model = BertClassifier::from_dir(&dir, 3, &Device::Cpu, DType::F32)?;
+/// // Any HF-layout folder loads; here one written from a random bert-tiny.
+/// # let tmp = tempfile::tempdir().unwrap();
+/// # let dir = tmp.path();
+/// # BertClassifier::random(&BertConfig::bert_tiny(), 3, 42, &Device::Cpu, DType::F32)?
+/// #     .with_tokenizer(PairTokenizer::bert_base_uncased()?).save_pretrained(dir)?;
+/// let model = BertClassifier::from_dir(dir, 3, &Device::Cpu, DType::F32)?;
 /// let batch = model.tokenizer()?.batch(&[("A man plays.", "Someone plays.")], Some(&[0]), &Device::Cpu)?;
 /// let logits = model.forward(&batch, false)?;
 /// assert_eq!(logits.dims(), &[1, 3]);
@@ -450,16 +454,19 @@ impl BertClassifier {
         report.source = files.source.clone();
         model.tokenizer = files.tokenizer(opts.max_seq_length)?;
         if model.tokenizer.is_none() {
-            eprintln!("warning: {} has no tokenizer.json or vocab.txt; attach a tokenizer with with_tokenizer()", files.source);
+            log::warn!(
+                "{} has no tokenizer.json or vocab.txt; attach a tokenizer with with_tokenizer()",
+                files.source
+            );
         }
         if !report.newly_initialized.is_empty() {
-            eprintln!(
+            log::warn!(
                 "Some weights of BertForSequenceClassification were not initialized from {} and are newly initialized: {:?}. Train the model before using it for predictions.",
                 report.source, report.newly_initialized
             );
         }
         if !report.unused.is_empty() {
-            eprintln!(
+            log::warn!(
                 "Some weights of {} were not used when initializing BertForSequenceClassification: {:?}",
                 report.source, report.unused
             );
@@ -530,6 +537,20 @@ impl BertClassifier {
         }
     }
 
+    /// The exact position of the dropout stream (saved in checkpoints).
+    pub fn dropout_rng_state(&self) -> Result<crate::rng::RngState> {
+        Ok(self
+            .dropout_stream(true)?
+            .expect("train locks the stream")
+            .state())
+    }
+
+    /// Moves the dropout stream to `state` (from [`BertClassifier::dropout_rng_state`]).
+    pub fn set_dropout_rng_state(&self, state: &crate::rng::RngState) -> Result<()> {
+        *self.dropout_stream(true)?.expect("train locks the stream") = SeededRng::from_state(state);
+        Ok(())
+    }
+
     /// The last hidden state `[B, T, H]` (eval mode).
     pub fn encode(
         &self,
@@ -562,6 +583,7 @@ impl BertClassifier {
 
     /// Like [`BertClassifier::forward`], also returning hidden states and the pooled output.
     pub fn forward_full(&self, batch: &Batch, train: bool) -> Result<ClassifierOutput> {
+        batch.validate()?;
         let mut guard = self.dropout_stream(train)?;
         let mut rng = guard.as_deref_mut();
         let bert = self.bert.forward(
@@ -596,6 +618,7 @@ impl BertClassifier {
         batch: &Batch,
         train: bool,
     ) -> Result<(f64, candle_core::backprop::GradStore)> {
+        batch.validate()?;
         if crate::model::native::supported(self) {
             let mut guard = self.dropout_stream(train)?;
             return crate::model::native::loss_and_grads(self, batch, guard.as_deref_mut());
@@ -634,8 +657,9 @@ impl BertClassifier {
     }
 
     /// Writes the model in HF layout (config.json, model.safetensors, tokenizer files), loadable
-    /// by transformers. The folder is built beside `dir` and renamed into place, so a crash never
-    /// leaves a half-written model; an existing model at `dir` is replaced.
+    /// by transformers. Each file is written to a temporary file and renamed into place, so a
+    /// crash never leaves a half-written file; the model files already in `dir` are replaced and
+    /// every other file there is left untouched.
     pub fn save_pretrained(&self, dir: impl AsRef<Path>) -> Result<()> {
         crate::model::save::save_pretrained(self, dir.as_ref())
     }

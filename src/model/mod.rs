@@ -19,6 +19,7 @@ pub use classifier::{
     BERT_TINY_REVISION,
 };
 pub use config::{BertConfig, HiddenAct};
+pub(crate) use save::{write_all as save_model_files, MODEL_FILES};
 pub use tokenizer::PairTokenizer;
 pub use weights::WeightMap;
 

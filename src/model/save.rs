@@ -1,25 +1,14 @@
-//! `save_pretrained`: HF layout, written atomically (temporary folder, then rename).
+//! `save_pretrained`: HF layout. Each file is written atomically (temporary file, then rename)
+//! and every other file in the folder is left untouched.
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use candle_core::DType;
 
 use crate::error::{Error, Result};
+use crate::io::{write_atomic_with, write_bytes_atomic};
 use crate::model::classifier::BertClassifier;
-
-/// A sibling path of `dir` with a unique suffix.
-fn sibling(dir: &Path, tag: &str) -> PathBuf {
-    let name = dir
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_else(|| "model".into());
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_nanos())
-        .unwrap_or(0);
-    dir.with_file_name(format!(".{name}.{tag}-{}-{nanos}", std::process::id()))
-}
 
 fn config_json(model: &BertClassifier) -> Result<serde_json::Value> {
     let names = model.config().label_names(model.num_labels());
@@ -51,15 +40,20 @@ fn config_json(model: &BertClassifier) -> Result<serde_json::Value> {
         "float32"
     };
     obj.insert("torch_dtype".into(), dtype.into());
-    obj.insert("problem_type".into(), "single_label_classification".into());
+    // HF's rule (modeling_bert.py, BertForSequenceClassification.forward): one output is
+    // regression (MSE, stsb), more are single-label classification.
+    let problem = if model.num_labels() == 1 {
+        "regression"
+    } else {
+        "single_label_classification"
+    };
+    obj.insert("problem_type".into(), problem.into());
     Ok(v)
 }
 
-fn write_all(model: &BertClassifier, tmp: &Path) -> Result<()> {
-    let write = |name: &str, bytes: &[u8]| {
-        let p = tmp.join(name);
-        std::fs::write(&p, bytes).map_err(|e| Error::io("writing", p, e))
-    };
+/// Writes the model's files into the existing folder `dir`, each atomically.
+pub(crate) fn write_all(model: &BertClassifier, dir: &Path) -> Result<()> {
+    let write = |name: &str, bytes: &[u8]| write_bytes_atomic(&dir.join(name), bytes);
     write(
         "config.json",
         serde_json::to_string_pretty(&config_json(model)?)?.as_bytes(),
@@ -75,21 +69,23 @@ fn write_all(model: &BertClassifier, tmp: &Path) -> Result<()> {
         })
         .collect::<Result<_>>()?;
     let meta: HashMap<String, String> = [("format".to_string(), "pt".to_string())].into();
-    let path = tmp.join("model.safetensors");
-    safetensors::serialize_to_file(
-        tensors.iter().map(|(n, t)| (n.as_str(), t)),
-        Some(meta),
-        &path,
-    )
-    .map_err(|e| Error::Weights {
-        path: path.clone(),
-        message: e.to_string(),
+    let path = dir.join("model.safetensors");
+    write_atomic_with(&path, |tmp| {
+        safetensors::serialize_to_file(
+            tensors.iter().map(|(n, t)| (n.as_str(), t)),
+            Some(meta),
+            tmp,
+        )
+        .map_err(|e| Error::Weights {
+            path: path.clone(),
+            message: e.to_string(),
+        })
     })?;
     if let Ok(tok) = model.tokenizer() {
-        tok.save(tmp)?;
+        tok.save(dir)?;
         let tc = serde_json::json!({
             "tokenizer_class": "BertTokenizer",
-            "do_lower_case": true,
+            "do_lower_case": tok.lowercases(),
             "model_max_length": tok.max_length(),
             "cls_token": "[CLS]", "sep_token": "[SEP]", "pad_token": "[PAD]",
             "unk_token": "[UNK]", "mask_token": "[MASK]"
@@ -102,6 +98,15 @@ fn write_all(model: &BertClassifier, tmp: &Path) -> Result<()> {
     Ok(())
 }
 
+/// The files [`write_all`] writes (what an output folder may hold of ours).
+pub(crate) const MODEL_FILES: [&str; 5] = [
+    "config.json",
+    "model.safetensors",
+    "tokenizer.json",
+    "vocab.txt",
+    "tokenizer_config.json",
+];
+
 pub(crate) fn save_pretrained(model: &BertClassifier, dir: &Path) -> Result<()> {
     if dir.exists() && !dir.is_dir() {
         return Err(Error::InvalidArgument(format!(
@@ -109,32 +114,6 @@ pub(crate) fn save_pretrained(model: &BertClassifier, dir: &Path) -> Result<()> 
             dir.display()
         )));
     }
-    if let Some(parent) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {
-        std::fs::create_dir_all(parent).map_err(|e| Error::io("creating", parent, e))?;
-    }
-    let tmp = sibling(dir, "tmp");
-    std::fs::create_dir(&tmp).map_err(|e| Error::io("creating", &tmp, e))?;
-    if let Err(e) = write_all(model, &tmp) {
-        let _ = std::fs::remove_dir_all(&tmp);
-        return Err(e);
-    }
-    // Swap into place: an existing folder is moved aside first and removed only afterwards.
-    let old = dir.exists().then(|| sibling(dir, "old"));
-    if let Some(old) = &old {
-        if let Err(e) = std::fs::rename(dir, old) {
-            let _ = std::fs::remove_dir_all(&tmp);
-            return Err(Error::io("moving aside", dir, e));
-        }
-    }
-    if let Err(e) = std::fs::rename(&tmp, dir) {
-        if let Some(old) = &old {
-            let _ = std::fs::rename(old, dir);
-        }
-        let _ = std::fs::remove_dir_all(&tmp);
-        return Err(Error::io("renaming into", dir, e));
-    }
-    if let Some(old) = old {
-        let _ = std::fs::remove_dir_all(old);
-    }
-    Ok(())
+    std::fs::create_dir_all(dir).map_err(|e| Error::io("creating", dir, e))?;
+    write_all(model, dir)
 }

@@ -23,9 +23,12 @@ const SPECIALS: [&str; 5] = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"];
 ///
 /// ```
 /// use mfac_lab::model::PairTokenizer;
-/// # let shared = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/fixtures/bert-micro-random");
-/// let tok = PairTokenizer::from_vocab(shared.join("vocab.txt"), true).unwrap();
+/// let dir = tempfile::tempdir().unwrap();
+/// let vocab = dir.path().join("vocab.txt");
+/// std::fs::write(&vocab, "[PAD]\n[UNK]\n[CLS]\n[SEP]\n[MASK]\na\nman\nplays\n.\nsomeone\n").unwrap();
+/// let tok = PairTokenizer::from_vocab(&vocab, true).unwrap();
 /// let enc = tok.encode_pairs(&[("A man plays.", "Someone plays.")]).unwrap();
+/// assert_eq!(enc[0].get_tokens(), ["[CLS]", "a", "man", "plays", ".", "[SEP]", "someone", "plays", ".", "[SEP]"]);
 /// assert_eq!(enc[0].get_tokens()[0], "[CLS]");
 /// assert_eq!(enc[0].get_type_ids().last(), Some(&1));
 /// ```
@@ -171,8 +174,7 @@ impl PairTokenizer {
     /// Sets `max_seq_length` (default 128); pairs longer than it are truncated longest-first.
     ///
     /// ```
-    /// # let shared = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/fixtures/bert-micro-random");
-    /// let tok = mfac_lab::model::PairTokenizer::from_vocab(shared.join("vocab.txt"), true).unwrap()
+    /// let tok = mfac_lab::model::PairTokenizer::bert_base_uncased().unwrap()
     ///     .with_max_length(8).unwrap();
     /// let enc = tok.encode_pairs(&[("one two three four five", "six seven eight")]).unwrap();
     /// assert_eq!(enc[0].len(), 8);
@@ -237,8 +239,7 @@ impl PairTokenizer {
     ///
     /// ```
     /// use mfac_lab::prelude::*;
-    /// # let shared = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/fixtures/bert-micro-random");
-    /// let tok = PairTokenizer::from_vocab(shared.join("vocab.txt"), true).unwrap();
+    /// let tok = PairTokenizer::bert_base_uncased().unwrap();
     /// let b = tok.batch(&[("a b", "c"), ("a", "b")], Some(&[0, 2]), &Device::Cpu).unwrap();
     /// assert_eq!(b.input_ids.dims(), &[2, 6]);
     /// ```
@@ -258,9 +259,10 @@ impl PairTokenizer {
         plain.with_truncation(None).map_err(tok_err)?;
         plain.with_padding(None);
         let json = dir.join("tokenizer.json");
-        plain
-            .save(&json, false)
+        let text = plain
+            .to_string(false)
             .map_err(|e| tok_err(format!("writing {}: {e}", json.display())))?;
+        crate::io::write_bytes_atomic(&json, text.as_bytes())?;
         let mut vocab: Vec<(String, u32)> = self.inner.get_vocab(false).into_iter().collect();
         vocab.sort_by_key(|(_, id)| *id);
         let mut text = String::new();
@@ -268,7 +270,37 @@ impl PairTokenizer {
             text.push_str(&tok);
             text.push('\n');
         }
-        let path = dir.join("vocab.txt");
-        std::fs::write(&path, text).map_err(|e| Error::io("writing", &path, e))
+        crate::io::write_bytes_atomic(&dir.join("vocab.txt"), text.as_bytes())
+    }
+
+    /// Whether the tokenizer lowercases its input (an uncased model: `do_lower_case` in HF's
+    /// tokenizer_config.json), read off its normalizer.
+    ///
+    /// ```
+    /// let tok = mfac_lab::model::PairTokenizer::bert_base_uncased()?;
+    /// assert!(tok.lowercases());
+    /// # Ok::<(), mfac_lab::Error>(())
+    /// ```
+    pub fn lowercases(&self) -> bool {
+        fn find(v: &serde_json::Value) -> bool {
+            match v {
+                serde_json::Value::Object(o) => {
+                    match o.get("type").and_then(|t| t.as_str()) {
+                        Some("Lowercase") => return true,
+                        Some("BertNormalizer") => {
+                            return o.get("lowercase").and_then(|l| l.as_bool()) == Some(true)
+                        }
+                        _ => {}
+                    }
+                    o.values().any(find)
+                }
+                serde_json::Value::Array(a) => a.iter().any(find),
+                _ => false,
+            }
+        }
+        self.inner
+            .get_normalizer()
+            .and_then(|n| serde_json::to_value(n).ok())
+            .is_some_and(|v| find(&v))
     }
 }

@@ -14,9 +14,9 @@ pub(crate) struct GramSolver {
     /// K = G Gᵀ.
     pub k: Vec<f64>,
     /// A⁻¹.
-    inv: Vec<f64>,
+    pub(crate) inv: Vec<f64>,
     /// Updates since the last refresh.
-    since_refresh: usize,
+    pub(crate) since_refresh: usize,
     /// How many full refreshes happened (introspection).
     pub refreshes: usize,
 }

@@ -59,6 +59,39 @@ impl MFacConfig {
         }
     }
 
+    /// The model card's settings with a window of `num_grads` gradients and the learning rate
+    /// scaled to it: lr = 1e-4 × 1024 / num_grads, damp 1e-6.
+    ///
+    /// Why: inside the window's span M-FAC's direction is u = m·Gᵀ(mλI + K)⁻¹e_j. When the
+    /// window's gradients have similar norms and mλ ≪ ‖g‖² (the card's λ = 1e-6 against
+    /// bert-tiny's gradients), this is ≈ m·g/‖g‖² — for orthogonal gradients exactly
+    /// m·g/(mλ + ‖g‖²) — so the step length grows linearly with m. The card's lr 1e-4 is tuned
+    /// for m = 1024; with m = 32 it takes steps ~32× shorter and M-FAC hardly moves. Scaling lr
+    /// by 1024/m keeps lr·m, hence the step length, at the card's. The assumption fails when
+    /// mλ is not small against ‖g‖² (large damp, tiny gradients): then the step length
+    /// saturates at lr·‖g‖/λ and the scaled lr overshoots; see docs/MFAC_LR.md.
+    ///
+    /// ```
+    /// use mfac_lab::optim::MFacConfig;
+    /// assert_eq!(MFacConfig::model_card_with(1024), MFacConfig::model_card());
+    /// let small = MFacConfig::model_card_with(32);
+    /// assert_eq!((small.num_grads, small.damp), (32, 1e-6));
+    /// assert!((small.lr - 3.2e-3).abs() < 1e-15);
+    /// // lr·m is the card's 1e-4 × 1024 for every window.
+    /// for m in [1, 8, 32, 256, 4096] {
+    ///     assert!((MFacConfig::model_card_with(m).lr * m as f64 - 0.1024).abs() < 1e-15);
+    /// }
+    /// ```
+    pub fn model_card_with(num_grads: usize) -> Self {
+        let card = Self::model_card();
+        MFacConfig {
+            num_grads,
+            // 1024 / m first: exact for powers of two, so m = 1024 gives exactly 1e-4.
+            lr: card.lr * (card.num_grads as f64 / num_grads.max(1) as f64),
+            ..card
+        }
+    }
+
     /// Checks every field; the error names the key.
     ///
     /// ```
@@ -524,5 +557,118 @@ impl candle_nn::Optimizer for MFac {
 
     fn set_learning_rate(&mut self, lr: f64) {
         self.cfg.lr = lr;
+    }
+}
+
+impl MFac {
+    /// Writes the whole state to `path` (a safetensors file, atomically): the window in its
+    /// dtype (m × d values: 18 GB for bert-tiny at m = 1024 in f32, half in bf16), the m×m
+    /// Gram matrix and its inverse (f64), the slot pointer, the fill level, the step count and
+    /// the momentum buffer. [`MFac::load_state`] restores it bit for bit, so a resumed run takes
+    /// exactly the steps the uninterrupted one would.
+    pub fn save_state(&self, path: &std::path::Path) -> Result<()> {
+        use crate::optim::state::StateWriter;
+        let (m, d) = (self.cfg.num_grads, self.d);
+        let mut w = StateWriter::default();
+        match &self.window {
+            HostWindow::F32(v) => w.add("window", v, &[m, d]),
+            HostWindow::BF16(v) => w.add("window", v, &[m, d]),
+            HostWindow::F64(v) => w.add("window", v, &[m, d]),
+        }
+        w.add("gram", &self.gram.k, &[m, m]);
+        w.add("gram_inverse", &self.gram.inv, &[m, m]);
+        w.add("coefficients", &self.last_c, &[]);
+        if let Some(v) = &self.v {
+            w.add("momentum", v, &[]);
+        }
+        let last = self.last.map(|s| {
+            serde_json::json!({"slot": s.slot, "update_norm": s.update_norm, "cosine": s.cosine, "grad_norm": s.grad_norm})
+        });
+        w.write(
+            path,
+            &serde_json::json!({
+                "optimizer": "mfac",
+                "num_grads": m,
+                "num_params": d,
+                "window_dtype": format!("{:?}", self.cfg.window_dtype),
+                "damp": self.cfg.damp,
+                "momentum": self.cfg.momentum,
+                "ring": self.ring,
+                "filled": self.filled,
+                "steps": self.steps,
+                "since_refresh": self.gram.since_refresh,
+                "refreshes": self.gram.refreshes,
+                "last": last,
+            }),
+        )
+    }
+
+    /// Restores a state written by [`MFac::save_state`] into an optimizer built with the same
+    /// config over the same parameters (the window is read straight into place).
+    pub fn load_state(&mut self, path: &std::path::Path) -> Result<()> {
+        use crate::optim::state::StateReader;
+        let mut r = StateReader::open(path)?;
+        let (m, d) = (self.cfg.num_grads, self.d);
+        let kind: String = r.scalar("optimizer")?;
+        let (fm, fd): (usize, usize) = if kind == "mfac" {
+            (r.scalar("num_grads")?, r.scalar("num_params")?)
+        } else {
+            (0, 0)
+        };
+        let fdt: String = if kind == "mfac" {
+            r.scalar("window_dtype")?
+        } else {
+            String::new()
+        };
+        let mine = format!("{:?}", self.cfg.window_dtype);
+        if kind != "mfac" || fm != m || fd != d || fdt != mine {
+            return Err(Error::InvalidArgument(format!(
+                "{}: this checkpoint's optimizer ({kind}, num_grads {fm}, {fd} parameters, window {fdt}) does not match the run's (mfac, num_grads {m}, {d} parameters, window {mine}); resume with the same optimizer settings and model",
+                path.display()
+            )));
+        }
+        match &mut self.window {
+            HostWindow::F32(v) => r.read_into("window", v)?,
+            HostWindow::BF16(v) => r.read_into("window", v)?,
+            HostWindow::F64(v) => r.read_into("window", v)?,
+        }
+        r.read_into("gram", &mut self.gram.k)?;
+        r.read_into("gram_inverse", &mut self.gram.inv)?;
+        r.read_into("coefficients", &mut self.last_c)?;
+        match (&mut self.v, r.has("momentum")) {
+            (Some(v), true) => r.read_into("momentum", v)?,
+            (None, false) => {}
+            _ => {
+                return Err(Error::InvalidArgument(format!(
+                    "{}: the checkpoint's momentum setting differs from the run's ({})",
+                    path.display(),
+                    self.cfg.momentum
+                )))
+            }
+        }
+        self.ring = r.scalar("ring")?;
+        self.filled = r.scalar("filled")?;
+        self.steps = r.scalar("steps")?;
+        self.gram.since_refresh = r.scalar("since_refresh")?;
+        self.gram.refreshes = r.scalar("refreshes")?;
+        let last: Option<serde_json::Value> = r.scalar("last")?;
+        self.last = match last {
+            Some(l) => Some(MFacStep {
+                slot: serde_json::from_value(l["slot"].clone())?,
+                update_norm: serde_json::from_value(l["update_norm"].clone())?,
+                cosine: serde_json::from_value(l["cosine"].clone())?,
+                grad_norm: serde_json::from_value(l["grad_norm"].clone())?,
+            }),
+            None => None,
+        };
+        if self.ring >= m || self.filled > m {
+            return Err(Error::InvalidArgument(format!(
+                "{}: slot pointer {} / fill level {} out of range for num_grads {m}",
+                path.display(),
+                self.ring,
+                self.filled
+            )));
+        }
+        Ok(())
     }
 }

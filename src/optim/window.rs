@@ -12,6 +12,7 @@
 
 use candle_core::DType;
 use half::bf16;
+use rayon::prelude::*;
 
 /// Columns per block. Long enough (64 KiB of an f32 row) for the hardware prefetchers to ramp
 /// up on every row stream; the f64 block of g or u (128 KiB) stays in L2.
@@ -124,12 +125,9 @@ pub(crate) fn par_zip_mut<T: Send, U: Sync>(
         return f(out, src);
     }
     let chunk = out.len().div_ceil(t);
-    std::thread::scope(|s| {
-        for (o, i) in out.chunks_mut(chunk).zip(src.chunks(chunk)) {
-            let f = &f;
-            s.spawn(move || f(o, i));
-        }
-    });
+    out.par_chunks_mut(chunk)
+        .zip(src.par_chunks(chunk))
+        .for_each(|(o, i)| f(o, i));
 }
 
 /// Whether every value is finite, in one vectorisable sweep (x·0 is 0 for finite x, NaN else).
@@ -145,11 +143,10 @@ pub(crate) fn all_finite<E: Elem>(s: &[E]) -> bool {
     acc.iter().all(|a| *a == 0.0) && tail.iter().all(|x| x.to_f64().is_finite())
 }
 
+/// The pieces the passes split into: one per thread of rayon's pool (so `RAYON_NUM_THREADS`
+/// and a caller's `ThreadPool::install` apply), at most 64.
 pub(crate) fn threads() -> usize {
-    std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(1)
-        .min(64)
+    rayon::current_num_threads().clamp(1, 64)
 }
 
 /// Splits 0..d into `t` contiguous ranges, aligned to BLOCK.
@@ -769,16 +766,11 @@ impl HostWindow {
 }
 
 fn gram_row_generic<E: Elem>(g: &[E], j: usize, rows: usize, d: usize) -> Vec<f64> {
-    let parts: Vec<Vec<f64>> = std::thread::scope(|s| {
-        let handles: Vec<_> = ranges(d, threads())
-            .into_iter()
-            .map(|(a, b)| s.spawn(move || pass1_dispatch(g, j, rows, d, a, b)))
-            .collect();
-        handles
-            .into_iter()
-            .map(|h| h.join().expect("M-FAC pass 1 worker"))
-            .collect()
-    });
+    // An indexed collect keeps the ranges' order, so the sums below are deterministic.
+    let parts: Vec<Vec<f64>> = ranges(d, threads())
+        .into_par_iter()
+        .map(|(a, b)| pass1_dispatch(g, j, rows, d, a, b))
+        .collect();
     let mut out = vec![0.0; rows];
     for p in parts {
         for (o, x) in out.iter_mut().zip(p) {
@@ -798,44 +790,108 @@ fn combine_generic<E: Elem>(
     u: &mut [f64],
 ) -> (f64, f64) {
     let rs = ranges(d, threads());
-    std::thread::scope(|s| {
-        let mut rest: &mut [f64] = u;
-        let mut start = 0;
-        let mut handles = vec![];
-        for (a, b) in rs {
-            let (_, tail) = rest.split_at_mut(a - start);
-            let (mine, tail) = tail.split_at_mut(b - a);
-            rest = tail;
-            start = b;
-            handles.push(s.spawn(move || pass2_dispatch(g, c, rows, d, scale, j, a, mine)));
-        }
-        handles
-            .into_iter()
-            .map(|h| h.join().expect("M-FAC pass 2 worker"))
-            .fold((0.0, 0.0), |x, y| (x.0 + y.0, x.1 + y.1))
-    })
+    // Each range's slice of u, split off in order (the ranges are contiguous from 0).
+    let mut pieces: Vec<(usize, &mut [f64])> = Vec::with_capacity(rs.len());
+    let mut rest: &mut [f64] = u;
+    let mut start = 0;
+    for (a, b) in rs {
+        let (_, tail) = std::mem::take(&mut rest).split_at_mut(a - start);
+        let (mine, tail) = tail.split_at_mut(b - a);
+        rest = tail;
+        start = b;
+        pieces.push((a, mine));
+    }
+    let stats: Vec<(f64, f64)> = pieces
+        .into_par_iter()
+        .map(|(a, mine)| pass2_dispatch(g, c, rows, d, scale, j, a, mine))
+        .collect();
+    stats
+        .into_iter()
+        .fold((0.0, 0.0), |x, y| (x.0 + y.0, x.1 + y.1))
 }
 
-/// Two plain streaming reads of `bytes` (the floor an M-FAC step is compared with): the sum of
-/// a buffer of f32, split across the same threads. Returns the checksum (to keep it honest).
-pub fn streaming_read(buf: &[f32]) -> f64 {
-    let t = threads();
-    let chunk = buf.len().div_ceil(t.max(1)).max(1);
-    std::thread::scope(|s| {
-        let hs: Vec<_> = buf
-            .chunks(chunk)
-            .map(|c| {
-                s.spawn(move || {
-                    let mut acc = [0.0f32; 16];
-                    for x in c.chunks_exact(16) {
-                        for k in 0..16 {
-                            acc[k] += x[k];
-                        }
-                    }
-                    acc.iter().map(|&a| a as f64).sum::<f64>()
-                })
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Deterministic values in [-1, 1) (a 64-bit LCG), as the window's dtype.
+    fn values<E: Elem>(n: usize, seed: u64) -> Vec<E> {
+        let mut x = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        (0..n)
+            .map(|_| {
+                x = x
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                E::from_f64((x >> 11) as f64 / (1u64 << 52) as f64 - 1.0)
             })
-            .collect();
-        hs.into_iter().map(|h| h.join().unwrap_or(0.0)).sum()
-    })
+            .collect()
+    }
+
+    fn rel(a: &[f64], b: &[f64]) -> f64 {
+        let num: f64 = a.iter().zip(b).map(|(x, y)| (x - y) * (x - y)).sum();
+        let den: f64 = b.iter().map(|y| y * y).sum();
+        (num / den).sqrt()
+    }
+
+    /// The portable passes (what a CPU without AVX2 + FMA runs; CI's CPUs have both, so these
+    /// are never dispatched there) against the dispatched ones, on two column blocks plus a
+    /// tail, a partly filled window and a row count that is not a multiple of 4 or 8.
+    /// Tolerances: f32 and f64 windows accumulate in f64 on both paths, in different orders
+    /// (≈ 1e-15 relative). bf16 sums each block of up to 16384 products in f32 on the SIMD path:
+    /// with terms of random sign the relative error of such a sum is about ε_f32·√n·Σ|t|/|Σt|
+    /// ≈ 6e-8 · 128 · O(10) ≈ 1e-4 at most for these rows (measured: 6e-6).
+    fn generic_equals_dispatched<E: Elem>(tol: f64) {
+        let (m, d) = (11, 2 * BLOCK + 123);
+        let g: Vec<E> = values(m * d, 3);
+        let (rows, j) = (10, 4);
+        let generic = pass1_range(&g, j, rows, d, 0, d);
+        let fast = pass1_dispatch(&g, j, rows, d, 0, d);
+        assert!(
+            rel(&generic, &fast) < tol,
+            "pass 1: {}",
+            rel(&generic, &fast)
+        );
+        let c: Vec<f64> = values::<f64>(rows, 5);
+        let (mut u1, mut u2) = (vec![1.0; d], vec![2.0; d]);
+        let s1 = pass2_range(&g, &c, rows, d, 3.0, j, 0, &mut u1);
+        let s2 = pass2_dispatch(&g, &c, rows, d, 3.0, j, 0, &mut u2);
+        assert!(rel(&u1, &u2) < tol, "pass 2: {}", rel(&u1, &u2));
+        assert!(rel(&[s1.0, s1.1], &[s2.0, s2.1]) < tol);
+        // A column range that starts inside the window (a thread's share).
+        let (a, b) = (BLOCK - 7, d - 5);
+        let generic = pass1_range(&g, j, rows, d, a, b);
+        let fast = pass1_dispatch(&g, j, rows, d, a, b);
+        assert!(rel(&generic, &fast) < tol);
+    }
+
+    #[test]
+    fn portable_passes_equal_the_simd_ones() {
+        if !has_avx2() {
+            eprintln!("no AVX2 + FMA here: the dispatched passes are the portable ones too");
+        }
+        generic_equals_dispatched::<f32>(1e-12);
+        generic_equals_dispatched::<f64>(1e-12);
+        generic_equals_dispatched::<bf16>(1e-4);
+    }
+
+    #[test]
+    fn the_pieces_follow_rayons_pool() {
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(3)
+            .build()
+            .unwrap();
+        assert_eq!(pool.install(threads), 3);
+        // The passes give the same result whatever the number of pieces (up to rounding).
+        let d = 3 * BLOCK + 11;
+        let g: Vec<f32> = values(4 * d, 9);
+        let one = rayon::ThreadPoolBuilder::new()
+            .num_threads(1)
+            .build()
+            .unwrap();
+        let a = one.install(|| gram_row_generic(&g, 1, 4, d));
+        let b = pool.install(|| gram_row_generic(&g, 1, 4, d));
+        assert!(rel(&a, &b) < 1e-12);
+    }
 }

@@ -1,6 +1,7 @@
 //! `TrainConfig`: run_glue's training arguments, with the model card's recipe as a preset.
 
-use candle_core::DType;
+use crate::error::{Error, Result};
+use crate::optim::OptimizerSpec;
 
 /// How the learning rate moves over training.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -16,15 +17,20 @@ pub enum Schedule {
 /// ```
 /// use mfac_lab::train::TrainConfig;
 /// let c = TrainConfig::run_glue();
-/// assert_eq!((c.batch_size, c.learning_rate, c.num_train_epochs, c.seed), (32, 1e-4, 5.0, 42));
+/// assert_eq!((c.batch_size, c.optimizer.lr(), c.num_train_epochs, c.seed), (32, 1e-4, 5.0, 42));
 /// assert_eq!(c.max_grad_norm, Some(1.0));
 /// ```
+///
+/// One source of truth each: the learning rate lives in [`TrainConfig::optimizer`] (run_glue's
+/// `--learning_rate` becomes the spec's `lr` unless `--optim_args` sets one;
+/// [`crate::train::Trainer::optimizer`] replaces the spec), and the parameter dtype is the
+/// model's own (`LoadOptions::dtype`, `CompareConfig::dtype`).
 #[derive(Debug, Clone, PartialEq)]
 pub struct TrainConfig {
     /// `per_device_train_batch_size`.
     pub batch_size: usize,
-    /// Peak learning rate (`--learning_rate`); M-FAC's `lr` in `--optim_args` overrides it.
-    pub learning_rate: f64,
+    /// The optimizer and its peak learning rate (`--optim`, `--optim_args`, `--learning_rate`).
+    pub optimizer: OptimizerSpec,
     /// `--num_train_epochs`.
     pub num_train_epochs: f64,
     /// Stop after this many optimizer steps (`--max_steps`), overriding the epochs.
@@ -39,8 +45,6 @@ pub struct TrainConfig {
     pub schedule: Schedule,
     /// Dropout during training (the model's own rates); off makes a step deterministic.
     pub dropout: bool,
-    /// Parameter dtype: F32 (default) or F64.
-    pub dtype: DType,
     /// Evaluate every this many steps (besides each epoch end).
     pub eval_steps: Option<usize>,
     /// Use only the first N training rows (`--max_train_samples`).
@@ -53,6 +57,15 @@ pub struct TrainConfig {
     pub eval_batch_size: usize,
     /// Print no progress.
     pub quiet: bool,
+    /// Also write a checkpoint every this many steps (`--save_steps`); checkpoints are always
+    /// written at each evaluation when an output folder is set.
+    pub save_steps: Option<usize>,
+    /// Keep at most this many checkpoints, deleting the oldest (`--save_total_limit`); `None`
+    /// keeps all (HF's default). An M-FAC checkpoint holds the window: m × d values.
+    pub save_total_limit: Option<usize>,
+    /// Train into an output folder that holds files other than ours (`--overwrite_output_dir`).
+    /// Even then only the files this crate writes are replaced; nothing else is touched.
+    pub overwrite_output_dir: bool,
 }
 
 impl Default for TrainConfig {
@@ -60,7 +73,7 @@ impl Default for TrainConfig {
     fn default() -> Self {
         TrainConfig {
             batch_size: 8,
-            learning_rate: 5e-5,
+            optimizer: OptimizerSpec::adamw(5e-5),
             num_train_epochs: 3.0,
             max_steps: None,
             max_seq_length: 128,
@@ -68,13 +81,15 @@ impl Default for TrainConfig {
             max_grad_norm: Some(1.0),
             schedule: Schedule::Linear,
             dropout: true,
-            dtype: DType::F32,
             eval_steps: None,
             max_train_samples: None,
             max_eval_samples: None,
             pad_to_max_length: false,
             eval_batch_size: 64,
             quiet: false,
+            save_steps: None,
+            save_total_limit: None,
+            overwrite_output_dir: false,
         }
     }
 }
@@ -85,7 +100,7 @@ impl TrainConfig {
     pub fn run_glue() -> Self {
         TrainConfig {
             batch_size: 32,
-            learning_rate: 1e-4,
+            optimizer: OptimizerSpec::adamw(1e-4),
             num_train_epochs: 5.0,
             ..Default::default()
         }
@@ -103,5 +118,60 @@ impl TrainConfig {
         }
         let per_epoch = train_rows.div_ceil(self.batch_size.max(1));
         (per_epoch as f64 * self.num_train_epochs).ceil() as usize
+    }
+
+    /// Checks every field (positive sizes, finite numbers, a valid optimizer); the error names
+    /// the run_glue flag. [`crate::train::Trainer::fit`] calls it before anything is written.
+    ///
+    /// ```
+    /// let mut c = mfac_lab::train::TrainConfig::run_glue();
+    /// assert!(c.validate().is_ok());
+    /// c.num_train_epochs = f64::NAN;
+    /// assert!(c.validate().unwrap_err().to_string().contains("--num_train_epochs"));
+    /// ```
+    pub fn validate(&self) -> Result<()> {
+        let bad = |flag: &str, msg: String| Err(Error::InvalidArgument(format!("{flag}: {msg}")));
+        let at_least_one = |flag: &str, v: usize| {
+            if v == 0 {
+                bad(flag, "must be at least 1".into())
+            } else {
+                Ok(())
+            }
+        };
+        at_least_one("--per_device_train_batch_size", self.batch_size)?;
+        at_least_one("--per_device_eval_batch_size", self.eval_batch_size)?;
+        at_least_one("--max_seq_length", self.max_seq_length)?;
+        for (flag, v) in [
+            ("--max_steps", self.max_steps),
+            ("--eval_steps", self.eval_steps),
+            ("--save_steps", self.save_steps),
+            ("--save_total_limit", self.save_total_limit),
+            ("--max_train_samples", self.max_train_samples),
+            ("--max_eval_samples", self.max_eval_samples),
+        ] {
+            if let Some(v) = v {
+                at_least_one(flag, v)?;
+            }
+        }
+        let e = self.num_train_epochs;
+        if self.max_steps.is_none() && !(e.is_finite() && e > 0.0) {
+            return bad(
+                "--num_train_epochs",
+                format!("{e} must be positive and finite"),
+            );
+        }
+        if let Some(g) = self.max_grad_norm {
+            if !(g.is_finite() && g > 0.0) {
+                return bad(
+                    "--max_grad_norm",
+                    format!("{g} must be positive and finite (None turns clipping off)"),
+                );
+            }
+        }
+        match self.optimizer.base() {
+            OptimizerSpec::AdamW(c) => c.validate(),
+            OptimizerSpec::MFac(c) => c.validate(),
+            _ => Ok(()),
+        }
     }
 }

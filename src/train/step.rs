@@ -20,11 +20,12 @@ pub enum Optim {
 impl Optim {
     /// Builds the optimizer for `model`'s parameters.
     pub fn new(spec: &OptimizerSpec, model: &BertClassifier) -> Result<Self> {
-        Ok(match spec {
+        Ok(match spec.base() {
             OptimizerSpec::AdamW(c) => Optim::AdamW(AdamW::new_named(model.named_vars(), *c)?),
             OptimizerSpec::MFac(c) => {
                 Optim::MFac(Box::new(MFac::new_named(model.named_vars(), *c)?))
             }
+            OptimizerSpec::Labeled(..) => unreachable!("base() unwraps labels"),
         })
     }
 
@@ -90,6 +91,11 @@ impl Stepper {
     /// The optimizer (e.g. to inspect M-FAC).
     pub fn optimizer(&self) -> &Optim {
         &self.optim
+    }
+
+    /// The optimizer, mutable (e.g. to load a checkpoint's state).
+    pub fn optimizer_mut(&mut self) -> &mut Optim {
+        &mut self.optim
     }
 
     /// Update `step`: loss of `batch` (dropout per config), backward, clip (HF order: clip,

@@ -2,6 +2,8 @@
 //! evaluation with the task's metrics, history, and HF-style output files.
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Instant;
 
 use candle_core::{DType, D};
@@ -9,18 +11,18 @@ use polars::prelude::*;
 
 use crate::data::{epoch_batches, EncodedSplit, GlueData, GlueTask, Metric};
 use crate::error::{Error, Result};
+use crate::io::write_json_atomic;
 use crate::model::BertClassifier;
 use crate::optim::OptimizerSpec;
+use crate::rng::RngState;
+use crate::train::checkpoint::{self, OPTIMIZER_FILE, RESULTS_FILE, RNG_FILE, STATE_FILE};
 use crate::train::config::TrainConfig;
 use crate::train::metrics::{accuracy, f1, matthews, pearson, spearman};
 use crate::train::progress::Progress;
-use crate::train::step::{scalar, Stepper};
-
-/// The sub-folder of the output folder holding the checkpoint of the last evaluation.
-pub const CHECKPOINT: &str = "checkpoint-last";
+use crate::train::step::{scalar, Optim, Stepper};
 
 /// One logged training step.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct TrainRecord {
     /// Optimizer step, 1-based like HF's `global_step` after the update.
     pub step: usize,
@@ -37,7 +39,7 @@ pub struct TrainRecord {
 }
 
 /// One evaluation of one split.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct EvalRecord {
     /// Steps done when evaluated.
     pub step: usize,
@@ -140,58 +142,143 @@ impl RunHistory {
 /// let model = load_bert_tiny()?;
 /// let history = Trainer::new(model, TrainConfig::run_glue())
 ///     .optimizer(OptimizerSpec::mfac(MFacConfig::model_card()))
+///     .output_dir("out")
+///     .fit(&data)?;
+/// // Later, after an interruption: the same call, continued from the newest checkpoint.
+/// # let model = load_bert_tiny()?;
+/// let history = Trainer::new(model, TrainConfig::run_glue())
+///     .optimizer(OptimizerSpec::mfac(MFacConfig::model_card()))
+///     .output_dir("out")
+///     .resume_from(mfac_lab::train::latest_checkpoint("out".as_ref())?.expect("a checkpoint"))
 ///     .fit(&data)?;
 /// # Ok::<(), mfac_lab::Error>(())
 /// ```
 pub struct Trainer {
     model: BertClassifier,
     cfg: TrainConfig,
-    spec: OptimizerSpec,
     output_dir: Option<PathBuf>,
+    resume: Option<PathBuf>,
+    stop: Arc<AtomicBool>,
+    stop_at: Option<usize>,
 }
 
-/// Writes `value` as pretty JSON to `path` atomically (temporary file, then rename).
-pub fn write_json_atomic(path: &Path, value: &serde_json::Value) -> Result<()> {
-    write_bytes_atomic(path, serde_json::to_string_pretty(value)?.as_bytes())
-}
-
-/// Writes `bytes` to `path` through a temporary file in the same folder and a rename, so a
-/// crash never leaves a half-written file.
-pub fn write_bytes_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let tmp = path.with_file_name(format!(".{name}.tmp-{}", std::process::id()));
-    std::fs::write(&tmp, bytes).map_err(|e| Error::io("writing", &tmp, e))?;
-    std::fs::rename(&tmp, path).map_err(|e| {
-        let _ = std::fs::remove_file(&tmp);
-        Error::io("renaming into", path, e)
+/// What a resumed run must agree on with the run that wrote the checkpoint.
+fn fingerprint(
+    cfg: &TrainConfig,
+    model: &BertClassifier,
+    task: GlueTask,
+    train_rows: usize,
+    total: usize,
+) -> serde_json::Value {
+    serde_json::json!({
+        "task": task.name(),
+        "train_rows": train_rows,
+        "max_steps": total,
+        "train_batch_size": cfg.batch_size,
+        "seed": cfg.seed,
+        "optimizer": format!("{:?}", cfg.optimizer),
+        "max_grad_norm": cfg.max_grad_norm,
+        "schedule": format!("{:?}", cfg.schedule),
+        "dropout": cfg.dropout,
+        "max_seq_length": cfg.max_seq_length,
+        "pad_to_max_length": cfg.pad_to_max_length,
+        "dtype": format!("{:?}", model.dtype()),
+        "num_parameters": model.num_parameters(),
     })
 }
 
+/// What a checkpoint restores besides the model and the optimizer.
+struct Resumed {
+    step: usize,
+    records: Vec<TrainRecord>,
+    evals: Vec<EvalRecord>,
+    last_eval: Option<usize>,
+    elapsed: f64,
+}
+
+/// Copies the weights of `model.safetensors` in `dir` into the model's variables, exactly.
+fn load_weights(model: &BertClassifier, dir: &Path) -> Result<()> {
+    let path = dir.join("model.safetensors");
+    let tensors =
+        candle_core::safetensors::load(&path, &candle_core::Device::Cpu).map_err(|e| {
+            Error::Weights {
+                path: path.clone(),
+                message: e.to_string(),
+            }
+        })?;
+    for (name, var) in model.named_vars() {
+        let t = tensors.get(name).ok_or_else(|| Error::MissingTensor {
+            path: path.clone(),
+            name: name.clone(),
+        })?;
+        if t.dims() != var.dims() || t.dtype() != var.dtype() {
+            return Err(Error::InvalidArgument(format!(
+                "{}: {name} is {:?} {:?} but the model's is {:?} {:?}; resume with the same model and dtype",
+                path.display(),
+                t.dtype(),
+                t.dims(),
+                var.dtype(),
+                var.dims()
+            )));
+        }
+        var.set(&t.to_device(var.device())?)?;
+    }
+    Ok(())
+}
+
 impl Trainer {
-    /// A trainer with AdamW at the config's learning rate until [`Trainer::optimizer`] says otherwise.
+    /// A trainer with the config's optimizer (AdamW at the recipe's learning rate unless
+    /// [`Trainer::optimizer`] says otherwise).
     pub fn new(model: BertClassifier, cfg: TrainConfig) -> Self {
-        let spec = OptimizerSpec::adamw(cfg.learning_rate);
         Trainer {
             model,
             cfg,
-            spec,
             output_dir: None,
+            resume: None,
+            stop: Arc::new(AtomicBool::new(false)),
+            stop_at: None,
         }
     }
 
-    /// The optimizer to use.
+    /// The optimizer to use, with its learning rate (it replaces `TrainConfig::optimizer`).
     pub fn optimizer(mut self, spec: OptimizerSpec) -> Self {
-        self.spec = spec;
+        self.cfg.optimizer = spec;
         self
     }
 
-    /// Where to write the model, trainer_state.json and eval_results.json (like HF).
+    /// Where to write the model, trainer_state.json, eval_results.json and the checkpoints
+    /// (like HF). A folder holding other files is refused unless
+    /// `TrainConfig::overwrite_output_dir` is set; other files are never touched.
     pub fn output_dir(mut self, dir: impl Into<PathBuf>) -> Self {
         self.output_dir = Some(dir.into());
         self
+    }
+
+    /// Continue the run saved in checkpoint folder `dir` (HF's `resume_from_checkpoint`):
+    /// weights, optimizer state, schedule, dropout stream, data order and history are restored,
+    /// so the run ends exactly as if it had never stopped. The config, data and optimizer must
+    /// be those of the saved run (checked).
+    pub fn resume_from(mut self, dir: impl Into<PathBuf>) -> Self {
+        self.resume = Some(dir.into());
+        self
+    }
+
+    /// A flag that stops training after the current step when set (e.g. from a Ctrl-C
+    /// handler): a checkpoint is written and [`Trainer::fit`] returns [`Error::Interrupted`].
+    pub fn stop_handle(&self) -> Arc<AtomicBool> {
+        self.stop.clone()
+    }
+
+    /// Stop after `step` steps as if interrupted (a checkpoint, then [`Error::Interrupted`]):
+    /// to train in pieces, e.g. within a time budget per notebook cell.
+    pub fn stop_at_step(mut self, step: usize) -> Self {
+        self.stop_at = Some(step);
+        self
+    }
+
+    /// The training config.
+    pub fn config(&self) -> &TrainConfig {
+        &self.cfg
     }
 
     /// The model (trained after [`Trainer::fit`]).
@@ -315,11 +402,13 @@ impl Trainer {
     }
 
     /// Trains on `data.train`, evaluating every `eval_steps` and at each epoch end; returns the
-    /// history. With an output folder, writes the model, trainer_state.json and
-    /// eval_results.json there (atomically). A non-finite loss stops training with
-    /// [`Error::NonFiniteLoss`], after saving the last good model when an output folder is set.
+    /// history. With an output folder, writes a checkpoint at each evaluation (and every
+    /// `save_steps`), and at the end the model, trainer_state.json and eval_results.json, each
+    /// file atomically. A non-finite loss stops training with [`Error::NonFiniteLoss`], naming
+    /// the last good checkpoint; a stop request with [`Error::Interrupted`], after writing one.
     pub fn fit(&mut self, data: &GlueData) -> Result<RunHistory> {
         let task = data.task;
+        self.cfg.validate()?;
         if self.model.num_labels() != task.num_labels() {
             return Err(Error::InvalidArgument(format!(
                 "the model has {} labels but {} has {}",
@@ -328,9 +417,6 @@ impl Trainer {
                 task.num_labels()
             )));
         }
-        // Fresh variables for this call's copy of candle (see BertClassifier::rebind: in
-        // evcxr, a model from another cell would otherwise share tensor ids with this one's).
-        self.model = self.model.rebind()?;
         let (train, evals) = self.encode(data)?;
         if train.is_empty() {
             return Err(Error::InvalidArgument("no training rows".into()));
@@ -338,19 +424,41 @@ impl Trainer {
         let cfg = self.cfg.clone();
         let total = cfg.total_steps(train.len());
         let per_epoch = train.len().div_ceil(cfg.batch_size.max(1));
-        let mut stepper = Stepper::new(&self.model, &self.spec, &cfg, total)?;
+        let fp = fingerprint(&cfg, &self.model, task, train.len(), total);
+        if let Some(dir) = &self.output_dir {
+            checkpoint::prepare_output_dir(dir, cfg.overwrite_output_dir, self.resume.is_some())?;
+        }
+        // Fresh variables for this call's copy of candle (see BertClassifier::rebind: in
+        // evcxr, a model from another cell would otherwise share tensor ids with this one's).
+        self.model = self.model.rebind()?;
+        let mut stepper = Stepper::new(&self.model, &cfg.optimizer, &cfg, total)?;
         self.model.set_dropout_seed(cfg.seed);
+        let resumed = match self.resume.clone() {
+            Some(dir) => Some(self.restore(&dir, &mut stepper, &fp)?),
+            None => None,
+        };
+        let (start_step, mut records, mut eval_records, mut last_eval, offset) = match resumed {
+            Some(r) => (r.step, r.records, r.evals, r.last_eval, r.elapsed),
+            None => (0, vec![], vec![], None, 0.0),
+        };
         let pad_to = cfg.pad_to_max_length.then_some(cfg.max_seq_length);
-        let label = format!("{} {}", self.spec.name(), task.name());
+        let label = format!("{} {}", cfg.optimizer.name(), task.name());
         let mut progress = Progress::new(&label, total, cfg.quiet);
         let start = Instant::now();
-        let (mut records, mut eval_records) = (Vec::<TrainRecord>::new(), Vec::<EvalRecord>::new());
-        let mut step = 0usize;
-        let mut last_eval = usize::MAX;
-        let mut last_checkpoint: Option<usize> = None;
-        let mut epoch = 0u64;
+        let elapsed = || offset + start.elapsed().as_secs_f64();
+        let mut last_checkpoint: Option<usize> = self.resume.as_ref().map(|_| start_step);
+        let mut step = start_step;
+        if step > 0 {
+            progress.update(step, "resumed");
+        }
         while step < total {
-            for rows in epoch_batches(train.len(), cfg.batch_size, cfg.seed, epoch, true) {
+            // Epoch e's batches depend only on (seed, e): a resumed run skips the ones done.
+            let epoch = (step / per_epoch) as u64;
+            let skip = step % per_epoch;
+            for rows in epoch_batches(train.len(), cfg.batch_size, cfg.seed, epoch, true)
+                .into_iter()
+                .skip(skip)
+            {
                 if step >= total {
                     break;
                 }
@@ -360,8 +468,8 @@ impl Trainer {
                     Err(Error::NonFiniteLoss { step, loss, .. }) => {
                         let saved = match (&self.output_dir, last_checkpoint) {
                             (Some(dir), Some(at)) => format!(
-                                "; the last good checkpoint (step {at}) is in {}",
-                                dir.join(CHECKPOINT).display()
+                                "; the last good checkpoint (step {at}) is {}: resume from it with a lower learning rate, or with --resume_from_checkpoint",
+                                checkpoint::checkpoint_dir(dir, at).display()
                             ),
                             (Some(_), None) => {
                                 "; no checkpoint was written yet (one is written at each evaluation with a finite loss)".into()
@@ -375,27 +483,20 @@ impl Trainer {
                 };
                 step += 1;
                 let ep = step as f64 / per_epoch as f64;
-                let elapsed = start.elapsed().as_secs_f64();
                 records.push(TrainRecord {
                     step,
                     epoch: ep,
                     loss: rec.loss,
                     lr: rec.lr,
                     grad_norm: rec.grad_norm,
-                    elapsed,
+                    elapsed: elapsed(),
                 });
                 progress.update(step, &format!("loss {:.4} · lr {:.2e}", rec.loss, rec.lr));
                 let epoch_end = step % per_epoch == 0 || step == total;
-                if cfg.eval_steps.is_some_and(|n| n > 0 && step % n == 0) || epoch_end {
+                let mut save = cfg.save_steps.is_some_and(|n| step % n == 0);
+                if cfg.eval_steps.is_some_and(|n| step % n == 0) || epoch_end {
                     for (name, s) in &evals {
-                        let r = self.eval_split(
-                            task,
-                            name,
-                            s,
-                            step,
-                            ep,
-                            start.elapsed().as_secs_f64(),
-                        )?;
+                        let r = self.eval_split(task, name, s, step, ep, elapsed())?;
                         progress.println(&format!(
                             "step {step} (epoch {ep:.2}) {name}: loss {:.4}, {}",
                             r.loss,
@@ -407,24 +508,55 @@ impl Trainer {
                         ));
                         eval_records.push(r);
                     }
-                    last_eval = step;
+                    last_eval = Some(step);
                     // A checkpoint at each evaluation whose losses are finite: what a later
                     // non-finite loss falls back to.
-                    let finite = eval_records
+                    save |= eval_records
                         .iter()
                         .rev()
                         .take(evals.len())
                         .all(|e| e.loss.is_finite())
                         && rec.loss.is_finite();
-                    if let (Some(dir), true) = (&self.output_dir, finite) {
-                        self.model.save_pretrained(dir.join(CHECKPOINT))?;
-                        last_checkpoint = Some(step);
-                    }
+                }
+                let stop = self.stop.load(Ordering::SeqCst) || self.stop_at == Some(step);
+                if let (Some(dir), true) = (&self.output_dir, save || (stop && step < total)) {
+                    let state = ResumeState {
+                        fingerprint: &fp,
+                        step,
+                        total,
+                        per_epoch,
+                        records: &records,
+                        evals: &eval_records,
+                        last_eval,
+                        elapsed: elapsed(),
+                    };
+                    self.write_checkpoint(dir, &stepper, &state)?;
+                    last_checkpoint = Some(step);
+                }
+                if stop && step < total {
+                    progress.finish();
+                    let checkpoint = self
+                        .output_dir
+                        .as_ref()
+                        .map(|d| checkpoint::checkpoint_dir(d, step));
+                    let resume = match &checkpoint {
+                        Some(c) => format!(
+                            "; checkpoint written to {}: continue with `--resume_from_checkpoint {}` (Trainer::resume_from)",
+                            c.display(),
+                            c.display()
+                        ),
+                        None => "; no output folder was set, so nothing was saved".into(),
+                    };
+                    return Err(Error::Interrupted {
+                        step,
+                        total,
+                        checkpoint,
+                        resume,
+                    });
                 }
             }
-            epoch += 1;
         }
-        if last_eval != step {
+        if last_eval != Some(step) {
             for (name, s) in &evals {
                 eval_records.push(self.eval_split(
                     task,
@@ -432,16 +564,127 @@ impl Trainer {
                     s,
                     step,
                     step as f64 / per_epoch as f64,
-                    start.elapsed().as_secs_f64(),
+                    elapsed(),
                 )?);
             }
         }
         progress.finish();
-        let history = RunHistory::build(self.spec.name(), records, eval_records)?;
+        let history = RunHistory::build(cfg.optimizer.name(), records, eval_records)?;
         if let Some(dir) = self.output_dir.clone() {
             self.write_outputs(&dir, task, &history, total, per_epoch)?;
         }
         Ok(history)
+    }
+
+    /// Loads checkpoint `dir` into the model, the optimizer and the dropout stream.
+    fn restore(
+        &self,
+        dir: &Path,
+        stepper: &mut Stepper,
+        fp: &serde_json::Value,
+    ) -> Result<Resumed> {
+        if !dir.join(STATE_FILE).is_file() {
+            return Err(Error::MissingFile {
+                dir: dir.to_path_buf(),
+                file: STATE_FILE.into(),
+                hint: "; resume from a checkpoint-<step> folder written by mfac-lab".into(),
+            });
+        }
+        let path = dir.join(STATE_FILE);
+        let text = std::fs::read_to_string(&path).map_err(|e| Error::io("reading", &path, e))?;
+        let state: serde_json::Value = serde_json::from_str(&text)?;
+        let ours = state.get("mfac_lab").ok_or_else(|| Error::Config {
+            path: path.clone(),
+            message: "no resume state (`mfac_lab`): not a checkpoint written by mfac-lab".into(),
+        })?;
+        let saved_fp = &ours["fingerprint"];
+        if saved_fp != fp {
+            let mut diffs = vec![];
+            if let (Some(a), Some(b)) = (saved_fp.as_object(), fp.as_object()) {
+                for (k, v) in b {
+                    if a.get(k) != Some(v) {
+                        diffs.push(format!(
+                            "{k}: checkpoint {} vs now {v}",
+                            a.get(k).cloned().unwrap_or_default()
+                        ));
+                    }
+                }
+            }
+            return Err(Error::InvalidArgument(format!(
+                "{} was written by a different run ({}); resume with the same model, data, optimizer and training flags",
+                dir.display(),
+                diffs.join("; ")
+            )));
+        }
+        let bad = |m: String| Error::Config {
+            path: path.clone(),
+            message: m,
+        };
+        let step = ours["step"].as_u64().ok_or_else(|| bad("no step".into()))? as usize;
+        let records: Vec<TrainRecord> = serde_json::from_value(ours["records"].clone())?;
+        let evals: Vec<EvalRecord> = serde_json::from_value(ours["evals"].clone())?;
+        let last_eval = ours["last_eval"].as_u64().map(|s| s as usize);
+        let elapsed = ours["elapsed"].as_f64().unwrap_or(0.0);
+        if records.len() != step {
+            return Err(bad(format!(
+                "{} step records for step {step}",
+                records.len()
+            )));
+        }
+        load_weights(&self.model, dir)?;
+        match stepper.optimizer_mut() {
+            Optim::AdamW(o) => o.load_state(&dir.join(OPTIMIZER_FILE))?,
+            Optim::MFac(o) => o.load_state(&dir.join(OPTIMIZER_FILE))?,
+        }
+        let rng_path = dir.join(RNG_FILE);
+        let rng_text =
+            std::fs::read_to_string(&rng_path).map_err(|e| Error::io("reading", &rng_path, e))?;
+        let rng = RngState::from_json(&serde_json::from_str(&rng_text)?).ok_or_else(|| {
+            Error::Config {
+                path: rng_path.clone(),
+                message: "not a dropout stream state written by mfac-lab".into(),
+            }
+        })?;
+        self.model.set_dropout_rng_state(&rng)?;
+        Ok(Resumed {
+            step,
+            records,
+            evals,
+            last_eval,
+            elapsed,
+        })
+    }
+
+    fn write_checkpoint(&self, dir: &Path, stepper: &Stepper, st: &ResumeState) -> Result<()> {
+        checkpoint::write_checkpoint(dir, st.step, |tmp| {
+            crate::model::save_model_files(&self.model, tmp)?;
+            match stepper.optimizer() {
+                Optim::AdamW(o) => o.save_state(&tmp.join(OPTIMIZER_FILE))?,
+                Optim::MFac(o) => o.save_state(&tmp.join(OPTIMIZER_FILE))?,
+            }
+            write_json_atomic(
+                &tmp.join(RNG_FILE),
+                &self.model.dropout_rng_state()?.to_json(),
+            )?;
+            let mut state = trainer_state(
+                &self.cfg,
+                st.records,
+                st.evals,
+                st.total,
+                st.per_epoch,
+                st.step,
+            );
+            state["mfac_lab"] = serde_json::json!({
+                "fingerprint": st.fingerprint,
+                "step": st.step,
+                "records": st.records,
+                "evals": st.evals,
+                "last_eval": st.last_eval,
+                "elapsed": st.elapsed,
+            });
+            write_json_atomic(&tmp.join(STATE_FILE), &state)
+        })?;
+        checkpoint::rotate(dir, self.cfg.save_total_limit)
     }
 
     fn write_outputs(
@@ -452,21 +695,7 @@ impl Trainer {
         total: usize,
         per_epoch: usize,
     ) -> Result<()> {
-        // save_pretrained replaces the folder as a whole: keep the checkpoint across it.
-        let ckpt = dir.join(CHECKPOINT);
-        let aside = dir.with_file_name(format!(
-            ".{}.{CHECKPOINT}-{}",
-            dir.file_name()
-                .map(|n| n.to_string_lossy().into_owned())
-                .unwrap_or_default(),
-            std::process::id()
-        ));
-        let moved = ckpt.is_dir() && std::fs::rename(&ckpt, &aside).is_ok();
-        let saved = self.model.save_pretrained(dir);
-        if moved {
-            std::fs::rename(&aside, &ckpt).map_err(|e| Error::io("restoring", &ckpt, e))?;
-        }
-        saved?;
+        self.model.save_pretrained(dir)?;
         let epoch = total as f64 / per_epoch as f64;
         // eval_results.json: HF's keys; mnli's mismatched split gets the `_mm` suffix.
         let mut results = serde_json::Map::new();
@@ -484,31 +713,60 @@ impl Trainer {
                 }
             }
         }
-        write_json_atomic(
-            &dir.join("eval_results.json"),
-            &serde_json::Value::Object(results),
-        )?;
-        let mut log = vec![];
-        for r in &h.train {
-            log.push(serde_json::json!({"step": r.step, "epoch": r.epoch, "loss": r.loss, "learning_rate": r.lr, "grad_norm": r.grad_norm}));
-        }
-        for e in &h.evals {
-            let mut o = serde_json::json!({"step": e.step, "epoch": e.epoch, "split": e.split, "eval_loss": e.loss});
-            for (m, v) in &e.metrics {
-                o[format!("eval_{m}")] = (*v).into();
-            }
-            log.push(o);
-        }
-        let state = serde_json::json!({
-            "global_step": h.train.len(),
-            "max_steps": total,
-            "epoch": epoch,
-            "num_train_epochs": self.cfg.num_train_epochs,
-            "train_batch_size": self.cfg.batch_size,
-            "seed": self.cfg.seed,
-            "optimizer": self.spec.name(),
-            "log_history": log,
-        });
-        write_json_atomic(&dir.join("trainer_state.json"), &state)
+        write_json_atomic(&dir.join(RESULTS_FILE), &serde_json::Value::Object(results))?;
+        let state = trainer_state(
+            &self.cfg,
+            &h.train,
+            &h.evals,
+            total,
+            per_epoch,
+            h.train.len(),
+        );
+        write_json_atomic(&dir.join(STATE_FILE), &state)
     }
+}
+
+/// What a checkpoint's trainer_state.json records for resuming.
+struct ResumeState<'a> {
+    fingerprint: &'a serde_json::Value,
+    step: usize,
+    total: usize,
+    per_epoch: usize,
+    records: &'a [TrainRecord],
+    evals: &'a [EvalRecord],
+    last_eval: Option<usize>,
+    elapsed: f64,
+}
+
+/// HF's trainer_state.json: global step, epoch, log history.
+fn trainer_state(
+    cfg: &TrainConfig,
+    train: &[TrainRecord],
+    evals: &[EvalRecord],
+    total: usize,
+    per_epoch: usize,
+    step: usize,
+) -> serde_json::Value {
+    let mut log = vec![];
+    for r in train {
+        log.push(serde_json::json!({"step": r.step, "epoch": r.epoch, "loss": r.loss, "learning_rate": r.lr, "grad_norm": r.grad_norm}));
+    }
+    for e in evals {
+        let mut o = serde_json::json!({"step": e.step, "epoch": e.epoch, "split": e.split, "eval_loss": e.loss});
+        for (m, v) in &e.metrics {
+            o[format!("eval_{m}")] = (*v).into();
+        }
+        log.push(o);
+    }
+    serde_json::json!({
+        "global_step": step,
+        "max_steps": total,
+        "epoch": step as f64 / per_epoch as f64,
+        "num_train_epochs": cfg.num_train_epochs,
+        "train_batch_size": cfg.batch_size,
+        "seed": cfg.seed,
+        "optimizer": cfg.optimizer.name(),
+        "optimizer_config": format!("{:?}", cfg.optimizer),
+        "log_history": log,
+    })
 }

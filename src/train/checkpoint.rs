@@ -1,0 +1,219 @@
+//! Output folders and checkpoints, with HF Trainer's names and rules, and nothing lost:
+//!
+//! - an output folder that holds anything besides our own files is refused unless
+//!   `overwrite_output_dir` is set; even then only the files we write are replaced;
+//! - a checkpoint is `checkpoint-<step>/` in the output folder: the model (HF layout),
+//!   `optimizer.safetensors` (the optimizer's whole state), `rng_state.json` (the dropout
+//!   stream) and `trainer_state.json` (step, history, and what a resumed run must agree on).
+//!   It is built in a temporary folder and renamed into place, so a failed write leaves the
+//!   previous checkpoint valid;
+//! - `save_total_limit` deletes the oldest checkpoints, never the newest.
+
+use std::path::{Path, PathBuf};
+
+use crate::error::{Error, Result};
+
+/// The prefix of checkpoint folders, as HF's (`checkpoint-500`).
+pub const CHECKPOINT_PREFIX: &str = "checkpoint-";
+
+/// The files a checkpoint holds besides the model's.
+pub(crate) const OPTIMIZER_FILE: &str = "optimizer.safetensors";
+pub(crate) const RNG_FILE: &str = "rng_state.json";
+pub(crate) const STATE_FILE: &str = "trainer_state.json";
+pub(crate) const RESULTS_FILE: &str = "eval_results.json";
+
+/// The folder of the checkpoint at `step` in `output_dir`.
+pub fn checkpoint_dir(output_dir: &Path, step: usize) -> PathBuf {
+    output_dir.join(format!("{CHECKPOINT_PREFIX}{step}"))
+}
+
+/// The step of a checkpoint folder name (`checkpoint-120` → 120).
+fn checkpoint_step(name: &str) -> Option<usize> {
+    name.strip_prefix(CHECKPOINT_PREFIX)?.parse().ok()
+}
+
+/// The complete checkpoints in `output_dir` (those with a trainer_state.json), by step.
+pub fn checkpoints(output_dir: &Path) -> Result<Vec<(usize, PathBuf)>> {
+    let mut out = vec![];
+    let entries = match std::fs::read_dir(output_dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(out),
+        Err(e) => return Err(Error::io("reading", output_dir, e)),
+    };
+    for entry in entries {
+        let entry = entry.map_err(|e| Error::io("reading", output_dir, e))?;
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if let Some(step) = checkpoint_step(&name) {
+            let p = entry.path();
+            if p.join(STATE_FILE).is_file() {
+                out.push((step, p));
+            }
+        }
+    }
+    out.sort();
+    Ok(out)
+}
+
+/// The newest complete checkpoint in `output_dir` (HF's `get_last_checkpoint`).
+///
+/// ```
+/// let dir = tempfile::tempdir()?;
+/// assert!(mfac_lab::train::latest_checkpoint(dir.path())?.is_none());
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+pub fn latest_checkpoint(output_dir: &Path) -> Result<Option<PathBuf>> {
+    Ok(checkpoints(output_dir)?.pop().map(|(_, p)| p))
+}
+
+/// Whether `name` (an entry of an output folder) is something this crate writes there.
+fn is_ours(name: &str) -> bool {
+    crate::model::MODEL_FILES.contains(&name)
+        || [STATE_FILE, RESULTS_FILE].contains(&name)
+        || checkpoint_step(name).is_some()
+        || (name.starts_with('.') && name.contains(".tmp-"))
+}
+
+/// HF's rule for an output folder, before anything is written: a folder holding anything
+/// besides our own files needs `overwrite` (and even then only our files are replaced); one
+/// holding checkpoints of an earlier run needs `resuming` (to continue it) or `overwrite` (to
+/// start over, which removes those checkpoints).
+pub(crate) fn prepare_output_dir(dir: &Path, overwrite: bool, resuming: bool) -> Result<()> {
+    if dir.exists() && !dir.is_dir() {
+        return Err(Error::InvalidArgument(format!(
+            "output folder {} exists and is not a folder",
+            dir.display()
+        )));
+    }
+    let entries: Vec<String> = match std::fs::read_dir(dir) {
+        Ok(e) => e
+            .filter_map(|e| e.ok())
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect(),
+        Err(_) => vec![],
+    };
+    let foreign: Vec<&String> = entries.iter().filter(|n| !is_ours(n)).collect();
+    if !foreign.is_empty() && !overwrite {
+        let mut shown: Vec<&str> = foreign.iter().take(5).map(|s| s.as_str()).collect();
+        shown.sort();
+        return Err(Error::InvalidArgument(format!(
+            "output folder {} already exists and is not empty (it holds {}{}). Use \
+             --overwrite_output_dir (TrainConfig::overwrite_output_dir) to train into it anyway \
+             (only the files mfac-lab writes are replaced; yours are left alone), or choose \
+             another --output_dir",
+            dir.display(),
+            shown.join(", "),
+            if foreign.len() > 5 { ", …" } else { "" }
+        )));
+    }
+    let old = checkpoints(dir)?;
+    if !old.is_empty() && !resuming {
+        if !overwrite {
+            return Err(Error::InvalidArgument(format!(
+                "output folder {} holds checkpoints of an earlier run (latest: {}). Pass \
+                 --resume_from_checkpoint to continue it (Trainer::resume_from), or \
+                 --overwrite_output_dir to start over (its checkpoints are then removed)",
+                dir.display(),
+                old[old.len() - 1].1.display()
+            )));
+        }
+        for (_, p) in old {
+            std::fs::remove_dir_all(&p).map_err(|e| Error::io("removing", &p, e))?;
+        }
+    }
+    std::fs::create_dir_all(dir).map_err(|e| Error::io("creating", dir, e))
+}
+
+/// Builds a checkpoint with `fill` (which writes the files into the folder it is given) in a
+/// temporary folder beside its final place, then renames it into `checkpoint-<step>`.
+pub(crate) fn write_checkpoint(
+    output_dir: &Path,
+    step: usize,
+    fill: impl FnOnce(&Path) -> Result<()>,
+) -> Result<PathBuf> {
+    let dest = checkpoint_dir(output_dir, step);
+    let tmp = crate::io::temp_sibling(&dest);
+    std::fs::create_dir_all(&tmp).map_err(|e| Error::io("creating", &tmp, e))?;
+    if let Err(e) = fill(&tmp) {
+        let _ = std::fs::remove_dir_all(&tmp);
+        return Err(e);
+    }
+    if let Err(e) = crate::io::replace_dir(&tmp, &dest) {
+        let _ = std::fs::remove_dir_all(&tmp);
+        return Err(e);
+    }
+    Ok(dest)
+}
+
+/// Deletes the oldest checkpoints until at most `limit` remain (the newest is always kept).
+pub(crate) fn rotate(output_dir: &Path, limit: Option<usize>) -> Result<()> {
+    let Some(limit) = limit else { return Ok(()) };
+    let all = checkpoints(output_dir)?;
+    let extra = all.len().saturating_sub(limit.max(1));
+    for (_, p) in all.into_iter().take(extra) {
+        std::fs::remove_dir_all(&p).map_err(|e| Error::io("removing", &p, e))?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn foreign_files_need_overwrite_and_survive_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("out");
+        std::fs::create_dir(&out).unwrap();
+        std::fs::write(out.join("notes.txt"), "mine").unwrap();
+        std::fs::write(out.join("config.json"), "{}").unwrap();
+        let e = prepare_output_dir(&out, false, false)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("--overwrite_output_dir") && e.contains("notes.txt"),
+            "{e}"
+        );
+        prepare_output_dir(&out, true, false).unwrap();
+        assert_eq!(
+            std::fs::read_to_string(out.join("notes.txt")).unwrap(),
+            "mine"
+        );
+        // Only our own files: no flag needed.
+        let ours = dir.path().join("ours");
+        std::fs::create_dir(&ours).unwrap();
+        std::fs::write(ours.join("eval_results.json"), "{}").unwrap();
+        prepare_output_dir(&ours, false, false).unwrap();
+    }
+
+    #[test]
+    fn checkpoints_of_an_earlier_run_need_a_decision_and_rotation_keeps_the_newest() {
+        let dir = tempfile::tempdir().unwrap();
+        for s in [5, 10, 15] {
+            write_checkpoint(dir.path(), s, |p| {
+                std::fs::write(p.join(STATE_FILE), "{}").map_err(|e| Error::io("w", p, e))
+            })
+            .unwrap();
+        }
+        let e = prepare_output_dir(dir.path(), false, false)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("--resume_from_checkpoint") && e.contains("checkpoint-15"),
+            "{e}"
+        );
+        prepare_output_dir(dir.path(), false, true).unwrap();
+        rotate(dir.path(), Some(2)).unwrap();
+        let left: Vec<usize> = checkpoints(dir.path())
+            .unwrap()
+            .iter()
+            .map(|c| c.0)
+            .collect();
+        assert_eq!(left, [10, 15]);
+        assert_eq!(
+            latest_checkpoint(dir.path()).unwrap().unwrap(),
+            checkpoint_dir(dir.path(), 15)
+        );
+        prepare_output_dir(dir.path(), true, false).unwrap();
+        assert!(checkpoints(dir.path()).unwrap().is_empty());
+    }
+}

@@ -1,15 +1,170 @@
-//! Command-line arguments of `mfac-lab glue`: run_glue's flags (the subset that matters here),
-//! parsed without panics into a [`GlueArgs`].
+//! The command line, parsed by clap: `mfac-lab compare`, `glue` (run_glue's flags, with their
+//! underscore names) and `info`. Every flag has `--help` text, a mistyped flag gets a suggestion,
+//! every number is checked (finite, in range) before anything runs, and every accepted flag does
+//! something.
 
 use std::path::PathBuf;
 
 use candle_core::DType;
+use clap::{Args, Parser, Subcommand};
 
 use crate::error::{Error, Result};
 use crate::optim::OptimizerSpec;
 use crate::train::{Schedule, TrainConfig};
 
-/// `mfac-lab glue` arguments.
+/// `mfac-lab`: fine-tune BERT-tiny with M-FAC vs Adam (candle).
+#[derive(Debug, Parser)]
+#[command(
+    name = "mfac-lab",
+    version,
+    about = "Fine-tune BERT-tiny on GLUE/MNLI with the M-FAC second-order optimizer and compare it with Adam",
+    after_help = "Environment: HF_ENDPOINT, HF_HOME / HF_HUB_CACHE, HF_HUB_OFFLINE=1 (cache only), \
+                  HF_TOKEN; RUST_LOG=info|debug for more messages."
+)]
+pub struct Cli {
+    /// What to do (no command: this help).
+    #[command(subcommand)]
+    pub command: Option<Command>,
+}
+
+/// The subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Adam vs M-FAC: trains each optimizer with each seed, prints the summary (mean ± std) and
+    /// writes history, summary and plots. With no flags: an offline demo on the embedded real
+    /// MNLI sample and a random bert-tiny.
+    Compare(CompareFlags),
+    /// Train and/or evaluate like HF's run_glue.py (its flag names).
+    Glue(GlueFlags),
+    /// Load a model (local HF folder or hub id) and describe it.
+    Info {
+        /// Local HF folder or hub id.
+        #[arg(default_value = crate::model::BERT_TINY_REPO)]
+        model: String,
+    },
+}
+
+/// A number that must be finite and ≥ 0.
+fn finite(s: &str) -> std::result::Result<f64, String> {
+    let x: f64 = s
+        .trim()
+        .parse()
+        .map_err(|_| format!("{s:?} is not a number"))?;
+    if !x.is_finite() || x < 0.0 {
+        return Err(format!("{s:?} must be a finite number ≥ 0"));
+    }
+    Ok(x)
+}
+
+/// A whole number ≥ 1.
+fn positive(s: &str) -> std::result::Result<usize, String> {
+    match s.trim().parse::<usize>() {
+        Ok(n) if n >= 1 => Ok(n),
+        _ => Err(format!("{s:?} must be a whole number ≥ 1")),
+    }
+}
+
+/// `mfac-lab glue` flags, as clap reads them (see [`GlueArgs`] for the checked result). As with
+/// run_glue's argparse, a flag given twice takes its last value.
+#[derive(Debug, Clone, Args)]
+#[command(rename_all = "snake_case", args_override_self = true)]
+pub struct GlueFlags {
+    /// Hub id or local HF-layout folder.
+    #[arg(long, default_value = crate::model::BERT_TINY_REPO)]
+    pub model_name_or_path: String,
+    /// GLUE task: mnli, qnli, qqp, sst2, cola, rte, mrpc, stsb, wnli.
+    #[arg(long, default_value = "mnli")]
+    pub task_name: String,
+    /// Train (evaluating at each epoch end and every --eval_steps).
+    #[arg(long)]
+    pub do_train: bool,
+    /// Evaluate (alone: the model as loaded).
+    #[arg(long)]
+    pub do_eval: bool,
+    /// Truncation length of the pairs.
+    #[arg(long, default_value = "128", value_parser = positive)]
+    pub max_seq_length: usize,
+    /// Training batch size.
+    #[arg(long, default_value = "8", value_parser = positive)]
+    pub per_device_train_batch_size: usize,
+    /// Evaluation batch size.
+    #[arg(long, default_value = "64", value_parser = positive)]
+    pub per_device_eval_batch_size: usize,
+    /// Peak learning rate (M-FAC's `lr` in --optim_args wins over it).
+    #[arg(long, default_value = "5e-5", value_parser = finite, allow_negative_numbers = true)]
+    pub learning_rate: f64,
+    /// AdamW's decoupled weight decay (biases and LayerNorm excluded).
+    #[arg(long, default_value = "0", value_parser = finite, allow_negative_numbers = true)]
+    pub weight_decay: f64,
+    /// Epochs (may be fractional).
+    #[arg(long, default_value = "3", value_parser = finite, allow_negative_numbers = true)]
+    pub num_train_epochs: f64,
+    /// Stop after N optimizer steps (overrides the epochs; the schedule decays over N).
+    #[arg(long, value_parser = positive)]
+    pub max_steps: Option<usize>,
+    /// Use only the first N training rows.
+    #[arg(long, value_parser = positive)]
+    pub max_train_samples: Option<usize>,
+    /// Use only the first N rows of each eval split.
+    #[arg(long, value_parser = positive)]
+    pub max_eval_samples: Option<usize>,
+    /// Also evaluate (and checkpoint) every N steps.
+    #[arg(long, value_parser = positive)]
+    pub eval_steps: Option<usize>,
+    /// Print the loss, learning rate and gradient norm every N steps.
+    #[arg(long, value_parser = positive)]
+    pub logging_steps: Option<usize>,
+    /// Gradient clipping norm (0 turns clipping off).
+    #[arg(long, default_value = "1", value_parser = finite, allow_negative_numbers = true)]
+    pub max_grad_norm: f64,
+    /// Learning-rate schedule.
+    #[arg(long, default_value = "linear", value_parser = ["linear", "constant"])]
+    pub lr_scheduler_type: String,
+    /// Seed of data order, dropout and a new head.
+    #[arg(long, default_value = "42")]
+    pub seed: u64,
+    /// Where the model, results and checkpoints go.
+    #[arg(long)]
+    pub output_dir: Option<PathBuf>,
+    /// Train into an output folder that holds other files (only mfac-lab's files are replaced),
+    /// or start over in one that holds checkpoints (they are removed).
+    #[arg(long)]
+    pub overwrite_output_dir: bool,
+    /// Continue exactly from a checkpoint folder; without DIR, the newest in --output_dir.
+    #[arg(long, value_name = "DIR", num_args = 0..=1)]
+    pub resume_from_checkpoint: Option<Option<PathBuf>>,
+    /// Also write a checkpoint every N steps.
+    #[arg(long, value_parser = positive)]
+    pub save_steps: Option<usize>,
+    /// Keep only the K newest checkpoints.
+    #[arg(long, value_parser = positive)]
+    pub save_total_limit: Option<usize>,
+    /// Optimizer: adamw_torch (also adamw, adamw_hf, adamw_torch_fused) or MFAC.
+    #[arg(long, default_value = "adamw_torch")]
+    pub optim: String,
+    /// Optimizer options: `key: value, …`, `key=value,…` or JSON, e.g.
+    /// "lr: 1e-4, num_grads: 1024, damp: 1e-6".
+    #[arg(long, default_value = "")]
+    pub optim_args: String,
+    /// Where to train.
+    #[arg(long, default_value = "auto", value_parser = ["cpu", "cuda", "auto"])]
+    pub device: String,
+    /// Parameter dtype.
+    #[arg(long, default_value = "f32", value_parser = ["f32", "float32", "f64", "float64"])]
+    pub dtype: String,
+    /// A local folder with the task's parquet/TSV files instead of the hub.
+    #[arg(long)]
+    pub data_dir: Option<PathBuf>,
+    /// Pad every batch to --max_seq_length (run_glue's default) instead of the longest pair.
+    #[arg(long)]
+    pub pad_to_max_length: bool,
+    /// No progress output.
+    #[arg(long)]
+    pub quiet: bool,
+}
+
+/// `mfac-lab glue`, checked: the model, data and device flags, and the whole training config
+/// with its optimizer.
 #[derive(Debug, Clone, PartialEq)]
 pub struct GlueArgs {
     /// `--model_name_or_path`: hub id or local HF folder.
@@ -35,13 +190,6 @@ pub struct GlueArgs {
     pub train: TrainConfig,
 }
 
-/// The flags `glue` accepts, for help and errors.
-pub const GLUE_FLAGS: &str = "--model_name_or_path --task_name --do_train --do_eval --max_seq_length \
---per_device_train_batch_size --per_device_eval_batch_size --learning_rate --weight_decay --num_train_epochs \
---max_steps --max_train_samples --max_eval_samples --eval_steps --max_grad_norm --lr_scheduler_type --seed \
---output_dir --overwrite_output_dir --resume_from_checkpoint --save_steps --save_total_limit --optim \
---optim_args --device --dtype --data_dir --pad_to_max_length --logging_steps --quiet";
-
 fn bad(flag: &str, msg: impl std::fmt::Display) -> Error {
     Error::InvalidArgument(format!("{flag}: {msg}"))
 }
@@ -61,6 +209,21 @@ pub fn select_device(name: &str) -> Result<candle_core::Device> {
     }
 }
 
+/// Parses `args` (without the program and subcommand names) as the flags of `cmd`; clap's
+/// message (with its suggestion for a mistyped flag) becomes the error.
+fn parse_flags<T: clap::FromArgMatches + Args, S: AsRef<str>>(
+    cmd: &'static str,
+    args: &[S],
+) -> Result<T> {
+    let command = T::augment_args(clap::Command::new(cmd).bin_name(format!("mfac-lab {cmd}")));
+    let matches = command
+        .try_get_matches_from(
+            std::iter::once(cmd.to_string()).chain(args.iter().map(|a| a.as_ref().to_string())),
+        )
+        .map_err(|e| Error::InvalidArgument(e.render().to_string().trim().to_string()))?;
+    T::from_arg_matches(&matches).map_err(|e| Error::InvalidArgument(e.to_string()))
+}
+
 impl GlueArgs {
     /// Parses the arguments after `glue` (`--flag value` or `--flag=value`).
     ///
@@ -68,138 +231,130 @@ impl GlueArgs {
     /// let a = mfac_lab::cli::GlueArgs::parse(&["--task_name", "mnli", "--optim", "MFAC",
     ///     "--optim_args", "lr: 1e-4, num_grads: 1024, damp: 1e-6"]).unwrap();
     /// assert_eq!(a.train.optimizer.name(), "mfac");
+    /// // A mistyped flag gets a suggestion.
+    /// let e = mfac_lab::cli::GlueArgs::parse(&["--learning_rat", "1e-4"]).unwrap_err();
+    /// assert!(e.to_string().contains("--learning_rate"));
     /// ```
     pub fn parse<S: AsRef<str>>(args: &[S]) -> Result<Self> {
-        let mut model = crate::model::BERT_TINY_REPO.to_string();
-        let mut task = "mnli".to_string();
-        let (mut do_train, mut do_eval) = (false, false);
-        let (mut output_dir, mut data_dir) = (None, None);
-        let mut device = "auto".to_string();
-        let mut dtype = DType::F32;
-        let mut resume = None;
-        let (mut optim, mut optim_args) = ("adamw_torch".to_string(), String::new());
-        let mut weight_decay = 0.0;
-        let mut learning_rate = 5e-5;
-        let mut cfg = TrainConfig::default();
-        let mut it = args.iter().map(|s| s.as_ref().to_string()).peekable();
-        while let Some(arg) = it.next() {
-            let (flag, inline) = match arg.split_once('=') {
-                Some((f, v)) if f.starts_with("--") => (f.to_string(), Some(v.to_string())),
-                _ => (arg.clone(), None),
-            };
-            let value = |it: &mut std::iter::Peekable<_>| -> Result<String> {
-                match &inline {
-                    Some(v) => Ok(v.clone()),
-                    None => it.next().ok_or_else(|| bad(&flag, "needs a value")),
-                }
-            };
-            fn num<T: std::str::FromStr>(flag: &str, v: String) -> Result<T> {
-                v.parse()
-                    .map_err(|_| bad(flag, format!("{v:?} is not a valid number")))
-            }
-            // A float flag: finite and ≥ 0 (each flag's own range is checked by
-            // TrainConfig::validate and the optimizer's config).
-            fn real(flag: &str, v: String) -> Result<f64> {
-                let x: f64 = num(flag, v.clone())?;
-                if !x.is_finite() || x < 0.0 {
-                    return Err(bad(flag, format!("{v:?} must be a finite number ≥ 0")));
-                }
-                Ok(x)
-            }
-            match flag.as_str() {
-                "--model_name_or_path" => model = value(&mut it)?,
-                "--task_name" => task = value(&mut it)?,
-                "--do_train" => do_train = true,
-                "--do_eval" => do_eval = true,
-                "--quiet" => cfg.quiet = true,
-                "--overwrite_output_dir" => cfg.overwrite_output_dir = true,
-                "--resume_from_checkpoint" => {
-                    // run_glue takes a path; without one (or with `true`), the newest
-                    // checkpoint in --output_dir.
-                    let v = match &inline {
-                        Some(v) => Some(v.clone()),
-                        None => it.next_if(|n| !n.starts_with("--")),
-                    };
-                    resume = Some(v.filter(|v| v != "true").map(PathBuf::from));
-                }
-                "--save_steps" => cfg.save_steps = Some(num(&flag, value(&mut it)?)?),
-                "--save_total_limit" => cfg.save_total_limit = Some(num(&flag, value(&mut it)?)?),
-                "--pad_to_max_length" => cfg.pad_to_max_length = true,
-                "--output_dir" => output_dir = Some(PathBuf::from(value(&mut it)?)),
-                "--data_dir" => data_dir = Some(PathBuf::from(value(&mut it)?)),
-                "--device" => device = value(&mut it)?,
-                "--optim" => optim = value(&mut it)?,
-                "--optim_args" => optim_args = value(&mut it)?,
-                "--max_seq_length" => cfg.max_seq_length = num(&flag, value(&mut it)?)?,
-                "--per_device_train_batch_size" => cfg.batch_size = num(&flag, value(&mut it)?)?,
-                "--per_device_eval_batch_size" => {
-                    cfg.eval_batch_size = num(&flag, value(&mut it)?)?
-                }
-                "--learning_rate" => learning_rate = real(&flag, value(&mut it)?)?,
-                "--weight_decay" => weight_decay = real(&flag, value(&mut it)?)?,
-                "--num_train_epochs" => cfg.num_train_epochs = real(&flag, value(&mut it)?)?,
-                "--max_steps" => cfg.max_steps = Some(num(&flag, value(&mut it)?)?),
-                "--max_train_samples" => cfg.max_train_samples = Some(num(&flag, value(&mut it)?)?),
-                "--max_eval_samples" => cfg.max_eval_samples = Some(num(&flag, value(&mut it)?)?),
-                "--eval_steps" => cfg.eval_steps = Some(num(&flag, value(&mut it)?)?),
-                "--logging_steps" => {
-                    let _: usize = num(&flag, value(&mut it)?)?;
-                }
-                "--seed" => cfg.seed = num(&flag, value(&mut it)?)?,
-                "--max_grad_norm" => {
-                    let v = real(&flag, value(&mut it)?)?;
-                    cfg.max_grad_norm = (v > 0.0).then_some(v);
-                }
-                "--lr_scheduler_type" => {
-                    cfg.schedule = match value(&mut it)?.as_str() {
-                        "linear" => Schedule::Linear,
-                        "constant" => Schedule::Constant,
-                        other => {
-                            return Err(bad(&flag, format!("{other:?}: use linear or constant")))
-                        }
-                    }
-                }
-                "--dtype" => {
-                    dtype = match value(&mut it)?.as_str() {
-                        "f32" | "float32" => DType::F32,
-                        "f64" | "float64" => DType::F64,
-                        other => return Err(bad(&flag, format!("{other:?}: use f32 or f64"))),
-                    }
-                }
-                _ => return Err(bad(&flag, format!("unknown flag; accepted: {GLUE_FLAGS}"))),
-            }
-        }
-        if !matches!(device.as_str(), "cpu" | "cuda" | "auto") {
-            return Err(bad(
-                "--device",
-                format!("{device:?}: use cpu, cuda or auto"),
-            ));
-        }
-        let mut optimizer = OptimizerSpec::parse_with_lr(&optim, &optim_args, learning_rate)?;
+        Self::from_flags(parse_flags::<GlueFlags, S>("glue", args)?)
+    }
+
+    /// Checks parsed flags and builds the training config and optimizer from them.
+    pub fn from_flags(f: GlueFlags) -> Result<Self> {
+        let mut optimizer = OptimizerSpec::parse_with_lr(&f.optim, &f.optim_args, f.learning_rate)?;
         if let OptimizerSpec::AdamW(c) = &mut optimizer {
-            if weight_decay > 0.0 {
-                c.weight_decay = weight_decay;
+            if f.weight_decay > 0.0 {
+                c.weight_decay = f.weight_decay;
             }
         }
-        cfg.optimizer = optimizer;
-        cfg.validate()?;
-        if resume == Some(None) && output_dir.is_none() {
+        let train = TrainConfig {
+            batch_size: f.per_device_train_batch_size,
+            optimizer,
+            num_train_epochs: f.num_train_epochs,
+            max_steps: f.max_steps,
+            max_seq_length: f.max_seq_length,
+            seed: f.seed,
+            max_grad_norm: (f.max_grad_norm > 0.0).then_some(f.max_grad_norm),
+            schedule: if f.lr_scheduler_type == "constant" {
+                Schedule::Constant
+            } else {
+                Schedule::Linear
+            },
+            eval_steps: f.eval_steps,
+            logging_steps: f.logging_steps,
+            max_train_samples: f.max_train_samples,
+            max_eval_samples: f.max_eval_samples,
+            pad_to_max_length: f.pad_to_max_length,
+            eval_batch_size: f.per_device_eval_batch_size,
+            quiet: f.quiet,
+            save_steps: f.save_steps,
+            save_total_limit: f.save_total_limit,
+            overwrite_output_dir: f.overwrite_output_dir,
+            ..TrainConfig::default()
+        };
+        train.validate()?;
+        if f.resume_from_checkpoint == Some(None) && f.output_dir.is_none() {
             return Err(bad(
                 "--resume_from_checkpoint",
                 "without a folder it resumes from the newest checkpoint in --output_dir: pass --output_dir (or the checkpoint folder)",
             ));
         }
         Ok(GlueArgs {
-            model_name_or_path: model,
-            task_name: task,
-            do_train,
-            do_eval,
-            output_dir,
-            data_dir,
-            device,
-            dtype,
-            resume_from_checkpoint: resume,
-            train: cfg,
+            model_name_or_path: f.model_name_or_path,
+            task_name: f.task_name,
+            do_train: f.do_train,
+            do_eval: f.do_eval,
+            output_dir: f.output_dir,
+            data_dir: f.data_dir,
+            device: f.device,
+            dtype: if f.dtype.starts_with("f64") || f.dtype == "float64" {
+                DType::F64
+            } else {
+                DType::F32
+            },
+            resume_from_checkpoint: f.resume_from_checkpoint,
+            train,
         })
+    }
+}
+
+/// `mfac-lab compare` flags. Defaults left unset here are the demo's or the recipe's, chosen
+/// in one place: [`crate::compare::CompareDefaults`].
+#[derive(Debug, Clone, Default, Args)]
+#[command(rename_all = "snake_case")]
+pub struct CompareFlags {
+    /// GLUE task from the hub (without it and without --data_dir: the offline demo).
+    #[arg(long)]
+    pub task: Option<String>,
+    /// A local folder with the task's parquet/TSV files.
+    #[arg(long)]
+    pub data_dir: Option<PathBuf>,
+    /// Hub id or local folder (default: prajjwal1/bert-tiny, or a random bert-tiny in the demo).
+    #[arg(long)]
+    pub model_name_or_path: Option<String>,
+    /// An optimizer (repeatable; paired in order with --optim_args). Default: Adam vs M-FAC.
+    #[arg(long)]
+    pub optim: Vec<String>,
+    /// Options of the --optim at the same position. M-FAC without `lr` gets the card's lr
+    /// scaled to its num_grads (docs/MFAC_LR.md).
+    #[arg(long)]
+    pub optim_args: Vec<String>,
+    /// Seeds, comma-separated (default 42; the demo 42,43).
+    #[arg(long, value_delimiter = ',')]
+    pub seeds: Vec<u64>,
+    /// Epochs per run (default the recipe's 5; the demo 2).
+    #[arg(long, value_parser = finite, allow_negative_numbers = true)]
+    pub num_train_epochs: Option<f64>,
+    /// Use only the first N training rows.
+    #[arg(long, value_parser = positive)]
+    pub max_train_samples: Option<usize>,
+    /// Where to train.
+    #[arg(long, default_value = "auto", value_parser = ["cpu", "cuda", "auto"])]
+    pub device: String,
+    /// Where the summary, history, plots and runs/ go.
+    #[arg(long, default_value = "mfac-lab-results")]
+    pub output_dir: PathBuf,
+    /// No progress output.
+    #[arg(long)]
+    pub quiet: bool,
+}
+
+impl CompareFlags {
+    /// Parses the arguments after `compare`.
+    ///
+    /// ```
+    /// let f = mfac_lab::cli::CompareFlags::parse(&["--seeds", "1,2", "--optim", "MFAC"]).unwrap();
+    /// assert_eq!(f.seeds, [1, 2]);
+    /// assert!(mfac_lab::cli::CompareFlags::parse(&["--lr", "3"]).is_err());
+    /// ```
+    pub fn parse<S: AsRef<str>>(args: &[S]) -> Result<Self> {
+        let f: Self = parse_flags("compare", args)?;
+        if f.optim_args.len() > f.optim.len() {
+            return Err(bad(
+                "--optim_args",
+                "each --optim_args pairs with the --optim before it: give an --optim for each",
+            ));
+        }
+        Ok(f)
     }
 }

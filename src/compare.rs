@@ -100,6 +100,51 @@ pub fn default_specs(num_grads: usize) -> Vec<OptimizerSpec> {
     ]
 }
 
+/// The defaults of a comparison, in one place: what `mfac-lab compare` runs when its flags do
+/// not say otherwise — the recipe's for real data, a smaller window, two seeds and two epochs for
+/// the offline demo.
+///
+/// ```
+/// use mfac_lab::compare::CompareDefaults;
+/// let d = CompareDefaults::demo();
+/// assert_eq!((d.num_grads, d.seeds.as_slice(), d.num_train_epochs), (32, &[42u64, 43][..], 2.0));
+/// assert_eq!(CompareDefaults::recipe().num_grads, 1024);
+/// ```
+#[derive(Debug, Clone, PartialEq)]
+pub struct CompareDefaults {
+    /// M-FAC's window in the default specs ([`default_specs`]).
+    pub num_grads: usize,
+    /// Seeds.
+    pub seeds: Vec<u64>,
+    /// Epochs per run.
+    pub num_train_epochs: f64,
+}
+
+impl CompareDefaults {
+    /// The offline demo: M-FAC m = [`DEMO_NUM_GRADS`], seeds 42 and 43, 2 epochs.
+    pub fn demo() -> Self {
+        CompareDefaults {
+            num_grads: DEMO_NUM_GRADS,
+            seeds: vec![42, 43],
+            num_train_epochs: 2.0,
+        }
+    }
+
+    /// The model card's recipe: M-FAC m = 1024, seed 42, 5 epochs.
+    pub fn recipe() -> Self {
+        CompareDefaults {
+            num_grads: 1024,
+            seeds: vec![42],
+            num_train_epochs: TrainConfig::run_glue().num_train_epochs,
+        }
+    }
+
+    /// The optimizers compared: [`default_specs`]`(num_grads)`.
+    pub fn specs(&self) -> Vec<OptimizerSpec> {
+        default_specs(self.num_grads)
+    }
+}
+
 /// The offline demo's specs: [`default_specs`]`(`[`DEMO_NUM_GRADS`]`)`, i.e. AdamW vs
 /// `M-FAC m=32 (lr 3.2e-3)`.
 pub fn demo_specs() -> Vec<OptimizerSpec> {

@@ -1,10 +1,10 @@
 //! The `mfac-lab` command line: `compare` (Adam vs M-FAC, the main job), `glue` (run_glue's
 //! flags), `info`.
 
-use std::path::PathBuf;
-
 use anyhow::Result;
-use mfac_lab::cli::{select_device, GlueArgs};
+use clap::{CommandFactory, Parser};
+use mfac_lab::cli::{select_device, Cli, Command, CompareFlags, GlueArgs};
+use mfac_lab::compare::CompareDefaults;
 use mfac_lab::data::GlueTask;
 use mfac_lab::prelude::*;
 
@@ -23,8 +23,7 @@ fn print_metrics(title: &str, evals: &[mfac_lab::train::EvalRecord]) {
     }
 }
 
-fn glue(args: &[String]) -> Result<()> {
-    let a = GlueArgs::parse(args)?;
+fn glue(a: GlueArgs) -> Result<()> {
     let task = GlueTask::parse(&a.task_name)?;
     let device = select_device(&a.device)?;
     let opts = LoadOptions::default()
@@ -112,119 +111,62 @@ fn glue(args: &[String]) -> Result<()> {
     Ok(())
 }
 
-const DEMO_OUT: &str = "mfac-lab-results";
-
-fn flag_values(args: &[String], name: &str) -> Vec<String> {
-    let mut out = vec![];
-    let mut i = 0;
-    while i < args.len() {
-        if args[i] == name {
-            if let Some(v) = args.get(i + 1) {
-                out.push(v.clone());
-            }
-            i += 2;
-        } else if let Some(v) = args[i].strip_prefix(&format!("{name}=")) {
-            out.push(v.to_string());
-            i += 1;
-        } else {
-            i += 1;
-        }
+fn compare(f: CompareFlags) -> Result<()> {
+    let demo = f.task.is_none() && f.data_dir.is_none();
+    let defaults = if demo {
+        CompareDefaults::demo()
+    } else {
+        CompareDefaults::recipe()
+    };
+    let task = GlueTask::parse(f.task.as_deref().unwrap_or("mnli"))?;
+    let mut specs = vec![];
+    // Unless --optim_args sets lr: AdamW 1e-4, M-FAC 1e-4 × 1024 / num_grads.
+    for (i, o) in f.optim.iter().enumerate() {
+        specs.push(OptimizerSpec::parse_scaled_lr(
+            o,
+            f.optim_args.get(i).map(String::as_str).unwrap_or(""),
+        )?);
     }
-    out
-}
-
-fn compare(args: &[String]) -> Result<()> {
-    const FLAGS: &[&str] = &[
-        "--task",
-        "--model_name_or_path",
-        "--optim",
-        "--optim_args",
-        "--seeds",
-        "--num_train_epochs",
-        "--max_train_samples",
-        "--device",
-        "--output_dir",
-        "--data_dir",
-        "--quiet",
-    ];
-    for a in args.iter().filter(|a| a.starts_with("--")) {
-        let name = a.split('=').next().unwrap_or(a);
-        if !FLAGS.contains(&name) {
-            anyhow::bail!("unknown flag {name}; valid flags: {}", FLAGS.join(", "));
-        }
+    if specs.is_empty() {
+        // The card's M-FAC keeps 1024 gradients (18 GB in f32 for bert-tiny); the demo keeps 32,
+        // with the lr scaled to its window (docs/MFAC_LR.md).
+        specs = defaults.specs();
     }
-    let one = |name: &str| flag_values(args, name).pop();
-    let quiet = args.iter().any(|a| a == "--quiet");
-    let task = one("--task");
-    let demo = task.is_none() && one("--data_dir").is_none();
-    let task = GlueTask::parse(task.as_deref().unwrap_or("mnli"))?;
-    let device = select_device(one("--device").as_deref().unwrap_or("auto"))?;
-    let data = if let Some(d) = one("--data_dir") {
+    let seeds = if f.seeds.is_empty() {
+        defaults.seeds.clone()
+    } else {
+        f.seeds.clone()
+    };
+    let mut train = TrainConfig::run_glue();
+    train.quiet = f.quiet;
+    train.num_train_epochs = f.num_train_epochs.unwrap_or(defaults.num_train_epochs);
+    train.max_train_samples = f.max_train_samples;
+    train.validate()?;
+    let device = select_device(&f.device)?;
+    let data = if let Some(d) = &f.data_dir {
         load_glue_dir(task, d)?
     } else if demo {
         mnli_sample()?
     } else {
         load_glue(task, &Hub::default())?
     };
-    let source = match one("--model_name_or_path") {
-        Some(m) => ModelSource::Pretrained(m),
+    let source = match &f.model_name_or_path {
+        Some(m) => ModelSource::Pretrained(m.clone()),
         None if demo => ModelSource::random_bert_tiny(),
         None => ModelSource::bert_tiny(),
     };
-    let optims = flag_values(args, "--optim");
-    let optim_args = flag_values(args, "--optim_args");
-    let mut specs = vec![];
-    if optims.is_empty() {
-        // The card's M-FAC keeps 1024 gradients (18 GB in f32 for bert-tiny); the demo keeps 32,
-        // with the lr scaled to its window (docs/MFAC_LR.md).
-        specs = default_specs(if demo {
-            mfac_lab::compare::DEMO_NUM_GRADS
-        } else {
-            1024
-        });
-    } else {
-        // Unless --optim_args sets lr: AdamW 1e-4, M-FAC 1e-4 × 1024 / num_grads.
-        for (i, o) in optims.iter().enumerate() {
-            specs.push(OptimizerSpec::parse_scaled_lr(
-                o,
-                optim_args.get(i).map(String::as_str).unwrap_or(""),
-            )?);
-        }
-    }
-    let seeds: Vec<u64> = match one("--seeds") {
-        Some(s) => s
-            .split(',')
-            .map(|x| x.trim().parse::<u64>())
-            .collect::<std::result::Result<_, _>>()
-            .map_err(|e| {
-                anyhow::anyhow!("--seeds wants a comma-separated list of integers: {e}")
-            })?,
-        None if demo => vec![42, 43],
-        None => vec![42],
-    };
-    let mut train = TrainConfig::run_glue();
-    train.quiet = quiet;
-    train.num_train_epochs = match one("--num_train_epochs") {
-        Some(e) => e
-            .parse()
-            .map_err(|e| anyhow::anyhow!("--num_train_epochs: {e}"))?,
-        None if demo => 2.0,
-        None => train.num_train_epochs,
-    };
-    if let Some(n) = one("--max_train_samples") {
-        train.max_train_samples = Some(
-            n.parse()
-                .map_err(|e| anyhow::anyhow!("--max_train_samples: {e}"))?,
-        );
-    }
-    let out = PathBuf::from(one("--output_dir").unwrap_or_else(|| DEMO_OUT.into()));
+    let out = f.output_dir.clone();
     if demo {
         println!(
-            "Offline demo: Adam vs M-FAC (num_grads 32, lr 3.2e-3: the card's 1e-4 scaled by \
-             1024/32, docs/MFAC_LR.md) on the embedded real MNLI sample (1,200 training pairs), with a randomly initialised bert-tiny (seeded), seeds 42 and 43, 2 \
-             epochs. These numbers are NOT the model card's: for real ones run \
-             `mfac-lab compare --task mnli` (downloads prajjwal1/bert-tiny and GLUE/MNLI from the \
-             hub; M-FAC with 1024 gradients wants a GPU or ~18 GB of RAM)."
+            "Offline demo: Adam vs M-FAC (num_grads {m}, lr {lr:.1e}: the card's 1e-4 scaled by \
+             1024/{m}, docs/MFAC_LR.md) on the embedded real MNLI sample (1,200 training pairs), \
+             with a randomly initialised bert-tiny (seeded), seeds {seeds:?}, {e} epochs. These \
+             numbers are NOT the model card's: for real ones run `mfac-lab compare --task mnli` \
+             (downloads prajjwal1/bert-tiny and GLUE/MNLI from the hub; M-FAC with 1024 \
+             gradients wants a GPU or ~18 GB of RAM).",
+            m = defaults.num_grads,
+            lr = MFacConfig::model_card_with(defaults.num_grads).lr,
+            e = train.num_train_epochs,
         );
     }
     let cfg = CompareConfig {
@@ -264,37 +206,6 @@ fn compare(args: &[String]) -> Result<()> {
     Ok(())
 }
 
-const USAGE: &str = "mfac-lab — fine-tune BERT-tiny with M-FAC vs Adam (candle)
-
-USAGE:
-    mfac-lab compare [flags]         Adam vs M-FAC: trains each optimizer with each seed, prints
-                                     the summary (mean ± std) and writes history, summary and plots.
-        With no flags: an offline demo on the embedded real MNLI sample and a random bert-tiny.
-        --task mnli (hub data and prajjwal1/bert-tiny), --data_dir DIR, --model_name_or_path M,
-        --optim NAME [--optim_args ARGS] (repeatable, paired in order; an M-FAC without lr
-        gets 1e-4 × 1024 / num_grads), --seeds 42,43,44,
-        --num_train_epochs N, --max_train_samples N, --device cpu|cuda|auto,
-        --output_dir DIR (default mfac-lab-results), --quiet
-    mfac-lab glue [run_glue flags]   train and/or evaluate like HF's run_glue.py, e.g.
-        --seed 42 --model_name_or_path prajjwal1/bert-tiny --task_name mnli --do_train --do_eval
-        --max_seq_length 128 --per_device_train_batch_size 32 --learning_rate 1e-4
-        --num_train_epochs 5 --output_dir out_dir --optim MFAC
-        --optim_args \"lr: 1e-4, num_grads: 1024, damp: 1e-6\"
-      also: --data_dir DIR (local parquet/TSV), --device cpu|cuda|auto, --dtype f32|f64,
-            --max_steps N, --max_train_samples N, --max_eval_samples N, --eval_steps N,
-            --pad_to_max_length, --quiet,
-            --save_steps N (a checkpoint every N steps, besides one at each evaluation),
-            --save_total_limit K (keep the K newest checkpoints),
-            --resume_from_checkpoint [DIR] (continue exactly; no DIR: the newest checkpoint
-              in --output_dir), --overwrite_output_dir (train into a folder holding other
-              files; only mfac-lab's own files are replaced)
-      Ctrl-C finishes the current step, writes a checkpoint and prints the resume command.
-    mfac-lab info [MODEL]            load MODEL (local HF folder or hub id; default
-                                     prajjwal1/bert-tiny) and describe it
-    mfac-lab help                    this text
-
-Environment: HF_ENDPOINT, HF_HOME / HF_HUB_CACHE, HF_HUB_OFFLINE=1 (cache only), HF_TOKEN.";
-
 /// The library logs through the `log` crate and prints nothing itself; the command shows its
 /// warnings (and, with `RUST_LOG=debug` or `info`, more) on stderr.
 struct StderrLog;
@@ -322,27 +233,29 @@ fn main() -> Result<()> {
     if log::set_logger(&StderrLog).is_ok() {
         log::set_max_level(level);
     }
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    match args.first().map(String::as_str) {
-        None | Some("help") | Some("--help") | Some("-h") => {
-            println!("{USAGE}");
+    // clap prints --help (for `mfac-lab` and each command) and usage errors, with a suggestion
+    // for a mistyped flag, and exits (0 for help, 2 for an error).
+    let cli = Cli::parse();
+    match cli.command {
+        None => {
+            let _ = Cli::command().print_help();
+            println!();
             Ok(())
         }
-        Some("glue") => glue(&args[1..]),
-        Some("compare") => compare(&args[1..]),
-        Some("info") => {
-            let src = args
-                .get(1)
-                .map(String::as_str)
-                .unwrap_or(mfac_lab::model::BERT_TINY_REPO);
-            let model = BertClassifier::from_pretrained(src, &LoadOptions::default())?;
+        Some(Command::Glue(flags)) => glue(GlueArgs::from_flags(flags)?),
+        Some(Command::Compare(flags)) => {
+            if flags.optim_args.len() > flags.optim.len() {
+                anyhow::bail!(
+                    "--optim_args: each --optim_args pairs with the --optim before it: give an --optim for each"
+                );
+            }
+            compare(flags)
+        }
+        Some(Command::Info { model }) => {
+            let model = BertClassifier::from_pretrained(&model, &LoadOptions::default())?;
             println!("{model:?}");
             println!("{:#?}", model.load_report());
             Ok(())
-        }
-        Some(other) => {
-            eprintln!("{USAGE}");
-            anyhow::bail!("unknown command {other:?}")
         }
     }
 }

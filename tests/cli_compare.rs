@@ -68,7 +68,49 @@ fn compare_rejects_unknown_flags_without_training() {
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
-        err.contains("unknown flag --lr") && err.contains("--optim_args"),
+        err.contains("unexpected argument '--lr'") && err.contains("--help"),
         "{err}"
     );
+    // A near miss gets a suggestion.
+    let out = Command::new(env!("CARGO_BIN_EXE_mfac-lab"))
+        .args(["compare", "--seed", "3"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("--seeds"), "{err}");
+}
+
+#[test]
+fn every_command_has_help_listing_its_flags() {
+    for (cmd, flags) in [
+        (vec!["--help"], vec!["compare", "glue", "info"]),
+        (vec!["help"], vec!["compare", "glue", "info"]),
+        (
+            vec!["compare", "--help"],
+            vec!["--optim_args", "--seeds", "--output_dir", "--data_dir"],
+        ),
+        (
+            vec!["glue", "--help"],
+            vec![
+                "--model_name_or_path",
+                "--resume_from_checkpoint",
+                "--save_steps",
+                "--save_total_limit",
+                "--overwrite_output_dir",
+                "--logging_steps",
+                "--optim_args",
+            ],
+        ),
+        (vec!["info", "--help"], vec!["MODEL"]),
+    ] {
+        let out = Command::new(env!("CARGO_BIN_EXE_mfac-lab"))
+            .args(&cmd)
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success(), "{cmd:?}: {text}");
+        for f in flags {
+            assert!(text.contains(f), "{cmd:?} lacks {f}:\n{text}");
+        }
+    }
 }

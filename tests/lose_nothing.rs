@@ -382,3 +382,36 @@ fn bad_batches_rows_and_figure_sizes_are_errors_not_panics() {
     fig.size = (0, 10);
     assert!(fig.to_png().is_err());
 }
+
+#[test]
+fn logging_steps_prints_hf_log_lines() {
+    // Every accepted flag does something: --logging_steps N logs every N steps.
+    let tmp = tempfile::tempdir().unwrap();
+    let data = glue_data(tmp.path());
+    let out = Command::new(env!("CARGO_BIN_EXE_mfac-lab"))
+        .arg("glue")
+        .arg("--model_name_or_path")
+        .arg(fixture("bert-micro-random"))
+        .args(["--task_name", "mnli", "--do_train", "--device", "cpu"])
+        .arg("--data_dir")
+        .arg(&data)
+        .args(["--max_train_samples", "32", "--max_eval_samples", "16"])
+        .args([
+            "--per_device_train_batch_size",
+            "8",
+            "--num_train_epochs",
+            "1",
+        ])
+        .args(["--logging_steps", "2"])
+        .env("HF_HUB_OFFLINE", "1")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    // 32 rows / 8 = 4 steps: lines at steps 2 and 4.
+    assert_eq!(err.matches("{'loss': ").count(), 2, "{err}");
+    assert!(
+        err.contains("'learning_rate': ") && err.contains("'epoch': 1.00"),
+        "{err}"
+    );
+}

@@ -47,6 +47,9 @@ pub struct TrainConfig {
     pub dropout: bool,
     /// Evaluate every this many steps (besides each epoch end).
     pub eval_steps: Option<usize>,
+    /// Report the loss, learning rate and gradient norm every N steps (`--logging_steps`), as a
+    /// line through the progress output.
+    pub logging_steps: Option<usize>,
     /// Use only the first N training rows (`--max_train_samples`).
     pub max_train_samples: Option<usize>,
     /// Use only the first N rows of each eval split (`--max_eval_samples`).
@@ -82,6 +85,7 @@ impl Default for TrainConfig {
             schedule: Schedule::Linear,
             dropout: true,
             eval_steps: None,
+            logging_steps: None,
             max_train_samples: None,
             max_eval_samples: None,
             pad_to_max_length: false,
@@ -144,6 +148,7 @@ impl TrainConfig {
         for (flag, v) in [
             ("--max_steps", self.max_steps),
             ("--eval_steps", self.eval_steps),
+            ("--logging_steps", self.logging_steps),
             ("--save_steps", self.save_steps),
             ("--save_total_limit", self.save_total_limit),
             ("--max_train_samples", self.max_train_samples),

@@ -492,6 +492,13 @@ impl Trainer {
                     elapsed: elapsed(),
                 });
                 progress.update(step, &format!("loss {:.4} · lr {:.2e}", rec.loss, rec.lr));
+                if cfg.logging_steps.is_some_and(|n| step % n == 0) {
+                    // HF's log line.
+                    progress.println(&format!(
+                        "{{'loss': {:.4}, 'grad_norm': {:.4}, 'learning_rate': {:.3e}, 'epoch': {ep:.2}}}",
+                        rec.loss, rec.grad_norm, rec.lr
+                    ));
+                }
                 let epoch_end = step % per_epoch == 0 || step == total;
                 let mut save = cfg.save_steps.is_some_and(|n| step % n == 0);
                 if cfg.eval_steps.is_some_and(|n| step % n == 0) || epoch_end {

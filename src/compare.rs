@@ -270,8 +270,11 @@ fn df_err(e: PolarsError) -> Error {
 /// label ([`OptimizerSpec::labels`]: `AdamW`, `M-FAC m=32 (lr 3.2e-3)`, or one given with
 /// [`OptimizerSpec::label`]) in the summary, history, tables, plots and run folders; two
 /// optimizers with the same label (or the same run folder) are an [`Error::InvalidArgument`]
-/// before anything runs. A run that fails does not stop the others: when any failed, the error
-/// is [`Error::RunsFailed`], which names each failed run and carries the results of the others.
+/// before anything runs, and so is an invalid config or optimizer setting. A run that fails
+/// does not stop the others: the comparison of the runs that finished is returned with the
+/// failures in [`Comparison::failures`] (logged as warnings, listed under the Markdown table;
+/// [`Comparison::check`] turns them into an error). When every run failed, the error is
+/// [`Error::RunsFailed`], naming each.
 ///
 /// ```no_run
 /// use mfac_lab::prelude::*;
@@ -292,6 +295,14 @@ pub fn compare_optimizers(
         return Err(Error::InvalidArgument(
             "compare_optimizers needs at least one optimizer and one seed".into(),
         ));
+    }
+    cfg.train.validate()?;
+    for spec in specs {
+        match spec.base() {
+            OptimizerSpec::AdamW(c) => c.validate()?,
+            OptimizerSpec::MFac(c) => c.validate()?,
+            OptimizerSpec::Labeled(..) => {}
+        }
     }
     let labels = OptimizerSpec::labels(specs)?;
     let slugs: Vec<String> = labels.iter().map(|l| label_slug(l)).collect();
@@ -316,9 +327,7 @@ pub fn compare_optimizers(
         for ((spec, name), slug) in specs.iter().zip(&labels).zip(&slugs) {
             k += 1;
             let name = name.clone();
-            if !cfg.train.quiet {
-                println!("run {k}/{total}: {name}, seed {seed}");
-            }
+            log::info!("run {k}/{total}: {name}, seed {seed}");
             let result = (|| -> Result<RunHistory> {
                 let model = source.load(data.task.num_labels(), seed, &cfg.device, cfg.dtype)?;
                 let mut tc = cfg.train.clone();
@@ -340,7 +349,7 @@ pub fn compare_optimizers(
                     history,
                 }),
                 Err(e) => {
-                    eprintln!("run {k}/{total} ({name}, seed {seed}) failed: {e}");
+                    log::warn!("run {k}/{total} ({name}, seed {seed}) failed: {e}");
                     cmp.failures.push(RunFailure {
                         optimizer: name,
                         seed,
@@ -350,20 +359,10 @@ pub fn compare_optimizers(
             }
         }
     }
-    if cmp.failures.is_empty() {
-        Ok(cmp)
-    } else {
-        let failed = cmp
-            .failures
-            .iter()
-            .map(|f| format!("{} seed {}: {}", f.optimizer, f.seed, f.message))
-            .collect();
-        Err(Error::RunsFailed {
-            failed,
-            total,
-            partial: Box::new(cmp),
-        })
+    if cmp.runs.is_empty() {
+        return cmp.check().map(|()| cmp);
     }
+    Ok(cmp)
 }
 
 fn mean_std(v: &[f64]) -> (f64, f64) {
@@ -378,6 +377,29 @@ fn mean_std(v: &[f64]) -> (f64, f64) {
 }
 
 impl Comparison {
+    /// `Ok` when every run finished, else [`Error::RunsFailed`] naming each failed run (the
+    /// finished ones stay in `self`).
+    ///
+    /// ```
+    /// let cmp = mfac_lab::compare::Comparison {
+    ///     runs: vec![], failures: vec![], metric: "accuracy".into(), source: "demo".into(),
+    /// };
+    /// assert!(cmp.check().is_ok());
+    /// ```
+    pub fn check(&self) -> Result<()> {
+        if self.failures.is_empty() {
+            return Ok(());
+        }
+        Err(Error::RunsFailed {
+            failed: self
+                .failures
+                .iter()
+                .map(|f| format!("{} seed {}: {}", f.optimizer, f.seed, f.message))
+                .collect(),
+            total: self.runs.len() + self.failures.len(),
+        })
+    }
+
     fn optimizers(&self) -> Vec<String> {
         let mut out: Vec<String> = vec![];
         for r in &self.runs {
@@ -503,6 +525,18 @@ impl Comparison {
                 "| {o} ({n} seed{}) | {} |\n",
                 if n == 1 { "" } else { "s" },
                 cells.join(" | ")
+            );
+        }
+        if !self.failures.is_empty() {
+            s += &format!(
+                "\n**{} run{} failed** (not in the table): {}\n",
+                self.failures.len(),
+                if self.failures.len() == 1 { "" } else { "s" },
+                self.failures
+                    .iter()
+                    .map(|f| format!("{} seed {}: {}", f.optimizer, f.seed, f.message))
+                    .collect::<Vec<_>>()
+                    .join("; ")
             );
         }
         s
@@ -642,73 +676,5 @@ impl Comparison {
     /// Shows the summary table inline in evcxr (as HTML-rendered Markdown text).
     pub fn evcxr_display(&self) {
         println!("{}", self.to_markdown());
-    }
-}
-
-impl RunHistory {
-    /// Training loss vs step, raw (faint) and smoothed.
-    pub fn plot_loss(&self) -> Figure {
-        let raw: Vec<(f64, f64)> = self.train.iter().map(|t| (t.step as f64, t.loss)).collect();
-        Figure::lines(
-            &format!("Training loss ({})", self.optimizer),
-            "step",
-            "cross-entropy loss",
-            vec![
-                Series {
-                    name: "raw".into(),
-                    points: raw.clone(),
-                    color: 0,
-                    dashed: false,
-                    faint: true,
-                },
-                Series {
-                    name: format!("{} (smoothed)", self.optimizer),
-                    points: smooth(&raw, 0.9),
-                    color: 0,
-                    dashed: false,
-                    faint: false,
-                },
-            ],
-        )
-    }
-
-    /// Every eval metric vs step, one line per split and metric.
-    pub fn plot_accuracy(&self) -> Figure {
-        let mut keys: Vec<(String, String)> = vec![];
-        for e in &self.evals {
-            for (m, _) in &e.metrics {
-                let k = (e.split.clone(), m.clone());
-                if !keys.contains(&k) {
-                    keys.push(k);
-                }
-            }
-        }
-        let series = keys
-            .iter()
-            .enumerate()
-            .map(|(i, (sp, m))| Series {
-                name: format!("{sp} {m}"),
-                points: self
-                    .evals
-                    .iter()
-                    .filter(|e| &e.split == sp)
-                    .filter_map(|e| {
-                        e.metrics
-                            .iter()
-                            .find(|(n, _)| n == m)
-                            .map(|(_, v)| (e.step as f64, *v))
-                    })
-                    .collect(),
-                color: i,
-                dashed: false,
-                faint: false,
-            })
-            .collect();
-        Figure::lines(
-            &format!("Evaluation ({})", self.optimizer),
-            "step",
-            "metric",
-            series,
-        )
     }
 }

@@ -139,15 +139,13 @@ pub enum Error {
         resume: String,
     },
 
-    /// Some runs of a comparison failed; the others finished and are kept in `partial`.
-    #[error("{} of {total} runs failed: {}. The other runs finished; their results are in this error's `partial` comparison", failed.len(), failed.join("; "))]
+    /// Runs of a comparison failed (`Comparison::check`, or every run of `compare_optimizers`).
+    #[error("{} of {total} runs failed: {}", failed.len(), failed.join("; "))]
     RunsFailed {
         /// "optimizer seed N: error" per failed run.
         failed: Vec<String>,
         /// How many runs were attempted.
         total: usize,
-        /// The finished runs (and the failures).
-        partial: Box<crate::compare::Comparison>,
     },
 
     /// A buffer would not fit in memory; nothing was allocated.

@@ -176,33 +176,16 @@ fn compare(f: CompareFlags) -> Result<()> {
         output_dir: Some(out.join("runs")),
         ..CompareConfig::default()
     };
-    let (cmp, failed) = match compare_optimizers(&source, &data, &specs, &cfg) {
-        Ok(c) => (c, None),
-        Err(mfac_lab::Error::RunsFailed {
-            partial,
-            failed,
-            total,
-        }) => (
-            *partial,
-            Some(format!(
-                "{} of {total} runs failed: {}",
-                failed.len(),
-                failed.join("; ")
-            )),
-        ),
-        Err(e) => return Err(e.into()),
-    };
-    if !cmp.runs.is_empty() {
-        cmp.save(&out)?;
-        println!("\n{}", cmp.to_markdown());
-        println!(
-            "Wrote {}: history.parquet/.csv, summary.md/.csv, loss/accuracy/final .png and .svg, runs/",
-            out.display()
-        );
-    }
-    if let Some(msg) = failed {
-        anyhow::bail!(msg);
-    }
+    // A failed run does not stop the others: what finished is written, then the command exits
+    // non-zero naming the failures.
+    let cmp = compare_optimizers(&source, &data, &specs, &cfg)?;
+    cmp.save(&out)?;
+    println!("\n{}", cmp.to_markdown());
+    println!(
+        "Wrote {}: history.parquet/.csv, summary.md/.csv, loss/accuracy/final .png and .svg, runs/",
+        out.display()
+    );
+    cmp.check()?;
     Ok(())
 }
 

@@ -29,8 +29,37 @@ fn font_ready() {
     });
 }
 
-/// The legend box, upper right, shared by the line and bar charts.
-fn draw_legend<'a, DB, CT>(chart: &mut ChartContext<'a, DB, CT>) -> Result<()>
+/// The corner of a line chart with the fewest data points under it (upper right when that one is
+/// free), so the legend box hides as little of the lines as it can.
+fn legend_corner(points: &[(f64, f64)], x: (f64, f64), y: (f64, f64)) -> SeriesLabelPosition {
+    let frac = |v: f64, (a, b): (f64, f64)| if b > a { (v - a) / (b - a) } else { 0.5 };
+    let count = |right: bool, upper: bool| {
+        points
+            .iter()
+            .filter(|&&(px, py)| {
+                let (fx, fy) = (frac(px, x), frac(py, y));
+                (if right { fx > 0.5 } else { fx < 0.5 })
+                    && (if upper { fy > 0.7 } else { fy < 0.3 })
+            })
+            .count()
+    };
+    [
+        (SeriesLabelPosition::UpperRight, count(true, true)),
+        (SeriesLabelPosition::UpperLeft, count(false, true)),
+        (SeriesLabelPosition::LowerRight, count(true, false)),
+        (SeriesLabelPosition::LowerLeft, count(false, false)),
+    ]
+    .into_iter()
+    .min_by_key(|(_, n)| *n)
+    .map(|(p, _)| p)
+    .unwrap_or(SeriesLabelPosition::UpperRight)
+}
+
+/// The legend box (upper right unless told otherwise), shared by the line and bar charts.
+fn draw_legend<'a, DB, CT>(
+    chart: &mut ChartContext<'a, DB, CT>,
+    position: SeriesLabelPosition,
+) -> Result<()>
 where
     DB: DrawingBackend + 'a,
     DB::ErrorType: 'static,
@@ -41,7 +70,7 @@ where
         .background_style(WHITE.mix(0.85))
         .border_style(BLACK)
         .label_font(("sans-serif", 14))
-        .position(SeriesLabelPosition::UpperRight)
+        .position(position)
         .draw()
         .map_err(plot_err)
 }
@@ -254,7 +283,16 @@ impl Figure {
                     .map_err(plot_err)?;
             }
         }
-        draw_legend(&mut chart)
+        let all: Vec<(f64, f64)> = series
+            .iter()
+            .filter(|s| !s.faint)
+            .flat_map(|s| s.points.iter().copied())
+            .filter(|(x, y)| x.is_finite() && y.is_finite())
+            .collect();
+        draw_legend(
+            &mut chart,
+            legend_corner(&all, (x0, x1), (y0 - pad, y1 + pad)),
+        )
     }
 
     fn draw_bars<DB: DrawingBackend>(
@@ -326,7 +364,7 @@ impl Figure {
             });
             chart.draw_series(errs).map_err(plot_err)?;
         }
-        draw_legend(&mut chart)
+        draw_legend(&mut chart, SeriesLabelPosition::UpperRight)
     }
 
     fn draw_heatmap<DB: DrawingBackend>(

@@ -148,32 +148,56 @@ fn two_optimizers_two_seeds_history_summary_and_determinism() {
 }
 
 #[test]
-fn a_failing_optimizer_is_a_clear_error_and_other_runs_are_kept() {
+fn a_failing_run_is_reported_and_the_other_runs_are_kept() {
+    let data = mnli_sample().unwrap();
+    // A learning rate that blows the weights up: the run stops with a non-finite loss.
+    let bad = OptimizerSpec::adamw(1e30);
+    let specs = vec![OptimizerSpec::adamw(1e-3), bad];
+    let cmp = compare_optimizers(&micro(), &data, &specs, &small_cfg(vec![3])).unwrap();
+    assert_eq!(cmp.runs.len(), 1);
+    assert_eq!(cmp.runs[0].optimizer, "AdamW lr 1e-3");
+    assert!(!cmp.runs[0].history.evals.is_empty());
+    assert_eq!(cmp.failures.len(), 1);
+    // Never silently: the table says so, and check() is the error.
+    let md = cmp.to_markdown();
+    assert!(
+        md.contains("1 run failed") && md.contains("AdamW lr 1e30 seed 3"),
+        "{md}"
+    );
+    let msg = cmp.check().unwrap_err().to_string();
+    assert!(
+        msg.contains("1 of 2 runs failed")
+            && msg.contains("AdamW lr 1e30 seed 3")
+            && msg.contains("loss"),
+        "{msg}"
+    );
+    // When every run fails, there is nothing to compare: an error.
+    let e = compare_optimizers(&micro(), &data, &specs[1..], &small_cfg(vec![3])).unwrap_err();
+    assert!(matches!(e, Error::RunsFailed { .. }), "{e}");
+}
+
+#[test]
+fn invalid_settings_are_refused_before_any_run() {
     let data = mnli_sample().unwrap();
     let bad = OptimizerSpec::mfac(MFacConfig {
         damp: -1.0,
         ..MFacConfig::default()
     });
-    let specs = vec![OptimizerSpec::adamw(1e-3), bad];
-    let err = compare_optimizers(&micro(), &data, &specs, &small_cfg(vec![3])).unwrap_err();
-    let msg = err.to_string();
-    assert!(
-        msg.contains("1 of 2 runs failed") && msg.contains("M-FAC m=1024 (lr 1e-3) seed 3"),
-        "{msg}"
-    );
-    assert!(
-        msg.contains("damp"),
-        "the error should name the bad option: {msg}"
-    );
-    match err {
-        Error::RunsFailed { partial, .. } => {
-            assert_eq!(partial.runs.len(), 1);
-            assert_eq!(partial.runs[0].optimizer, "AdamW lr 1e-3");
-            assert!(!partial.runs[0].history.evals.is_empty());
-            assert_eq!(partial.failures.len(), 1);
-        }
-        other => panic!("expected RunsFailed, got {other}"),
-    }
+    let e = compare_optimizers(
+        &micro(),
+        &data,
+        &[OptimizerSpec::adamw(1e-3), bad],
+        &small_cfg(vec![3]),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("damp"), "{e}");
+    let mut cfg = small_cfg(vec![3]);
+    cfg.train.num_train_epochs = f64::NAN;
+    let e = compare_optimizers(&micro(), &data, &[OptimizerSpec::adamw(1e-3)], &cfg)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("--num_train_epochs"), "{e}");
 }
 
 #[test]

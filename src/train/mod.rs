@@ -3,6 +3,7 @@
 
 mod checkpoint;
 mod config;
+mod history;
 mod metrics;
 mod progress;
 mod step;
@@ -10,7 +11,8 @@ mod trainer;
 
 pub use checkpoint::{checkpoint_dir, checkpoints, latest_checkpoint, CHECKPOINT_PREFIX};
 pub use config::{Schedule, TrainConfig};
+pub use history::{EvalRecord, RunHistory, TrainRecord};
 pub use metrics::{accuracy, f1, matthews, pearson, spearman};
 pub use progress::Progress;
 pub use step::{scalar, Optim, StepRecord, Stepper};
-pub use trainer::{EvalRecord, RunHistory, TrainRecord, Trainer};
+pub use trainer::Trainer;

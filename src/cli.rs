@@ -78,7 +78,8 @@ pub struct GlueFlags {
     /// Train (evaluating at each epoch end and every --eval_steps).
     #[arg(long)]
     pub do_train: bool,
-    /// Evaluate (alone: the model as loaded).
+    /// Evaluate: alone, the model as loaded; with --do_train, training evaluates at each epoch
+    /// end (and every --eval_steps) in any case, as run_glue with an evaluation strategy does.
     #[arg(long)]
     pub do_eval: bool,
     /// Truncation length of the pairs.

@@ -44,7 +44,8 @@ fn glue_data(tmp: &Path) -> PathBuf {
     d
 }
 
-fn glue_cmd(data: &Path, out: &Path, extra: &[&str]) -> Command {
+/// `mfac-lab glue` on bert-micro-random and `data`, 4 steps of 8 rows, offline.
+fn glue_base(data: &Path) -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_mfac-lab"));
     c.arg("glue")
         .args(["--model_name_or_path"])
@@ -52,8 +53,6 @@ fn glue_cmd(data: &Path, out: &Path, extra: &[&str]) -> Command {
         .args(["--task_name", "mnli", "--do_train", "--device", "cpu"])
         .arg("--data_dir")
         .arg(data)
-        .arg("--output_dir")
-        .arg(out)
         .args(["--max_train_samples", "32", "--max_eval_samples", "16"])
         .args([
             "--per_device_train_batch_size",
@@ -61,10 +60,17 @@ fn glue_cmd(data: &Path, out: &Path, extra: &[&str]) -> Command {
             "--num_train_epochs",
             "1",
         ])
-        .args(["--learning_rate", "1e-3", "--quiet"])
-        .args(extra)
         .env("HF_HUB_OFFLINE", "1")
         .env("HF_ENDPOINT", "http://127.0.0.1:9");
+    c
+}
+
+fn glue_cmd(data: &Path, out: &Path, extra: &[&str]) -> Command {
+    let mut c = glue_base(data);
+    c.arg("--output_dir")
+        .arg(out)
+        .args(["--learning_rate", "1e-3", "--quiet"])
+        .args(extra);
     c
 }
 
@@ -388,22 +394,8 @@ fn logging_steps_prints_hf_log_lines() {
     // Every accepted flag does something: --logging_steps N logs every N steps.
     let tmp = tempfile::tempdir().unwrap();
     let data = glue_data(tmp.path());
-    let out = Command::new(env!("CARGO_BIN_EXE_mfac-lab"))
-        .arg("glue")
-        .arg("--model_name_or_path")
-        .arg(fixture("bert-micro-random"))
-        .args(["--task_name", "mnli", "--do_train", "--device", "cpu"])
-        .arg("--data_dir")
-        .arg(&data)
-        .args(["--max_train_samples", "32", "--max_eval_samples", "16"])
-        .args([
-            "--per_device_train_batch_size",
-            "8",
-            "--num_train_epochs",
-            "1",
-        ])
+    let out = glue_base(&data)
         .args(["--logging_steps", "2"])
-        .env("HF_HUB_OFFLINE", "1")
         .output()
         .unwrap();
     let err = String::from_utf8_lossy(&out.stderr);

@@ -6,8 +6,10 @@
 //! zero rows and drop out), so c = (mλI + K)⁻¹e_j = e_j/(mλ + a²) and u = m·Gᵀc =
 //! m·g/(mλ + a²): the update lr·u has norm lr·m·a/(mλ + a²), ≈ lr·m/a when mλ ≪ a².
 
-use candle_core::backprop::GradStore;
-use candle_core::{Device, Tensor, Var};
+mod common;
+
+use candle_core::{Device, Var};
+use common::grads_for;
 use mfac_lab::compare::{default_specs, demo_specs, DEMO_NUM_GRADS};
 use mfac_lab::optim::{MFac, MFacConfig, OptimizerSpec};
 
@@ -26,17 +28,6 @@ fn hadamard_row(k: usize) -> Vec<f64> {
             }
         })
         .collect()
-}
-
-/// A GradStore whose gradient for `w` is exactly `g` (d/dw Σ w·g = g).
-fn grads_for(w: &Var, g: &[f64]) -> GradStore {
-    let gt = Tensor::new(g, &Device::Cpu).unwrap();
-    (w.as_tensor() * &gt)
-        .unwrap()
-        .sum_all()
-        .unwrap()
-        .backward()
-        .unwrap()
 }
 
 /// The update norms of `steps` steps on Hadamard rows 1, 2, … (all different, so orthogonal).

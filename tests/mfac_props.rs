@@ -4,21 +4,10 @@
 mod common;
 
 use candle_core::{DType, Device, Tensor, Var};
-use common::rel_l2_vec;
+use common::{grads_for, rel_l2_vec};
 use mfac_lab::optim::{MFac, MFacConfig, OptimizerSpec};
 use mfac_lab::rng::SeededRng;
 use mfac_lab::Error;
-
-/// A GradStore whose gradient for `w` is exactly `g` (d/dw Σ w·g = g).
-fn grads_for(w: &Var, g: &[f64]) -> candle_core::backprop::GradStore {
-    let gt = Tensor::new(g, &Device::Cpu).unwrap();
-    (w.as_tensor() * &gt)
-        .unwrap()
-        .sum_all()
-        .unwrap()
-        .backward()
-        .unwrap()
-}
 
 fn f64_cfg(m: usize, damp: f64) -> MFacConfig {
     MFacConfig {

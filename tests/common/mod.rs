@@ -109,3 +109,14 @@ pub fn rel_l2_vec(a: &[f64], b: &[f64]) -> f64 {
         diff / nb
     }
 }
+
+/// A GradStore whose gradient for `w` is exactly `g` (d/dw Σ w·g = g).
+pub fn grads_for(w: &candle_core::Var, g: &[f64]) -> candle_core::backprop::GradStore {
+    let gt = Tensor::new(g, &Device::Cpu).unwrap();
+    (w.as_tensor() * &gt)
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .backward()
+        .unwrap()
+}

@@ -356,7 +356,7 @@ impl Trainer {
                     Err(Error::NonFiniteLoss { step, loss, .. }) => {
                         let saved = match (&self.output_dir, last_checkpoint) {
                             (Some(dir), Some(at)) => format!(
-                                "; the last good checkpoint (step {at}) is {}: resume from it with a lower learning rate, or with --resume_from_checkpoint",
+                                "; the last good checkpoint (step {at}) is {} (an HF model folder: start a new run from it, e.g. with a lower learning rate)",
                                 checkpoint::checkpoint_dir(dir, at).display()
                             ),
                             (Some(_), None) => {

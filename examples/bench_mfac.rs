@@ -14,7 +14,6 @@ use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor, Var};
 use mfac_lab::optim::{MFac, MFacConfig};
 use mfac_lab::rng::SeededRng;
-use rayon::prelude::*;
 
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);

@@ -350,12 +350,18 @@ impl CompareFlags {
     /// ```
     pub fn parse<S: AsRef<str>>(args: &[S]) -> Result<Self> {
         let f: Self = parse_flags("compare", args)?;
-        if f.optim_args.len() > f.optim.len() {
+        f.check()?;
+        Ok(f)
+    }
+
+    /// What clap cannot say: each `--optim_args` pairs with an `--optim`.
+    pub fn check(&self) -> Result<()> {
+        if self.optim_args.len() > self.optim.len() {
             return Err(bad(
                 "--optim_args",
                 "each --optim_args pairs with the --optim before it: give an --optim for each",
             ));
         }
-        Ok(f)
+        Ok(())
     }
 }

@@ -298,11 +298,7 @@ pub fn compare_optimizers(
     }
     cfg.train.validate()?;
     for spec in specs {
-        match spec.base() {
-            OptimizerSpec::AdamW(c) => c.validate()?,
-            OptimizerSpec::MFac(c) => c.validate()?,
-            OptimizerSpec::Labeled(..) => {}
-        }
+        spec.validate()?;
     }
     let labels = OptimizerSpec::labels(specs)?;
     let slugs: Vec<String> = labels.iter().map(|l| label_slug(l)).collect();

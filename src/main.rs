@@ -227,11 +227,7 @@ fn main() -> Result<()> {
         }
         Some(Command::Glue(flags)) => glue(GlueArgs::from_flags(flags)?),
         Some(Command::Compare(flags)) => {
-            if flags.optim_args.len() > flags.optim.len() {
-                anyhow::bail!(
-                    "--optim_args: each --optim_args pairs with the --optim before it: give an --optim for each"
-                );
-            }
+            flags.check()?;
             compare(flags)
         }
         Some(Command::Info { model }) => {

@@ -236,6 +236,21 @@ impl OptimizerSpec {
         OptimizerSpec::Labeled(Box::new(base), text.into())
     }
 
+    /// Checks every field of the config (finite, in range); the error names the key.
+    ///
+    /// ```
+    /// use mfac_lab::optim::OptimizerSpec;
+    /// assert!(OptimizerSpec::adamw(f64::NAN).label("x").validate().is_err());
+    /// assert!(OptimizerSpec::adamw(1e-4).validate().is_ok());
+    /// ```
+    pub fn validate(&self) -> Result<()> {
+        match self.base() {
+            OptimizerSpec::AdamW(c) => c.validate(),
+            OptimizerSpec::MFac(c) => c.validate(),
+            OptimizerSpec::Labeled(..) => unreachable!("base() unwraps labels"),
+        }
+    }
+
     /// The spec without its hand-given label (itself when it has none): always `AdamW` or `MFac`.
     pub fn base(&self) -> &OptimizerSpec {
         match self {

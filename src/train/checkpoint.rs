@@ -32,7 +32,20 @@ fn checkpoint_step(name: &str) -> Option<usize> {
     name.strip_prefix(CHECKPOINT_PREFIX)?.parse().ok()
 }
 
-/// The complete checkpoints in `output_dir` (those with a trainer_state.json), by step.
+/// Whether the folder `dir` is a complete checkpoint written by mfac-lab: its trainer_state.json
+/// has our resume section. An HF Trainer checkpoint of the same name is not ours: it is never
+/// listed, rotated, resumed from or removed.
+fn is_our_checkpoint(dir: &Path) -> bool {
+    std::fs::read(dir.join(STATE_FILE))
+        .ok()
+        .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+        .is_some_and(|v| v.get(RESUME_KEY).is_some())
+}
+
+/// The key of our resume state in a checkpoint's trainer_state.json.
+pub(crate) const RESUME_KEY: &str = "mfac_lab";
+
+/// The complete checkpoints mfac-lab wrote in `output_dir`, by step.
 pub fn checkpoints(output_dir: &Path) -> Result<Vec<(usize, PathBuf)>> {
     let mut out = vec![];
     let entries = match std::fs::read_dir(output_dir) {
@@ -45,7 +58,7 @@ pub fn checkpoints(output_dir: &Path) -> Result<Vec<(usize, PathBuf)>> {
         let name = entry.file_name().to_string_lossy().into_owned();
         if let Some(step) = checkpoint_step(&name) {
             let p = entry.path();
-            if p.join(STATE_FILE).is_file() {
+            if is_our_checkpoint(&p) {
                 out.push((step, p));
             }
         }
@@ -65,11 +78,11 @@ pub fn latest_checkpoint(output_dir: &Path) -> Result<Option<PathBuf>> {
     Ok(checkpoints(output_dir)?.pop().map(|(_, p)| p))
 }
 
-/// Whether `name` (an entry of an output folder) is something this crate writes there.
-fn is_ours(name: &str) -> bool {
+/// Whether `name` (an entry of the output folder `dir`) is something this crate writes there.
+fn is_ours(dir: &Path, name: &str) -> bool {
     crate::model::MODEL_FILES.contains(&name)
         || [STATE_FILE, RESULTS_FILE].contains(&name)
-        || checkpoint_step(name).is_some()
+        || (checkpoint_step(name).is_some() && is_our_checkpoint(&dir.join(name)))
         || (name.starts_with('.') && name.contains(".tmp-"))
 }
 
@@ -91,7 +104,7 @@ pub(crate) fn prepare_output_dir(dir: &Path, overwrite: bool, resuming: bool) ->
             .collect(),
         Err(_) => vec![],
     };
-    let foreign: Vec<&String> = entries.iter().filter(|n| !is_ours(n)).collect();
+    let foreign: Vec<&String> = entries.iter().filter(|n| !is_ours(dir, n)).collect();
     if !foreign.is_empty() && !overwrite {
         let mut shown: Vec<&str> = foreign.iter().take(5).map(|s| s.as_str()).collect();
         shown.sort();
@@ -190,7 +203,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         for s in [5, 10, 15] {
             write_checkpoint(dir.path(), s, |p| {
-                std::fs::write(p.join(STATE_FILE), "{}").map_err(|e| Error::io("w", p, e))
+                std::fs::write(p.join(STATE_FILE), r#"{"mfac_lab": {}}"#)
+                    .map_err(|e| Error::io("w", p, e))
             })
             .unwrap();
         }
@@ -215,5 +229,26 @@ mod tests {
         );
         prepare_output_dir(dir.path(), true, false).unwrap();
         assert!(checkpoints(dir.path()).unwrap().is_empty());
+    }
+
+    #[test]
+    fn an_hf_checkpoint_of_the_same_name_is_the_users() {
+        let dir = tempfile::tempdir().unwrap();
+        let hf = checkpoint_dir(dir.path(), 500);
+        std::fs::create_dir(&hf).unwrap();
+        std::fs::write(hf.join(STATE_FILE), r#"{"global_step": 500}"#).unwrap();
+        // Not listed, so never resumed from or rotated away; and a foreign entry of the folder.
+        assert!(checkpoints(dir.path()).unwrap().is_empty());
+        let e = prepare_output_dir(dir.path(), false, false)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("--overwrite_output_dir") && e.contains("checkpoint-500"),
+            "{e}"
+        );
+        // Starting over with the flag removes our checkpoints only.
+        prepare_output_dir(dir.path(), true, false).unwrap();
+        rotate(dir.path(), Some(1)).unwrap();
+        assert!(hf.join(STATE_FILE).is_file());
     }
 }

@@ -173,10 +173,6 @@ impl TrainConfig {
                 );
             }
         }
-        match self.optimizer.base() {
-            OptimizerSpec::AdamW(c) => c.validate(),
-            OptimizerSpec::MFac(c) => c.validate(),
-            _ => Ok(()),
-        }
+        self.optimizer.validate()
     }
 }

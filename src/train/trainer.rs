@@ -15,7 +15,9 @@ use crate::io::write_json_atomic;
 use crate::model::BertClassifier;
 use crate::optim::OptimizerSpec;
 use crate::rng::RngState;
-use crate::train::checkpoint::{self, OPTIMIZER_FILE, RESULTS_FILE, RNG_FILE, STATE_FILE};
+use crate::train::checkpoint::{
+    self, OPTIMIZER_FILE, RESULTS_FILE, RESUME_KEY, RNG_FILE, STATE_FILE,
+};
 use crate::train::config::TrainConfig;
 use crate::train::history::{EvalRecord, RunHistory, TrainRecord};
 use crate::train::metrics::{accuracy, f1, matthews, pearson, spearman};
@@ -488,7 +490,7 @@ impl Trainer {
         let path = dir.join(STATE_FILE);
         let text = std::fs::read_to_string(&path).map_err(|e| Error::io("reading", &path, e))?;
         let state: serde_json::Value = serde_json::from_str(&text)?;
-        let ours = state.get("mfac_lab").ok_or_else(|| Error::Config {
+        let ours = state.get(RESUME_KEY).ok_or_else(|| Error::Config {
             path: path.clone(),
             message: "no resume state (`mfac_lab`): not a checkpoint written by mfac-lab".into(),
         })?;
@@ -569,7 +571,7 @@ impl Trainer {
                 st.per_epoch,
                 st.step,
             );
-            state["mfac_lab"] = serde_json::json!({
+            state[RESUME_KEY] = serde_json::json!({
                 "fingerprint": st.fingerprint,
                 "step": st.step,
                 "records": st.records,

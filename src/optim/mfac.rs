@@ -610,18 +610,16 @@ impl MFac {
         let mut r = StateReader::open(path)?;
         let (m, d) = (self.cfg.num_grads, self.d);
         let kind: String = r.scalar("optimizer")?;
-        let (fm, fd): (usize, usize) = if kind == "mfac" {
-            (r.scalar("num_grads")?, r.scalar("num_params")?)
-        } else {
-            (0, 0)
-        };
-        let fdt: String = if kind == "mfac" {
-            r.scalar("window_dtype")?
-        } else {
-            String::new()
-        };
         let mine = format!("{:?}", self.cfg.window_dtype);
-        if kind != "mfac" || fm != m || fd != d || fdt != mine {
+        let theirs = if kind == "mfac" {
+            let (fm, fd): (usize, usize) = (r.scalar("num_grads")?, r.scalar("num_params")?);
+            let fdt: String = r.scalar("window_dtype")?;
+            (fm, fd, fdt)
+        } else {
+            (0, 0, String::new())
+        };
+        if theirs != (m, d, mine.clone()) {
+            let (fm, fd, fdt) = theirs;
             return Err(Error::InvalidArgument(format!(
                 "{}: this checkpoint's optimizer ({kind}, num_grads {fm}, {fd} parameters, window {fdt}) does not match the run's (mfac, num_grads {m}, {d} parameters, window {mine}); resume with the same optimizer settings and model",
                 path.display()

@@ -144,6 +144,12 @@ pub(crate) fn write_checkpoint(
     fill: impl FnOnce(&Path) -> Result<()>,
 ) -> Result<PathBuf> {
     let dest = checkpoint_dir(output_dir, step);
+    if dest.exists() && !is_our_checkpoint(&dest) {
+        return Err(Error::InvalidArgument(format!(
+            "{} exists and was not written by mfac-lab (an HF Trainer checkpoint?); it is left as it is: move it, or choose another --output_dir",
+            dest.display()
+        )));
+    }
     let tmp = crate::io::temp_sibling(&dest);
     std::fs::create_dir_all(&tmp).map_err(|e| Error::io("creating", &tmp, e))?;
     if let Err(e) = fill(&tmp) {
@@ -250,5 +256,14 @@ mod tests {
         prepare_output_dir(dir.path(), true, false).unwrap();
         rotate(dir.path(), Some(1)).unwrap();
         assert!(hf.join(STATE_FILE).is_file());
+        // Nor is it replaced by ours of the same step.
+        let e = write_checkpoint(dir.path(), 500, |_| Ok(()))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("not written by mfac-lab"), "{e}");
+        assert_eq!(
+            std::fs::read_to_string(hf.join(STATE_FILE)).unwrap(),
+            r#"{"global_step": 500}"#
+        );
     }
 }

@@ -6,13 +6,14 @@
 //! Cases: batch 32 at a fixed sequence length of 128 (run_glue's padding), and batch 32 of real
 //! MNLI pairs from the embedded sample with dynamic padding; AdamW and M-FAC (m = 32, f32).
 //! Prints the median seconds per step, and of the forward + backward pass alone (the CPU pass
-//! and, for comparison, candle's graph). The PyTorch baseline: scripts/bench_pytorch.py.
+//! and, for comparison, candle's graph), and of the evaluation forward on both engines. The
+//! PyTorch baseline: scripts/bench_pytorch.py.
 
 use std::time::Instant;
 
 use anyhow::Result;
 use mfac_lab::data::{epoch_batches, mnli_sample, EncodedSplit};
-use mfac_lab::model::PairTokenizer;
+use mfac_lab::model::{Engine, PairTokenizer};
 use mfac_lab::optim::{MFacConfig, OptimizerSpec};
 use mfac_lab::prelude::*;
 use mfac_lab::train::Stepper;
@@ -92,7 +93,20 @@ fn main() -> Result<()> {
         loss.backward()?;
         Ok(())
     })?;
-    println!("forward + backward alone, seq 128: {graph:.3} s (candle graph, fused ops)");
+    println!(
+        "forward + backward alone, seq 128: {graph:.3} s (candle graph: the reference engine)"
+    );
+    // Evaluation: the pass's forward alone against the graph's forward.
+    let eval_pass = median_secs(steps, 2, || {
+        model.logits(&batch)?;
+        Ok(())
+    })?;
+    let graph_model = model.rebind()?.with_engine(Engine::Graph)?;
+    let eval_graph = median_secs(steps.min(5), 1, || {
+        graph_model.logits(&batch)?;
+        Ok(())
+    })?;
+    println!("evaluation forward, seq 128: {eval_pass:.3} s (the CPU pass), {eval_graph:.3} s (candle graph)");
     Ok(())
 }
 

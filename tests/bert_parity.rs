@@ -4,6 +4,7 @@ mod common;
 
 use candle_core::{DType, Device, Tensor};
 use common::{fixture, load_st, reference_batch, rel_l2};
+use mfac_lab::model::Engine;
 use mfac_lab::prelude::*;
 
 fn check_f64(name: &str) {
@@ -108,13 +109,23 @@ fn micro_f64_matches_hf_outputs_loss_and_all_gradients() {
     check_f64("bert-micro-random");
 }
 
-/// The composed tensor ops (what runs on CUDA) must match HF as well as the fused CPU kernels.
+/// The CPU pass's evaluation forward (`BertClassifier::logits`, no graph) matches HF too: f64
+/// within the same 1e-10 as the graph (same arithmetic, another order), f32 within 1e-5 (f32
+/// rounding, as for the graph's logits below).
 #[test]
-fn composed_ops_match_hf_too() {
-    mfac_lab::model::fused::with_composed_ops(|| {
-        check_f64("bert-micro-random");
-        check_f32("bert-micro-random");
-    });
+fn cpu_pass_logits_match_hf() {
+    for name in ["bert-tiny-random", "bert-micro-random"] {
+        let dir = fixture(name);
+        let r = load_st(&dir.join("reference.safetensors"));
+        let batch = reference_batch(&r);
+        let model = BertClassifier::from_dir(&dir, 3, &Device::Cpu, DType::F64).unwrap();
+        assert_eq!(model.engine(), Engine::CpuPass);
+        let e = rel_l2(&model.logits(&batch).unwrap(), &r["logits_f64"]);
+        assert!(e <= 1e-10, "{name} f64 pass logits: {e:e}");
+        let model = BertClassifier::from_dir(&dir, 3, &Device::Cpu, DType::F32).unwrap();
+        let e = rel_l2(&model.logits(&batch).unwrap(), &r["logits_f64"]);
+        assert!(e <= 1e-5, "{name} f32 pass logits: {e:e}");
+    }
 }
 
 #[test]

@@ -5,7 +5,7 @@ mod common;
 
 use candle_core::{DType, Device, Tensor};
 use common::{fixture, load_st, reference_batch};
-use mfac_lab::model::fused::with_composed_ops;
+use mfac_lab::model::Engine;
 use mfac_lab::prelude::*;
 
 /// The graph's loss and gradients (forward, loss, `backward()`), for comparison.
@@ -186,18 +186,38 @@ fn regression_pass_equals_graph() {
     assert!(e < 1e-12, "grad {which} differs by {e:e}");
 }
 
-/// Off the fused kernels (what CUDA runs) the same call takes the graph, with the same result.
+/// The same call on the graph engine (what other devices run) gives the same result; the
+/// evaluation forwards of both engines agree too.
 #[test]
-fn composed_ops_give_the_same_pass() {
+fn the_graph_engine_gives_the_same_pass() {
     let dir = fixture("bert-micro-random");
     let r = load_st(&dir.join("reference.safetensors"));
     let batch = reference_batch(&r);
     let model = BertClassifier::from_dir(&dir, 3, &Device::Cpu, DType::F64).unwrap();
+    assert_eq!(model.engine(), Engine::CpuPass);
+    let graph = model.rebind().unwrap().with_engine(Engine::Graph).unwrap();
     let (la, ga) = model.loss_and_grads(&batch, false).unwrap();
-    let (lb, gb) = with_composed_ops(|| model.loss_and_grads(&batch, false)).unwrap();
+    let (lb, gb) = graph.loss_and_grads(&batch, false).unwrap();
+    // f64 both ways, same operations in another order: rounding only.
     assert!(((la - lb) / lb).abs() < 1e-12);
-    let (e, which) = max_grad_diff(&model, &ga, &model, &gb, 1e-12);
+    let (e, which) = max_grad_diff(&model, &ga, &graph, &gb, 1e-12);
     assert!(e < 1e-12, "grad {which} differs by {e:e}");
+    let (a, b) = (model.logits(&batch).unwrap(), graph.logits(&batch).unwrap());
+    let e = common::rel_l2(&a, &b);
+    assert!(e < 1e-12, "logits differ by {e:e}");
+}
+
+/// An engine that cannot run a model is refused with a message naming the way out.
+#[test]
+fn the_cpu_pass_refuses_what_it_cannot_run() {
+    let cfg = BertConfig {
+        hidden_act: "relu".into(),
+        ..micro_config()
+    };
+    let model = BertClassifier::random(&cfg, 3, 1, &Device::Cpu, DType::F32).unwrap();
+    assert_eq!(model.engine(), Engine::Graph);
+    let e = model.with_engine(Engine::CpuPass).unwrap_err();
+    assert!(e.to_string().contains("Engine::Graph"), "{e}");
 }
 
 #[test]

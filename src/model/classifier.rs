@@ -9,11 +9,11 @@ use candle_core::{DType, Device, Tensor, Var, D};
 use crate::error::{Error, Result};
 use crate::hub::{Hub, RepoKind};
 use crate::model::batch::Batch;
-use crate::model::bert::{BertModel, BertOutput};
 use crate::model::config::BertConfig;
-use crate::model::layers::{dropout, Linear};
+use crate::model::engine::{graph, BertOutput, Engine};
+use crate::model::params::Classifier;
 use crate::model::tokenizer::PairTokenizer;
-use crate::model::weights::{Init, ParamBuilder, WeightMap};
+use crate::model::weights::{ParamBuilder, Vb, WeightMap};
 use crate::rng::SeededRng;
 
 /// The hub repository of the model card's base model.
@@ -239,9 +239,9 @@ pub struct ClassifierOutput {
 pub struct BertClassifier {
     config: BertConfig,
     num_labels: usize,
-    bert: BertModel,
-    classifier: Linear,
+    params: Classifier<Tensor>,
     vars: Vec<(String, Var)>,
+    engine: Engine,
     tokenizer: Option<PairTokenizer>,
     dropout_rng: Mutex<SeededRng>,
     report: LoadReport,
@@ -284,7 +284,7 @@ impl BertClassifier {
         let mut seeds = SeededRng::new(seed);
         let init_seed = seeds.next_u64();
         let dropout_seed = seeds.next_u64();
-        let mut pb = ParamBuilder {
+        let pb = std::cell::RefCell::new(ParamBuilder {
             weights: weights.as_mut(),
             rng: SeededRng::new(init_seed),
             init_std: config.initializer_range,
@@ -292,35 +292,32 @@ impl BertClassifier {
             dtype,
             vars: Vec::new(),
             newly_initialized: Vec::new(),
-        };
-        let bert = BertModel::load(&mut pb, &config)?;
-        let h = config.hidden_size;
-        let classifier = Linear {
-            weight: pb.param(
-                "classifier.weight",
-                &[num_labels, h],
-                Init::Normal(None),
-                true,
-            )?,
-            bias: pb.param("classifier.bias", &[num_labels], Init::Zeros, true)?,
-        };
+        });
+        let params = Classifier::load(&Vb::root(&pb), &config, num_labels)?;
         let ParamBuilder {
             vars,
             newly_initialized,
             ..
-        } = pb;
+        } = pb.into_inner();
+        debug_assert!(
+            vars.len() == params.leaves().len()
+                && (vars.iter().zip(params.leaves()))
+                    .all(|((_, v), t)| v.as_tensor().id() == t.id()),
+            "the parameter tree and the named vars are in the same (HF) order"
+        );
         let report = LoadReport {
             source: String::new(),
             weights_file: weights.as_ref().map(|w| w.path.clone()),
             newly_initialized,
             unused: weights.as_ref().map(|w| w.unused()).unwrap_or_default(),
         };
+        let engine = Engine::for_model(device, dtype, config.activation());
         let model = BertClassifier {
             config,
             num_labels,
-            bert,
-            classifier,
+            params,
             vars,
+            engine,
             tokenizer: None,
             dropout_rng: Mutex::new(SeededRng::new(dropout_seed)),
             report: report.clone(),
@@ -364,6 +361,7 @@ impl BertClassifier {
         )?;
         m.tokenizer = self.tokenizer.clone();
         m.report = self.report.clone();
+        m.engine = self.engine;
         if let (Ok(src), Ok(mut dst)) = (self.dropout_rng.lock(), m.dropout_rng.lock()) {
             *dst = src.clone();
         }
@@ -551,23 +549,74 @@ impl BertClassifier {
         Ok(())
     }
 
-    /// The last hidden state `[B, T, H]` (eval mode).
+    /// The parameters as a typed tree, one struct per HF module
+    /// ([`crate::model::params`]).
+    ///
+    /// ```
+    /// use mfac_lab::prelude::*;
+    /// let m = BertClassifier::random(&BertConfig::bert_tiny(), 3, 0, &Device::Cpu, DType::F32)?;
+    /// assert_eq!(m.params().bert.layers[1].intermediate.weight.dims(), &[512, 128]);
+    /// assert_eq!(m.params().leaves().len(), 41);
+    /// # Ok::<(), mfac_lab::Error>(())
+    /// ```
+    pub fn params(&self) -> &Classifier<Tensor> {
+        &self.params
+    }
+
+    /// The engine that [`BertClassifier::loss_and_grads`] and [`BertClassifier::logits`] run
+    /// ([`Engine::for_model`] unless set with [`BertClassifier::with_engine`]).
+    pub fn engine(&self) -> Engine {
+        self.engine
+    }
+
+    /// The same model run by `engine` (an error if that engine cannot run it).
+    pub fn with_engine(mut self, engine: Engine) -> Result<Self> {
+        engine.check(&self)?;
+        self.engine = engine;
+        Ok(self)
+    }
+
+    /// The last hidden state `[B, T, H]` (eval mode, through the graph).
     pub fn encode(
         &self,
         input_ids: &Tensor,
         token_type_ids: &Tensor,
         attention_mask: &Tensor,
     ) -> Result<Tensor> {
-        let out = self
-            .bert
-            .forward(input_ids, token_type_ids, attention_mask, None)?;
-        Ok(out.last_hidden_state().clone())
+        let batch = Batch::new(
+            input_ids.clone(),
+            token_type_ids.clone(),
+            attention_mask.clone(),
+            None,
+        )?;
+        let out = self.forward_full(&batch, false)?;
+        Ok(out.bert.last_hidden_state().clone())
     }
 
-    /// Logits `[B, num_labels]`. With `train`, the five dropout sites are active (masks from the
-    /// model's seeded stream); without it, the pass is deterministic.
+    /// Logits `[B, num_labels]` through the graph, so `loss.backward()` works on them. With
+    /// `train`, the five dropout sites are active (masks from the model's seeded stream);
+    /// without it, the pass is deterministic. To evaluate, [`BertClassifier::logits`] is faster.
     pub fn forward(&self, batch: &Batch, train: bool) -> Result<Tensor> {
         Ok(self.forward_full(batch, train)?.logits)
+    }
+
+    /// Evaluation-mode logits `[B, num_labels]` (no dropout, no graph), from the model's
+    /// [`Engine`]: on the CPU the hand-written pass's forward.
+    ///
+    /// ```
+    /// use mfac_lab::prelude::*;
+    /// let m = BertClassifier::random(&BertConfig::bert_tiny(), 3, 0, &Device::Cpu, DType::F32)?;
+    /// let ids = Tensor::new(&[[101u32, 7592, 102]], &Device::Cpu)?;
+    /// let batch = Batch::new(ids.clone(), ids.zeros_like()?, ids.ones_like()?, None)?;
+    /// let fast = m.logits(&batch)?;
+    /// let graph = m.forward(&batch, false)?;
+    /// let diff = (fast - graph)?.abs()?.max_all()?.to_scalar::<f32>()?;
+    /// assert!(diff < 1e-5);
+    /// # Ok::<(), mfac_lab::Error>(())
+    /// ```
+    pub fn logits(&self, batch: &Batch) -> Result<Tensor> {
+        batch.validate()?;
+        self.engine.logits(self, batch)
     }
 
     /// The dropout stream, locked, when `train` (no dropout otherwise).
@@ -585,22 +634,13 @@ impl BertClassifier {
     pub fn forward_full(&self, batch: &Batch, train: bool) -> Result<ClassifierOutput> {
         batch.validate()?;
         let mut guard = self.dropout_stream(train)?;
-        let mut rng = guard.as_deref_mut();
-        let bert = self.bert.forward(
-            &batch.input_ids,
-            &batch.token_type_ids,
-            &batch.attention_mask,
-            rng.as_deref_mut(),
-        )?;
-        let pooled = dropout(&bert.pooled, self.config.classifier_dropout_prob(), rng)?;
-        let logits = self.classifier.forward(&pooled)?;
-        Ok(ClassifierOutput { bert, logits })
+        graph::forward(self, batch, guard.as_deref_mut())
     }
 
     /// The mean loss of a labelled batch (as [`BertClassifier::loss`]) and the gradient of every
-    /// parameter, keyed like `loss.backward()`'s. With `train`, dropout is on (the model's seeded
-    /// stream). On the CPU (f32/f64) this is a hand-written pass with no autograd graph, several
-    /// times cheaper than the graph's backward and equal to it; elsewhere it is the graph.
+    /// parameter, keyed like `loss.backward()`'s, from the model's [`Engine`]. With `train`,
+    /// dropout is on (the model's seeded stream). On the CPU (f32/f64) this is the hand-written
+    /// pass, several times cheaper than the graph's backward and equal to it; elsewhere the graph.
     ///
     /// ```
     /// use mfac_lab::prelude::*;
@@ -619,17 +659,9 @@ impl BertClassifier {
         train: bool,
     ) -> Result<(f64, candle_core::backprop::GradStore)> {
         batch.validate()?;
-        if crate::model::native::supported(self) {
-            let mut guard = self.dropout_stream(train)?;
-            return crate::model::native::loss_and_grads(self, batch, guard.as_deref_mut());
-        }
-        let labels = batch
-            .labels
-            .as_ref()
-            .ok_or_else(|| Error::InvalidArgument("a training batch needs labels".into()))?;
-        let loss = Self::loss(&self.forward(batch, train)?, labels)?;
-        let value = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
-        Ok((value, loss.backward()?))
+        let mut guard = self.dropout_stream(train)?;
+        self.engine
+            .loss_and_grads(self, batch, guard.as_deref_mut())
     }
 
     /// Per-example loss `[B]`: cross-entropy of `logits` `[B, C]` against class ids `labels` `[B]`,

@@ -1,24 +1,32 @@
-//! The model stage: BERT for sequence classification, its config, tokenizer and I/O.
+//! The model stage: BERT for sequence classification = typed parameters ([`params`]) + config
+//! + tokenizer, and the engines that run it ([`Engine`]: candle's graph, the CPU pass).
+//!
+//! | file | what |
+//! |---|---|
+//! | `classifier.rs` | [`BertClassifier`]: loading, the loss, the entry points |
+//! | `params.rs` | the parameters, one struct per HF module, named as HF names them |
+//! | `engine/` | `graph.rs` (candle ops, autograd), `cpu/` (the hand-written pass), the choice |
+//! | `math.rs`, `fastmath.rs` | the one float trait and the scalar maths the passes share |
+//! | `config.rs`, `tokenizer.rs`, `batch.rs`, `weights.rs`, `save.rs` | HF config, tokenizer, batches, checkpoint I/O |
 
 mod batch;
-mod bert;
 mod classifier;
 mod config;
+mod engine;
 mod fastmath;
-pub mod fused;
-mod layers;
-mod native;
+mod math;
+pub mod params;
 mod save;
 mod tokenizer;
 mod weights;
 
 pub use batch::Batch;
-pub use bert::{BertModel, BertOutput};
 pub use classifier::{
     best_device, BertClassifier, ClassifierOutput, LoadOptions, LoadReport, BERT_TINY_REPO,
     BERT_TINY_REVISION,
 };
 pub use config::{BertConfig, HiddenAct};
+pub use engine::{BertOutput, Engine};
 pub(crate) use save::{write_all as save_model_files, MODEL_FILES};
 pub use tokenizer::PairTokenizer;
 pub use weights::WeightMap;

@@ -1,6 +1,7 @@
 //! Reading checkpoint tensors (`model.safetensors` or zip-format `pytorch_model.bin`) into a map
 //! keyed by canonical HF names (`bert.…`, `classifier.…`), and building parameters from it.
 
+use std::cell::RefCell;
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
@@ -206,5 +207,42 @@ impl ParamBuilder<'_> {
                     .to_device(&self.device)?
             }
         })
+    }
+}
+
+/// A named scope of a [`ParamBuilder`], as candle's `VarBuilder`: `vb.pp("bert").pp("pooler")`
+/// creates parameters named `bert.pooler.…`. Scopes are cheap and share one builder.
+pub(crate) struct Vb<'p, 'w> {
+    pb: &'p RefCell<ParamBuilder<'w>>,
+    prefix: String,
+}
+
+impl<'p, 'w> Vb<'p, 'w> {
+    /// The root scope (no prefix).
+    pub fn root(pb: &'p RefCell<ParamBuilder<'w>>) -> Self {
+        Vb {
+            pb,
+            prefix: String::new(),
+        }
+    }
+
+    /// The sub-scope `name` (a module's attribute name, or a layer's index).
+    pub fn pp(&self, name: impl std::fmt::Display) -> Self {
+        let prefix = if self.prefix.is_empty() {
+            name.to_string()
+        } else {
+            format!("{}.{name}", self.prefix)
+        };
+        Vb {
+            pb: self.pb,
+            prefix,
+        }
+    }
+
+    /// The parameter `name` of this scope (see [`ParamBuilder::param`]).
+    pub fn param(&self, name: &str, shape: &[usize], init: Init, optional: bool) -> Result<Tensor> {
+        self.pb
+            .borrow_mut()
+            .param(&self.pp(name).prefix, shape, init, optional)
     }
 }

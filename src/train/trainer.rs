@@ -236,7 +236,7 @@ impl Trainer {
             .then_some(self.cfg.max_seq_length);
         for rows in epoch_batches(split.len(), self.cfg.eval_batch_size, 0, 0, false) {
             let batch = split.collate(&rows, pad_to, self.model.device())?;
-            let logits = self.model.forward(&batch, false)?;
+            let logits = self.model.logits(&batch)?;
             let per = BertClassifier::per_example_loss(
                 &logits,
                 batch.labels.as_ref().expect("collate sets labels"),

@@ -1,0 +1,163 @@
+//! The ways to run the model. A [`BertClassifier`] is its typed parameters, config and tokenizer;
+//! an [`Engine`] computes with them:
+//!
+//! | engine | where | what it does |
+//! |---|---|---|
+//! | [`Engine::Graph`] ([`graph`]) | any device | plain candle ops with autograd: the reference, and what a hand-written loop (`forward` then `loss.backward()`) runs |
+//! | [`Engine::CpuPass`] ([`cpu`]) | CPU, f32/f64, exact GELU | forward, loss and every gradient by hand, no graph; its forward alone for evaluation |
+//!
+//! [`Engine::for_model`] chooses one, in one `match`; [`BertClassifier::loss_and_grads`] and
+//! [`BertClassifier::logits`] run the chosen one. A new engine (the CUDA pass) is one more
+//! variant, one more arm there, and a module beside these two.
+
+pub(crate) mod cpu;
+pub(crate) mod graph;
+
+pub use graph::BertOutput;
+
+use candle_core::{DType, Tensor};
+
+use crate::error::{Error, Result};
+use crate::model::batch::Batch;
+use crate::model::classifier::BertClassifier;
+use crate::model::config::{BertConfig, HiddenAct};
+use crate::model::math::Real;
+use crate::rng::SeededRng;
+
+/// How a model is run. See the [module documentation](self) for the map.
+///
+/// ```
+/// use mfac_lab::prelude::*;
+/// use mfac_lab::model::Engine;
+/// let m = BertClassifier::random(&BertConfig::bert_tiny(), 3, 0, &Device::Cpu, DType::F32)?;
+/// assert_eq!(m.engine(), Engine::CpuPass);
+/// let m = m.with_engine(Engine::Graph)?; // e.g. to check one engine against the other
+/// assert_eq!(m.engine(), Engine::Graph);
+/// # Ok::<(), mfac_lab::Error>(())
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Engine {
+    /// candle's ops and autograd graph, on any device and dtype.
+    Graph,
+    /// The hand-written CPU pass (f32 or f64, exact GELU).
+    CpuPass,
+}
+
+impl Engine {
+    /// The fastest engine that runs a model on `device` in `dtype` with activation `act`.
+    pub fn for_model(device: &candle_core::Device, dtype: DType, act: HiddenAct) -> Engine {
+        match (device.is_cpu(), dtype, act) {
+            (true, DType::F32 | DType::F64, HiddenAct::Gelu) => Engine::CpuPass,
+            _ => Engine::Graph,
+        }
+    }
+
+    /// An error naming what `self` cannot run, if it cannot run `model`.
+    pub(crate) fn check(self, model: &BertClassifier) -> Result<()> {
+        let act = model.config().activation();
+        if self == Engine::CpuPass
+            && Engine::for_model(model.device(), model.dtype(), act) != Engine::CpuPass
+        {
+            return Err(Error::InvalidArgument(format!(
+                "the CPU pass runs f32/f64 models with the exact GELU on the CPU, not a {:?} model \
+                 with {act:?} on {:?}: use Engine::Graph",
+                model.dtype(),
+                model.device()
+            )));
+        }
+        Ok(())
+    }
+
+    /// Mean loss and every gradient of a labelled batch (dropout from `rng` when given).
+    pub(crate) fn loss_and_grads(
+        self,
+        model: &BertClassifier,
+        batch: &Batch,
+        rng: Option<&mut SeededRng>,
+    ) -> Result<(f64, candle_core::backprop::GradStore)> {
+        match self {
+            Engine::CpuPass => cpu::loss_and_grads(model, batch, rng),
+            Engine::Graph => graph::loss_and_grads(model, batch, rng),
+        }
+    }
+
+    /// Evaluation-mode logits `[B, C]`, without a graph.
+    pub(crate) fn logits(self, model: &BertClassifier, batch: &Batch) -> Result<Tensor> {
+        match self {
+            Engine::CpuPass => cpu::logits(model, batch),
+            Engine::Graph => Ok(graph::forward(model, batch, None)?.logits.detach()),
+        }
+    }
+}
+
+/// A batch's token ids and token-type ids on the host, checked against the model's tables
+/// (an id out of range is an error naming it, on every engine).
+pub(crate) struct TokenIds {
+    pub batch: usize,
+    pub seq_len: usize,
+    /// `[B·T]`.
+    pub ids: Vec<u32>,
+    /// `[B·T]`.
+    pub type_ids: Vec<u32>,
+}
+
+impl TokenIds {
+    pub(crate) fn read(batch: &Batch, cfg: &BertConfig) -> Result<Self> {
+        let (b, t) = batch.input_ids.dims2()?;
+        let host = |t: &Tensor| -> Result<Vec<u32>> {
+            Ok(t.flatten_all()?.to_dtype(DType::U32)?.to_vec1::<u32>()?)
+        };
+        let (ids, type_ids) = (host(&batch.input_ids)?, host(&batch.token_type_ids)?);
+        if t > cfg.max_position_embeddings {
+            return Err(Error::InvalidArgument(format!(
+                "sequence length {t} exceeds max_position_embeddings {}",
+                cfg.max_position_embeddings
+            )));
+        }
+        if let Some(&id) = ids.iter().find(|&&i| i as usize >= cfg.vocab_size) {
+            return Err(Error::InvalidArgument(format!(
+                "token id {id} is out of the vocabulary (size {})",
+                cfg.vocab_size
+            )));
+        }
+        if let Some(&id) = type_ids
+            .iter()
+            .find(|&&i| i as usize >= cfg.type_vocab_size)
+        {
+            return Err(Error::InvalidArgument(format!(
+                "token type id {id} is out of range (type_vocab_size {})",
+                cfg.type_vocab_size
+            )));
+        }
+        Ok(TokenIds {
+            batch: b,
+            seq_len: t,
+            ids,
+            type_ids,
+        })
+    }
+}
+
+/// The most negative finite value of a float dtype (HF's additive attention mask value).
+pub(crate) fn dtype_min(dtype: DType) -> f64 {
+    match dtype {
+        DType::F64 => f64::MIN,
+        DType::F32 => f32::MIN as f64,
+        DType::F16 => -65504.0,
+        DType::BF16 => -3.3895313892515355e38,
+        _ => f32::MIN as f64,
+    }
+}
+
+/// HF's extended attention mask `(mask − 1) · (−min)` per token `[B·T]`, in the model's dtype.
+pub(crate) fn additive_mask<T: Real>(batch: &Batch, dtype: DType) -> Result<Vec<T>> {
+    let big = T::from_f64(-dtype_min(dtype));
+    Ok(batch
+        .attention_mask
+        .to_dtype(dtype)?
+        .flatten_all()?
+        .to_vec1::<T>()?
+        .into_iter()
+        .map(|k| (k - T::one()) * big)
+        .collect())
+}

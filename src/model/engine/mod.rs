@@ -5,12 +5,15 @@
 //! |---|---|---|
 //! | [`Engine::Graph`] ([`graph`]) | any device | plain candle ops with autograd: the reference, and what a hand-written loop (`forward` then `loss.backward()`) runs |
 //! | [`Engine::CpuPass`] ([`cpu`]) | CPU, f32/f64, exact GELU | forward, loss and every gradient by hand, no graph; its forward alone for evaluation |
+//! | `Engine::CudaPass` (`cuda`, `cuda` feature) | CUDA, f32, exact GELU | the same on the GPU: cuBLAS products and our kernels over buffers allocated once, no graph |
 //!
 //! [`Engine::for_model`] chooses one, in one `match`; [`BertClassifier::loss_and_grads`] and
 //! [`BertClassifier::logits`] run the chosen one. A new engine (the CUDA pass) is one more
 //! variant, one more arm there, and a module beside these two.
 
 pub(crate) mod cpu;
+#[cfg(feature = "cuda")]
+pub(crate) mod cuda;
 pub(crate) mod graph;
 
 pub use graph::BertOutput;
@@ -41,13 +44,27 @@ pub enum Engine {
     Graph,
     /// The hand-written CPU pass (f32 or f64, exact GELU).
     CpuPass,
+    /// The hand-written CUDA pass (f32, exact GELU; cuBLAS and our kernels, no graph).
+    #[cfg(feature = "cuda")]
+    CudaPass,
 }
 
 impl Engine {
     /// The fastest engine that runs a model on `device` in `dtype` with activation `act`.
+    /// On CUDA (f32, exact GELU) that is the CUDA pass unless the environment variable
+    /// `MFAC_LAB_CUDA_PASS` is `0` or `off` (then the graph: an A/B switch for GPU checks).
     pub fn for_model(device: &candle_core::Device, dtype: DType, act: HiddenAct) -> Engine {
-        match (device.is_cpu(), dtype, act) {
-            (true, DType::F32 | DType::F64, HiddenAct::Gelu) => Engine::CpuPass,
+        match (device, dtype, act) {
+            (candle_core::Device::Cpu, DType::F32 | DType::F64, HiddenAct::Gelu) => Engine::CpuPass,
+            #[cfg(feature = "cuda")]
+            (candle_core::Device::Cuda(_), DType::F32, HiddenAct::Gelu)
+                if !matches!(
+                    std::env::var("MFAC_LAB_CUDA_PASS").as_deref(),
+                    Ok("0" | "off")
+                ) =>
+            {
+                Engine::CudaPass
+            }
             _ => Engine::Graph,
         }
     }
@@ -65,6 +82,20 @@ impl Engine {
                 model.device()
             )));
         }
+        #[cfg(feature = "cuda")]
+        if self == Engine::CudaPass
+            && !(model.device().is_cuda()
+                && model.dtype() == DType::F32
+                && cuda::supports(model.config()))
+        {
+            return Err(Error::InvalidArgument(format!(
+                "the CUDA pass runs f32 models with the exact GELU and a hidden size of at most \
+                 512 (a multiple of 4 and of the head count) on a CUDA device, not a {:?} model \
+                 with {act:?} on {:?}: use Engine::Graph",
+                model.dtype(),
+                model.device()
+            )));
+        }
         Ok(())
     }
 
@@ -77,6 +108,13 @@ impl Engine {
     ) -> Result<(f64, candle_core::backprop::GradStore)> {
         match self {
             Engine::CpuPass => cpu::loss_and_grads(model, batch, rng),
+            // A config the CUDA pass does not take (hidden size > 512, …) runs on the graph.
+            #[cfg(feature = "cuda")]
+            Engine::CudaPass if cuda::supports(model.config()) => {
+                cuda::loss_and_grads(model, batch, rng)
+            }
+            #[cfg(feature = "cuda")]
+            Engine::CudaPass => graph::loss_and_grads(model, batch, rng),
             Engine::Graph => graph::loss_and_grads(model, batch, rng),
         }
     }
@@ -85,8 +123,27 @@ impl Engine {
     pub(crate) fn logits(self, model: &BertClassifier, batch: &Batch) -> Result<Tensor> {
         match self {
             Engine::CpuPass => cpu::logits(model, batch),
-            Engine::Graph => Ok(graph::forward(model, batch, None)?.logits.detach()),
+            #[cfg(feature = "cuda")]
+            Engine::CudaPass if cuda::supports(model.config()) => cuda::logits(model, batch),
+            _ => Ok(graph::forward(model, batch, None)?.logits.detach()),
         }
+    }
+}
+
+#[cfg(feature = "cuda")]
+impl Engine {
+    /// For the GPU check (examples/gpu_pass_check.rs): over `n` elements of two dropout
+    /// sites of the CUDA pass (probability `p`, the step keyed `step_key`), the counts of
+    /// [a kept, b kept, both kept, a's neighbours i and i+1 both kept]. Not a stable API.
+    #[doc(hidden)]
+    pub fn cuda_dropout_counts(
+        device: &candle_core::Device,
+        step_key: u64,
+        sites: (u64, u64),
+        p: f64,
+        n: u64,
+    ) -> Result<[u64; 4]> {
+        cuda::dropout_counts(device, step_key, sites, p, n)
     }
 }
 

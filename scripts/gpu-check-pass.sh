@@ -1,0 +1,78 @@
+#!/usr/bin/env bash
+# The GPU check of the CUDA pass (issue 13): examples/gpu_pass_check.rs, run on the GPU machine
+# from gpu-pack/ (built here by scripts/gpu-pack.sh, which packs bin/gpu_pass_check.gz).
+#
+# Standalone:      bash scripts/gpu-check-pass.sh            (device tool: carry ["gpu-pack"])
+# From gpu-check:  sourced after its `stage` function is defined (uses $BIN, $PACK, $JSON, stage)
+#
+# Stages (checks first, then timings):
+#   pass-parity   logits, loss, all 41 gradients vs the CPU pass, dropout off (worst rel err per
+#                 tensor printed), bert-tiny random+perturbed at B8 padded and B32 S128, and the
+#                 bert-micro-random fixture from the pack; an out-of-range id is an error
+#   pass-dropout  keep rate, independence across sites and neighbours, same seed → same masks
+#   pass-replay   20 AdamW steps (clip 1.0, linear schedule) CUDA pass vs CPU pass
+#   pass-bench    step ms for B32 S128 and an MNLI-like length mix, AdamW and M-FAC, CudaPass vs
+#                 Graph; eval forward; the 5-epoch projection (targets: ≤ 5 min AdamW, ≤ 15 min
+#                 M-FAC m = 1024)
+# A/B: MFAC_LAB_CUDA_PASS=off makes Engine::for_model pick the graph on CUDA again.
+pass_stages() {
+  local G="$BIN/gpu_pass_check" F="$PACK/fixtures"
+  if [ ! -x "$G" ]; then
+    echo "no $G: the pack lacks bin/gpu_pass_check.gz (scripts/gpu-pack.sh builds it)"
+    FAILED+=("pass (no binary)")
+    return
+  fi
+  local micro=()
+  [ -f "$F/bert-micro-random/model.safetensors" ] && micro=(--model "$F/bert-micro-random")
+  stage pass-parity 90 "$G" parity "${micro[@]}" --json "$JSON"
+  stage pass-dropout 45 "$G" dropout --json "$JSON"
+  stage pass-replay 60 "$G" replay --steps 20 --json "$JSON"
+  stage pass-bench 120 "$G" bench --steps 30 --m 1024 --json "$JSON"
+}
+
+# Standalone run: the same preamble as gpu-check.sh, then the pass stages.
+if [ "${BASH_SOURCE[0]}" = "$0" ]; then
+  set -uo pipefail
+  cd "$(dirname "$0")/.."
+  START=$SECONDS
+  BUDGET=${GPU_CHECK_BUDGET:-345}
+  PACK=${GPU_PACK_DIR:-gpu-pack}
+  OUT=${OUT:-$PWD/gpu-check-out}
+  mkdir -p "$OUT"
+  LOG=$OUT/gpu-check-pass.log
+  JSON=$OUT/results-pass.jsonl
+  : >"$JSON"
+  FAILED=()
+  say() { printf '\n=== %s (t=%ds)\n' "$*" $((SECONDS - START)); }
+  stage() {
+    local name=$1 limit=$2
+    shift 2
+    local left=$((BUDGET - (SECONDS - START)))
+    if [ "$left" -lt 15 ]; then FAILED+=("$name (skipped: no time left)"); return; fi
+    [ "$limit" -gt "$left" ] && limit=$left
+    say "$name (limit ${limit}s)"
+    local t0=$SECONDS
+    timeout --signal=TERM --kill-after=5 "$limit" "$@"
+    local rc=$?
+    echo "--- $name: exit $rc after $((SECONDS - t0)) s"
+    [ "$rc" -ne 0 ] && FAILED+=("$name (exit $rc)")
+  }
+  {
+    say "machine"
+    nvidia-smi || true
+    SP=/opt/torch/.venv/lib/python3.12/site-packages
+    LD_LIBRARY_PATH="$(ls -d $SP/nvidia/cu13/lib $SP/nvidia/*/lib 2>/dev/null | paste -sd:)${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}:/usr/local/cuda/lib64:/usr/local/nvidia/lib64"
+    export LD_LIBRARY_PATH
+    BIN=/tmp/gpu-check-pass-bin
+    rm -rf "$BIN" && mkdir -p "$BIN"
+    if [ -f "$PACK/bin/gpu_pass_check.gz" ]; then
+      gunzip -c "$PACK/bin/gpu_pass_check.gz" >"$BIN/gpu_pass_check" && chmod +x "$BIN/gpu_pass_check"
+    fi
+    pass_stages
+    say "summary"
+    grep -h '^RESULT' "$LOG" 2>/dev/null | tail -n 80 || true
+    if [ ${#FAILED[@]} -gt 0 ]; then printf 'FAILED: %s\n' "${FAILED[@]}"; exit 1; fi
+    echo "all pass stages passed"
+  } 2>&1 | tee "$LOG"
+  exit "${PIPESTATUS[0]}"
+fi

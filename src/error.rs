@@ -181,6 +181,16 @@ pub enum Error {
         message: String,
     },
 
+    /// A CUDA call of M-FAC's device window failed (loading its kernels, allocating, copying,
+    /// launching).
+    #[error("CUDA: {op} failed: {message}; check the GPU with nvidia-smi (driver ≥ CUDA 13.0, an sm_90 GPU for our kernels' machine code) or train on the CPU (--device cpu)")]
+    Cuda {
+        /// What was being done.
+        op: String,
+        /// The driver's error.
+        message: String,
+    },
+
     /// JSON could not be written.
     #[error("json: {0}")]
     Json(#[from] serde_json::Error),

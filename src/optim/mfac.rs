@@ -194,6 +194,9 @@ pub struct MFac {
     v: Option<Vec<f64>>,
     last_c: Vec<f64>,
     last: Option<MFacStep>,
+    /// The window on a CUDA device (then `window` is empty and `u`, `v` live there too).
+    #[cfg(feature = "cuda")]
+    device: Option<Box<crate::optim::device::DeviceWindow>>,
 }
 
 impl std::fmt::Debug for MFac {
@@ -292,12 +295,6 @@ impl MFac {
             ));
         }
         for v in &vars {
-            if !matches!(v.device(), Device::Cpu) {
-                return Err(Error::InvalidArgument(format!(
-                    "M-FAC's window on {:?} is not implemented yet (CUDA support is planned); keep the parameters on the CPU",
-                    v.device()
-                )));
-            }
             if !v.dtype().is_float() {
                 return Err(Error::InvalidArgument(format!(
                     "M-FAC needs float parameters, got {:?}",
@@ -312,6 +309,9 @@ impl MFac {
             d += v.elem_count();
         }
         offsets.push(d);
+        if !vars.iter().all(|v| matches!(v.device(), Device::Cpu)) {
+            return Self::build_on_device(vars, names, cfg, offsets, d);
+        }
         let m = cfg.num_grads;
         let window = cfg.window_bytes(d);
         let vectors = if cfg.momentum > 0.0 { 2 } else { 1 };
@@ -355,12 +355,159 @@ impl MFac {
             v: (cfg.momentum > 0.0).then(|| vec![0.0; d]),
             last_c: vec![0.0; m],
             last: None,
+            #[cfg(feature = "cuda")]
+            device: None,
         })
+    }
+
+    #[cfg(not(feature = "cuda"))]
+    fn build_on_device(
+        vars: Vec<Var>,
+        _names: Vec<String>,
+        _cfg: MFacConfig,
+        _offsets: Vec<usize>,
+        _d: usize,
+    ) -> Result<Self> {
+        let on = vars
+            .iter()
+            .map(|v| v.device())
+            .find(|d| !matches!(d, Device::Cpu))
+            .cloned()
+            .unwrap_or(Device::Cpu);
+        Err(Error::InvalidArgument(format!(
+            "M-FAC's window on {on:?} needs mfac-lab built with the `cuda` feature (cargo build --release --features cuda); keep the parameters on the CPU otherwise"
+        )))
+    }
+
+    /// The window on the parameters' CUDA device: same state and steps, the passes there.
+    #[cfg(feature = "cuda")]
+    fn build_on_device(
+        vars: Vec<Var>,
+        names: Vec<String>,
+        cfg: MFacConfig,
+        offsets: Vec<usize>,
+        d: usize,
+    ) -> Result<Self> {
+        use crate::optim::device::DeviceWindow;
+        let Some(dev) = DeviceWindow::device_of(&vars)? else {
+            return Err(Error::InvalidArgument(
+                "M-FAC's parameters must all live on one device".into(),
+            ));
+        };
+        let m = cfg.num_grads;
+        let window = DeviceWindow::new(&dev, &vars, m, cfg.window_dtype, cfg.momentum > 0.0)?;
+        Ok(MFac {
+            cfg,
+            vars,
+            names,
+            offsets,
+            d,
+            window: HostWindow::try_zeros(cfg.window_dtype, 0, 0)
+                .expect("an empty vector always allocates"),
+            gram: GramSolver::new(m, cfg.damp),
+            ring: 0,
+            filled: 0,
+            steps: 0,
+            u: Vec::new(),
+            v: None,
+            last_c: vec![0.0; m],
+            last: None,
+            device: Some(Box::new(window)),
+        })
+    }
+
+    /// One step with the window on the device: gather (and the non-finite check, read before
+    /// anything is written), pass 1 there, the m×m work here (f64, the CPU path's code), pass 2
+    /// there with momentum, the update and the sums fused.
+    #[cfg(feature = "cuda")]
+    fn try_step_device(&mut self, grads: &GradStore) -> Result<MFacStep> {
+        use crate::optim::device::cuda_ms_since as ms_since;
+        let t0 = std::time::Instant::now();
+        let m = self.cfg.num_grads;
+        let dw = self
+            .device
+            .as_mut()
+            .expect("try_step_device is called with a device window");
+        let pdt = self.vars[0].dtype();
+        let mut gs: Vec<Option<Tensor>> = Vec::with_capacity(self.vars.len());
+        for (i, var) in self.vars.iter().enumerate() {
+            let g = match grads.get(var.as_tensor()) {
+                Some(g) => {
+                    if g.elem_count() != var.elem_count() {
+                        return Err(Error::InvalidArgument(format!(
+                            "gradient of {} has the wrong size",
+                            self.names[i]
+                        )));
+                    }
+                    if !g.device().same_device(var.device()) {
+                        return Err(Error::InvalidArgument(format!(
+                            "the gradient of {} is on {:?}, its parameter on {:?}",
+                            self.names[i],
+                            g.device(),
+                            var.device()
+                        )));
+                    }
+                    let g = if g.dtype() == pdt {
+                        g.clone()
+                    } else {
+                        g.to_dtype(pdt)?
+                    };
+                    Some(if g.is_contiguous() {
+                        g
+                    } else {
+                        g.contiguous()?
+                    })
+                }
+                None => None,
+            };
+            gs.push(g);
+        }
+        let j = self.ring;
+        if let Some(bad) = dw.gather(&self.vars, &self.names, &gs, self.cfg.weight_decay)? {
+            return Err(Error::NonFiniteGradient {
+                index: bad,
+                param: self.names[bad].clone(),
+            });
+        }
+        let rows = self.filled.max(j + 1);
+        let mut krow = dw.gram_row(j, rows)?;
+        krow.resize(m, 0.0);
+        let th = std::time::Instant::now();
+        let c = self.gram.replace(j, &krow);
+        dw.record_host_ms(ms_since(th));
+        let lr = self.cfg.lr;
+        let (dd, dg) = dw.update(&c[..rows], m as f64, self.cfg.momentum, lr)?;
+        if let Some(u) = dw.recorded_u()? {
+            self.u = u;
+        }
+        dw.record_total_ms(ms_since(t0));
+        self.last_c = c;
+        let gg = krow[j];
+        let cosine = if dd > 0.0 && gg > 0.0 {
+            dg / (dd.sqrt() * gg.sqrt())
+        } else {
+            0.0
+        };
+        let step = MFacStep {
+            slot: j,
+            update_norm: lr * dd.sqrt(),
+            cosine,
+            grad_norm: gg.sqrt(),
+        };
+        self.ring = (j + 1) % m;
+        self.filled = rows;
+        self.steps += 1;
+        self.last = Some(step);
+        Ok(step)
     }
 
     /// One M-FAC step from the gradients in `grads` (missing ones count as zero). On a
     /// non-finite gradient it returns [`Error::NonFiniteGradient`] and changes nothing.
     pub fn try_step(&mut self, grads: &GradStore) -> Result<MFacStep> {
+        #[cfg(feature = "cuda")]
+        if self.device.is_some() {
+            return self.try_step_device(grads);
+        }
         let (d, m) = (self.d, self.cfg.num_grads);
         // 1. The gradients, contiguous, checked before any state changes.
         let mut gs: Vec<Option<Tensor>> = Vec::with_capacity(self.vars.len());
@@ -501,8 +648,75 @@ impl MFac {
         self.last.map(|s| s.cosine).unwrap_or(0.0)
     }
     /// u = F⁻¹g of the last step (before momentum and lr), flattened in the vars' order.
+    /// With the window on a CUDA device it is copied back only after
+    /// [`MFac::record_preconditioned`]`(true)` (else it is empty).
     pub fn preconditioned_gradient(&self) -> &[f64] {
         &self.u
+    }
+
+    /// With the window on a CUDA device: keep u = F⁻¹g of every step there (d f64) and copy it
+    /// back after each step, for [`MFac::preconditioned_gradient`] (checks; it costs a d-sized
+    /// write and copy per step). On the CPU u is always kept; this does nothing.
+    ///
+    /// ```
+    /// use candle_core::{Device, Var};
+    /// use mfac_lab::optim::{MFac, MFacConfig};
+    /// let w = Var::new(&[1.0f32, 2.0], &Device::Cpu)?;
+    /// let mut opt = MFac::try_new(vec![w], MFacConfig { num_grads: 2, ..Default::default() })?;
+    /// opt.record_preconditioned(true)?;
+    /// assert!(!opt.on_device());
+    /// # Ok::<(), mfac_lab::Error>(())
+    /// ```
+    pub fn record_preconditioned(&mut self, on: bool) -> Result<()> {
+        #[cfg(feature = "cuda")]
+        if let Some(dw) = self.device.as_mut() {
+            dw.record_u(on)?;
+            if !on {
+                self.u = Vec::new();
+            }
+        }
+        let _ = on;
+        Ok(())
+    }
+
+    /// Whether the window lives on a CUDA device (the parameters' device).
+    pub fn on_device(&self) -> bool {
+        #[cfg(feature = "cuda")]
+        if self.device.is_some() {
+            return true;
+        }
+        false
+    }
+
+    /// Times the parts of every step (device window only; CUDA events, which add a few
+    /// synchronisations): read them with [`MFac::last_profile`].
+    pub fn profile_steps(&mut self, on: bool) {
+        #[cfg(feature = "cuda")]
+        if let Some(dw) = self.device.as_mut() {
+            dw.set_profiling(on);
+        }
+        let _ = on;
+    }
+
+    /// The parts of the last step (gather, pass 1, host m×m work, pass 2), when profiling a
+    /// device window; `None` on the CPU.
+    pub fn last_profile(&self) -> Option<crate::optim::StepProfile> {
+        #[cfg(feature = "cuda")]
+        if let Some(dw) = &self.device {
+            return dw.last_profile();
+        }
+        None
+    }
+
+    /// Median device time (ms) of one plain read of the whole window, over `reps` reads: half
+    /// of the step's floor (a step reads the window twice). `None` on the CPU.
+    pub fn window_read_ms(&self, reps: usize) -> Result<Option<f64>> {
+        #[cfg(feature = "cuda")]
+        if let Some(dw) = &self.device {
+            return dw.read_ms(reps.max(1)).map(Some);
+        }
+        let _ = reps;
+        Ok(None)
     }
     /// The m×m Gram matrix K = G Gᵀ (f64, CPU).
     pub fn gram_matrix(&self) -> Result<Tensor> {
@@ -516,6 +730,10 @@ impl MFac {
                 "slot {slot} ≥ num_grads {}",
                 self.cfg.num_grads
             )));
+        }
+        #[cfg(feature = "cuda")]
+        if let Some(dw) = &self.device {
+            return dw.row(slot);
         }
         Ok(self.window.row(slot, self.d))
     }
@@ -532,7 +750,7 @@ impl MFac {
     pub fn refresh_count(&self) -> usize {
         self.gram.refreshes
     }
-    /// Bytes held by the window.
+    /// Bytes held by the window (m × d elements; a device window pads its rows by < 512).
     pub fn window_bytes(&self) -> u128 {
         self.cfg.window_bytes(self.d)
     }
@@ -570,7 +788,20 @@ impl MFac {
         use crate::optim::state::StateWriter;
         let (m, d) = (self.cfg.num_grads, self.d);
         let mut w = StateWriter::default();
-        match &self.window {
+        // A device window is copied to the host first (m × d, its padding dropped).
+        #[cfg(feature = "cuda")]
+        let fetched = match &self.device {
+            Some(dw) => Some((dw.to_host()?, dw.momentum_to_host()?)),
+            None => None,
+        };
+        #[cfg(feature = "cuda")]
+        let (window, momentum) = match &fetched {
+            Some((w, v)) => (w, v.as_ref()),
+            None => (&self.window, self.v.as_ref()),
+        };
+        #[cfg(not(feature = "cuda"))]
+        let (window, momentum) = (&self.window, self.v.as_ref());
+        match window {
             HostWindow::F32(v) => w.add("window", v, &[m, d]),
             HostWindow::BF16(v) => w.add("window", v, &[m, d]),
             HostWindow::F64(v) => w.add("window", v, &[m, d]),
@@ -578,7 +809,7 @@ impl MFac {
         w.add("gram", &self.gram.k, &[m, m]);
         w.add("gram_inverse", &self.gram.inv, &[m, m]);
         w.add("coefficients", &self.last_c, &[]);
-        if let Some(v) = &self.v {
+        if let Some(v) = momentum {
             w.add("momentum", v, &[]);
         }
         let last = self.last.map(|s| {
@@ -625,10 +856,49 @@ impl MFac {
                 path.display()
             )));
         }
-        match &mut self.window {
-            HostWindow::F32(v) => r.read_into("window", v)?,
-            HostWindow::BF16(v) => r.read_into("window", v)?,
-            HostWindow::F64(v) => r.read_into("window", v)?,
+        #[cfg(feature = "cuda")]
+        if let Some(dw) = self.device.as_mut() {
+            // Into a host copy (m × d), then onto the device; the momentum likewise.
+            let mut host = HostWindow::try_zeros(self.cfg.window_dtype, m, d).ok_or_else(|| {
+                Error::OutOfMemory {
+                    what: "a host copy of the M-FAC window (resuming)".into(),
+                    needed: human(self.cfg.window_bytes(d)),
+                    available: "less (the allocation failed)".into(),
+                    fix: "free host memory".into(),
+                }
+            })?;
+            match &mut host {
+                HostWindow::F32(v) => r.read_into("window", v)?,
+                HostWindow::BF16(v) => r.read_into("window", v)?,
+                HostWindow::F64(v) => r.read_into("window", v)?,
+            }
+            dw.load_host(host)?;
+            match (self.cfg.momentum > 0.0, r.has("momentum")) {
+                (true, true) => {
+                    let mut v = vec![0.0; d];
+                    r.read_into("momentum", &mut v)?;
+                    dw.momentum_from_host(&v)?;
+                }
+                (false, false) => {}
+                _ => {
+                    return Err(Error::InvalidArgument(format!(
+                        "{}: the checkpoint's momentum setting differs from the run's ({})",
+                        path.display(),
+                        self.cfg.momentum
+                    )))
+                }
+            }
+        }
+        #[cfg(feature = "cuda")]
+        let on_host = self.device.is_none();
+        #[cfg(not(feature = "cuda"))]
+        let on_host = true;
+        if on_host {
+            match &mut self.window {
+                HostWindow::F32(v) => r.read_into("window", v)?,
+                HostWindow::BF16(v) => r.read_into("window", v)?,
+                HostWindow::F64(v) => r.read_into("window", v)?,
+            }
         }
         r.read_into("gram", &mut self.gram.k)?;
         r.read_into("gram_inverse", &mut self.gram.inv)?;
@@ -636,6 +906,8 @@ impl MFac {
         match (&mut self.v, r.has("momentum")) {
             (Some(v), true) => r.read_into("momentum", v)?,
             (None, false) => {}
+            // A device window's momentum was read above.
+            (None, true) if !on_host => {}
             _ => {
                 return Err(Error::InvalidArgument(format!(
                     "{}: the checkpoint's momentum setting differs from the run's ({})",

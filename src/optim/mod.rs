@@ -3,6 +3,7 @@
 
 mod adamw;
 mod clip;
+mod device;
 mod gram;
 mod host;
 mod mfac;
@@ -13,6 +14,7 @@ mod window;
 
 pub use adamw::{AdamW, AdamWConfig};
 pub use clip::{clip_grad_norm, grad_norm};
+pub use device::StepProfile;
 pub use mfac::{MFac, MFacConfig, MFacStep};
 pub use schedule::LinearSchedule;
 pub use spec::{OptimizerSpec, ADAMW_KEYS, CARD_LR, MFAC_KEYS, OPTIM_NAMES};

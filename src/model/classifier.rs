@@ -311,7 +311,7 @@ impl BertClassifier {
             newly_initialized,
             unused: weights.as_ref().map(|w| w.unused()).unwrap_or_default(),
         };
-        let engine = Engine::for_model(device, dtype, config.activation());
+        let engine = Engine::for_model(device, dtype, &config);
         let model = BertClassifier {
             config,
             num_labels,

@@ -7,9 +7,10 @@
 //! | [`Engine::CpuPass`] ([`cpu`]) | CPU, f32/f64, exact GELU | forward, loss and every gradient by hand, no graph; its forward alone for evaluation |
 //! | `Engine::CudaPass` (`cuda`, `cuda` feature) | CUDA, f32, exact GELU | the same on the GPU: cuBLAS products and our kernels over buffers allocated once, no graph |
 //!
-//! [`Engine::for_model`] chooses one, in one `match`; [`BertClassifier::loss_and_grads`] and
-//! [`BertClassifier::logits`] run the chosen one. A new engine (the CUDA pass) is one more
-//! variant, one more arm there, and a module beside these two.
+//! [`Engine::runs`] says what each engine covers, in one `match`; [`Engine::for_model`] takes
+//! the first that runs a model; [`BertClassifier::loss_and_grads`] and
+//! [`BertClassifier::logits`] run the chosen one. A new engine is one more variant, one arm in
+//! `runs` and in the two dispatching matches below, and a module beside these.
 
 pub(crate) mod cpu;
 #[cfg(feature = "cuda")]
@@ -18,7 +19,7 @@ pub(crate) mod graph;
 
 pub use graph::BertOutput;
 
-use candle_core::{DType, Tensor};
+use candle_core::{DType, Device, Tensor};
 
 use crate::error::{Error, Result};
 use crate::model::batch::Batch;
@@ -50,53 +51,63 @@ pub enum Engine {
 }
 
 impl Engine {
-    /// The fastest engine that runs a model on `device` in `dtype` with activation `act`.
-    /// On CUDA (f32, exact GELU) that is the CUDA pass unless the environment variable
-    /// `MFAC_LAB_CUDA_PASS` is `0` or `off` (then the graph: an A/B switch for GPU checks).
-    pub fn for_model(device: &candle_core::Device, dtype: DType, act: HiddenAct) -> Engine {
-        match (device, dtype, act) {
-            (candle_core::Device::Cpu, DType::F32 | DType::F64, HiddenAct::Gelu) => Engine::CpuPass,
+    /// Whether this engine can run a model on `device` in `dtype` with `cfg`: the one place
+    /// where what each engine covers is written down.
+    pub fn runs(self, device: &Device, dtype: DType, cfg: &BertConfig) -> bool {
+        let gelu = cfg.activation() == HiddenAct::Gelu;
+        match self {
+            Engine::Graph => true,
+            Engine::CpuPass => device.is_cpu() && matches!(dtype, DType::F32 | DType::F64) && gelu,
             #[cfg(feature = "cuda")]
-            (candle_core::Device::Cuda(_), DType::F32, HiddenAct::Gelu)
-                if !matches!(
-                    std::env::var("MFAC_LAB_CUDA_PASS").as_deref(),
-                    Ok("0" | "off")
-                ) =>
-            {
-                Engine::CudaPass
-            }
-            _ => Engine::Graph,
+            Engine::CudaPass => device.is_cuda() && dtype == DType::F32 && cuda::supports(cfg),
         }
     }
 
-    /// An error naming what `self` cannot run, if it cannot run `model`.
+    /// The fastest engine that runs a model on `device` in `dtype` with `cfg`: the first of
+    /// the CUDA pass, the CPU pass and the graph that [`Engine::runs`] it. The environment
+    /// variable `MFAC_LAB_CUDA_PASS=off` (or `0`) leaves the CUDA pass out (an A/B switch for
+    /// GPU checks).
+    ///
+    /// ```
+    /// use mfac_lab::model::Engine;
+    /// use mfac_lab::prelude::*;
+    /// let cfg = BertConfig::bert_tiny();
+    /// assert_eq!(Engine::for_model(&Device::Cpu, DType::F32, &cfg), Engine::CpuPass);
+    /// assert_eq!(Engine::for_model(&Device::Cpu, DType::BF16, &cfg), Engine::Graph);
+    /// ```
+    pub fn for_model(device: &Device, dtype: DType, cfg: &BertConfig) -> Engine {
+        let candidates = [
+            #[cfg(feature = "cuda")]
+            Some(Engine::CudaPass).filter(|_| !cuda::switched_off()),
+            Some(Engine::CpuPass),
+        ];
+        candidates
+            .into_iter()
+            .flatten()
+            .find(|e| e.runs(device, dtype, cfg))
+            .unwrap_or(Engine::Graph)
+    }
+
+    /// An error naming what `self` covers, if it cannot run `model`.
     pub(crate) fn check(self, model: &BertClassifier) -> Result<()> {
-        let act = model.config().activation();
-        if self == Engine::CpuPass
-            && Engine::for_model(model.device(), model.dtype(), act) != Engine::CpuPass
-        {
-            return Err(Error::InvalidArgument(format!(
-                "the CPU pass runs f32/f64 models with the exact GELU on the CPU, not a {:?} model \
-                 with {act:?} on {:?}: use Engine::Graph",
-                model.dtype(),
-                model.device()
-            )));
+        if self.runs(model.device(), model.dtype(), model.config()) {
+            return Ok(());
         }
-        #[cfg(feature = "cuda")]
-        if self == Engine::CudaPass
-            && !(model.device().is_cuda()
-                && model.dtype() == DType::F32
-                && cuda::supports(model.config()))
-        {
-            return Err(Error::InvalidArgument(format!(
-                "the CUDA pass runs f32 models with the exact GELU and a hidden size of at most \
-                 512 (a multiple of 4 and of the head count) on a CUDA device, not a {:?} model \
-                 with {act:?} on {:?}: use Engine::Graph",
-                model.dtype(),
-                model.device()
-            )));
-        }
-        Ok(())
+        let covers = match self {
+            Engine::Graph => "every model",
+            Engine::CpuPass => "f32/f64 models with the exact GELU on the CPU",
+            #[cfg(feature = "cuda")]
+            Engine::CudaPass => {
+                "f32 models with the exact GELU and a hidden size of at most 512 (a multiple of 4 \
+                 and of the head count) on a CUDA device"
+            }
+        };
+        Err(Error::InvalidArgument(format!(
+            "{self:?} runs {covers}, not a {:?} model with {:?} on {:?}: use Engine::Graph",
+            model.dtype(),
+            model.config().activation(),
+            model.device()
+        )))
     }
 
     /// Mean loss and every gradient of a labelled batch (dropout from `rng` when given).
@@ -108,13 +119,8 @@ impl Engine {
     ) -> Result<(f64, candle_core::backprop::GradStore)> {
         match self {
             Engine::CpuPass => cpu::loss_and_grads(model, batch, rng),
-            // A config the CUDA pass does not take (hidden size > 512, …) runs on the graph.
             #[cfg(feature = "cuda")]
-            Engine::CudaPass if cuda::supports(model.config()) => {
-                cuda::loss_and_grads(model, batch, rng)
-            }
-            #[cfg(feature = "cuda")]
-            Engine::CudaPass => graph::loss_and_grads(model, batch, rng),
+            Engine::CudaPass => cuda::loss_and_grads(model, batch, rng),
             Engine::Graph => graph::loss_and_grads(model, batch, rng),
         }
     }
@@ -124,8 +130,8 @@ impl Engine {
         match self {
             Engine::CpuPass => cpu::logits(model, batch),
             #[cfg(feature = "cuda")]
-            Engine::CudaPass if cuda::supports(model.config()) => cuda::logits(model, batch),
-            _ => Ok(graph::forward(model, batch, None)?.logits.detach()),
+            Engine::CudaPass => cuda::logits(model, batch),
+            Engine::Graph => Ok(graph::forward(model, batch, None)?.logits.detach()),
         }
     }
 }

@@ -49,6 +49,15 @@ use crate::rng::SeededRng;
 use device::{tensor_ptr, DBuf, Kernels, MAX_HIDDEN};
 
 /// Whether the CUDA pass can run a model of this config (else the graph runs it).
+/// True when the environment variable `MFAC_LAB_CUDA_PASS` is `off` or `0`: the graph then
+/// runs CUDA models (an A/B switch for GPU checks).
+pub(crate) fn switched_off() -> bool {
+    matches!(
+        std::env::var("MFAC_LAB_CUDA_PASS").as_deref(),
+        Ok("0" | "off")
+    )
+}
+
 pub(crate) fn supports(cfg: &BertConfig) -> bool {
     let h = cfg.hidden_size;
     cfg.activation() == HiddenAct::Gelu

@@ -212,7 +212,7 @@ pub struct LoadReport {
 /// Everything a forward pass computes.
 #[derive(Debug, Clone)]
 pub struct ClassifierOutput {
-    /// The encoder's outputs (hidden states per layer, pooled [CLS]).
+    /// The encoder's outputs (hidden states per layer, pooled `[CLS]`).
     pub bert: BertOutput,
     /// `[B, num_labels]`.
     pub logits: Tensor,
@@ -369,7 +369,7 @@ impl BertClassifier {
     }
 
     /// A randomly initialised model (HF's init: N(0, initializer_range²) matrices and embeddings,
-    /// [PAD] row 0, zero biases, unit LayerNorm), reproducible from `seed`. It has no tokenizer;
+    /// `[PAD]` row 0, zero biases, unit LayerNorm), reproducible from `seed`. It has no tokenizer;
     /// attach one with [`BertClassifier::with_tokenizer`].
     ///
     /// ```

@@ -6,9 +6,8 @@
 //! engine reads typed fields (`layer.intermediate.weight`), never string keys, and the order
 //! of [`Classifier::leaves`] is HF's parameter order, fixed in one place.
 //!
-//! Each block mirrors a module of HF transformers' `modeling_bert.py`
-//! (<https://github.com/huggingface/transformers/blob/v4.46.3/src/transformers/models/bert/modeling_bert.py>),
-//! named in its doc comment.
+//! Each block mirrors a module of HF transformers' `modeling_bert.py` (v4.46.3, the version of
+//! the references in ../shared/fixtures); its doc comment links the lines.
 
 use candle_core::Tensor;
 
@@ -98,6 +97,7 @@ tree!(LayerNorm {
 });
 
 /// `BertEmbeddings`: word + position + token-type tables, then LayerNorm (and dropout).
+/// HF: [`modeling_bert.py#L159-L220`](https://github.com/huggingface/transformers/blob/v4.46.3/src/transformers/models/bert/modeling_bert.py#L159-L220).
 #[derive(Debug, Clone)]
 pub struct Embeddings<P> {
     /// `[vocab, H]`; the `[PAD]` row gets no gradient (`padding_idx`).
@@ -117,6 +117,7 @@ tree!(Embeddings {
 });
 
 /// `BertSelfAttention`: the query, key and value projections.
+/// HF: [`modeling_bert.py#L223-L354`](https://github.com/huggingface/transformers/blob/v4.46.3/src/transformers/models/bert/modeling_bert.py#L223-L354).
 #[derive(Debug, Clone)]
 pub struct SelfAttention<P> {
     /// `attention.self.query`.
@@ -133,6 +134,8 @@ tree!(SelfAttention {
 });
 
 /// `BertSelfOutput` and `BertOutput`: a dense layer, dropout, the residual and LayerNorm.
+/// HF: [`modeling_bert.py#L458-L475`](https://github.com/huggingface/transformers/blob/v4.46.3/src/transformers/models/bert/modeling_bert.py#L458-L475) and
+/// [`#L544-L555`](https://github.com/huggingface/transformers/blob/v4.46.3/src/transformers/models/bert/modeling_bert.py#L544-L555).
 #[derive(Debug, Clone)]
 pub struct DenseNorm<P> {
     /// `dense`.
@@ -146,7 +149,9 @@ tree!(DenseNorm {
 });
 
 /// `BertLayer`: `BertAttention` (self-attention and its output), `BertIntermediate` (dense +
-/// GELU) and `BertOutput`.
+/// GELU) and `BertOutput`. HF: [`modeling_bert.py#L558-L641`](https://github.com/huggingface/transformers/blob/v4.46.3/src/transformers/models/bert/modeling_bert.py#L558-L641)
+/// (`BertAttention` [`#L478-L526`](https://github.com/huggingface/transformers/blob/v4.46.3/src/transformers/models/bert/modeling_bert.py#L478-L526), `BertIntermediate`
+/// [`#L529-L541`](https://github.com/huggingface/transformers/blob/v4.46.3/src/transformers/models/bert/modeling_bert.py#L529-L541)).
 #[derive(Debug, Clone)]
 pub struct Layer<P> {
     /// `attention.self`.
@@ -165,7 +170,9 @@ tree!(Layer {
     output: sub,
 });
 
-/// `BertModel`: embeddings, the encoder's layers and `BertPooler` (dense + tanh on [CLS]).
+/// `BertModel`: embeddings, the encoder's layers and `BertPooler` (dense + tanh on `[CLS]`).
+/// HF: [`modeling_bert.py#L957-L1176`](https://github.com/huggingface/transformers/blob/v4.46.3/src/transformers/models/bert/modeling_bert.py#L957-L1176) (`BertPooler`
+/// [`#L737-L749`](https://github.com/huggingface/transformers/blob/v4.46.3/src/transformers/models/bert/modeling_bert.py#L737-L749)).
 #[derive(Debug, Clone)]
 pub struct Bert<P> {
     /// `bert.embeddings`.
@@ -182,6 +189,7 @@ tree!(Bert {
 });
 
 /// `BertForSequenceClassification`: the encoder and the `classifier` head.
+/// HF: [`modeling_bert.py#L1623-L1725`](https://github.com/huggingface/transformers/blob/v4.46.3/src/transformers/models/bert/modeling_bert.py#L1623-L1725).
 #[derive(Debug, Clone)]
 pub struct Classifier<P> {
     /// `bert`.

@@ -91,7 +91,8 @@ fn dropout(x: &Tensor, p: f64, rng: &mut Option<&mut SeededRng>) -> Result<Tenso
     }
 }
 
-/// `BertEmbeddings.forward`: word + position + token-type rows, LayerNorm, dropout.
+/// `BertEmbeddings.forward` ([`modeling_bert.py#L181-L220`](https://github.com/huggingface/transformers/blob/v4.46.3/src/transformers/models/bert/modeling_bert.py#L181-L220)): word +
+/// position + token-type rows, LayerNorm, dropout.
 fn embeddings(
     e: &Embeddings<Tensor>,
     batch: &Batch,
@@ -130,7 +131,8 @@ fn embeddings(
     dropout(&x, cfg.hidden_dropout_prob, rng)
 }
 
-/// `BertSelfOutput` / `BertOutput`: dense, dropout, the residual, LayerNorm.
+/// `BertSelfOutput` / `BertOutput` ([`#L465-L475`](https://github.com/huggingface/transformers/blob/v4.46.3/src/transformers/models/bert/modeling_bert.py#L465-L475),
+/// [`#L551-L555`](https://github.com/huggingface/transformers/blob/v4.46.3/src/transformers/models/bert/modeling_bert.py#L551-L555)): dense, dropout, the residual, LayerNorm.
 fn dense_norm(
     l: &DenseNorm<Tensor>,
     x: &Tensor,
@@ -143,7 +145,8 @@ fn dense_norm(
     layer_norm(&l.layer_norm, &(y + residual)?, eps)
 }
 
-/// `BertLayer.forward`: `BertSelfAttention`, `BertSelfOutput`, `BertIntermediate`, `BertOutput`.
+/// `BertLayer.forward`: `BertSelfAttention` ([`#L255-L354`](https://github.com/huggingface/transformers/blob/v4.46.3/src/transformers/models/bert/modeling_bert.py#L255-L354), eager
+/// attention), `BertSelfOutput`, `BertIntermediate` ([`#L538-L541`](https://github.com/huggingface/transformers/blob/v4.46.3/src/transformers/models/bert/modeling_bert.py#L538-L541)), `BertOutput`.
 fn layer(
     l: &Layer<Tensor>,
     model: &BertClassifier,
@@ -172,8 +175,10 @@ fn layer(
     dense_norm(&l.output, &f, &a, p, eps, rng)
 }
 
-/// `BertForSequenceClassification.forward` up to the logits: the encoder (`BertModel`: the
-/// extended mask, embeddings, layers, `BertPooler`), dropout and the classifier.
+/// `BertForSequenceClassification.forward` up to the logits
+/// ([`#L1647-L1725`](https://github.com/huggingface/transformers/blob/v4.46.3/src/transformers/models/bert/modeling_bert.py#L1647-L1725)): the encoder (`BertModel.forward`
+/// [`#L1007-L1176`](https://github.com/huggingface/transformers/blob/v4.46.3/src/transformers/models/bert/modeling_bert.py#L1007-L1176): the extended mask, embeddings, layers, `BertPooler`
+/// [`#L743-L749`](https://github.com/huggingface/transformers/blob/v4.46.3/src/transformers/models/bert/modeling_bert.py#L743-L749)), dropout and the classifier.
 pub(crate) fn forward(
     model: &BertClassifier,
     batch: &Batch,

@@ -28,7 +28,10 @@ use crate::model::config::{BertConfig, HiddenAct};
 use crate::model::math::Real;
 use crate::rng::SeededRng;
 
-/// How a model is run. See the [module documentation](self) for the map.
+/// How a model is run: the graph (candle ops with autograd, any device: the reference, and what
+/// `forward` + `loss.backward()` runs) or a hand-written pass without a graph (the CPU pass;
+/// with the `cuda` feature the CUDA pass). [`Engine::runs`] says what each covers; docs/DESIGN.md
+/// has the map and where a new engine goes.
 ///
 /// ```
 /// use mfac_lab::prelude::*;

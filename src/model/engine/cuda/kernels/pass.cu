@@ -132,6 +132,7 @@ extern "C" __global__ void ln_bwd(
     int wib = threadIdx.x >> 5, lane = threadIdx.x & 31;
     float* mine = sh + (size_t)wib * 3 * h;
     for (int c = lane; c < 3 * h; c += 32) mine[c] = 0.0f;
+    __syncwarp();  // mine[h + c], mine[2h + c] were zeroed by another lane when h % 32 != 0
     int r0 = blockIdx.x * rows_per_block;
     int r1 = min(n, r0 + rows_per_block);
     for (int r = r0 + wib; r < r1; r += 8) {
@@ -269,20 +270,21 @@ extern "C" __global__ void gelu_bwd(float* __restrict__ dg, const float* __restr
 extern "C" __global__ void pool_fwd(const float* __restrict__ z, const float* __restrict__ bias,
                                     float* __restrict__ pooled, float* __restrict__ head_in,
                                     int n, int h, DropSite d) {
-    int i = blockIdx.x * blockDim.x + threadIdx.x;
-    if (i >= n * h) return;
-    float y = tanhf(z[i] + bias[i % h]);
-    pooled[i] = y;
-    head_in[i] = y * drop_mult(d, (unsigned long long)i);
+    // Grid-stride: elementwise() caps the grid at 8192 blocks.
+    for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < n * h; i += gridDim.x * blockDim.x) {
+        float y = tanhf(z[i] + bias[i % h]);
+        pooled[i] = y;
+        head_in[i] = y * drop_mult(d, (unsigned long long)i);
+    }
 }
 
 // dz = (dhead ∘ m) · (1 − y²), in place of dhead.
 extern "C" __global__ void pool_bwd(float* __restrict__ dh, const float* __restrict__ pooled,
                                     int total, DropSite d) {
-    int i = blockIdx.x * blockDim.x + threadIdx.x;
-    if (i >= total) return;
-    double y = pooled[i];
-    dh[i] = (float)((double)(dh[i] * drop_mult(d, (unsigned long long)i)) * (1.0 - y * y));
+    for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < total; i += gridDim.x * blockDim.x) {
+        double y = pooled[i];
+        dh[i] = (float)((double)(dh[i] * drop_mult(d, (unsigned long long)i)) * (1.0 - y * y));
+    }
 }
 
 // ---- The loss: cross-entropy (mean over the batch) or, for one output and float labels, the

@@ -87,9 +87,12 @@ impl candle_core::InplaceOp1 for Scale {
     }
 }
 
-/// The global L2 norm of the gradients of `vars` (accumulated in f64).
+/// The global L2 norm of the gradients of `vars` (accumulated in f64). Contiguous CPU
+/// gradients are summed on the host; the others (a GPU's) as tensors on their device, read back
+/// once for all of them (one synchronisation per call, not one per parameter).
 pub fn grad_norm(grads: &GradStore, vars: &[Var]) -> Result<f64> {
     let mut sq = 0.0f64;
+    let mut on_device: Vec<candle_core::Tensor> = Vec::new();
     for v in vars {
         if let Some(g) = grads.get(v.as_tensor()) {
             if g.device().is_cpu() && g.is_contiguous() {
@@ -98,12 +101,46 @@ pub fn grad_norm(grads: &GradStore, vars: &[Var]) -> Result<f64> {
                     continue;
                 }
             }
-            sq += g
-                .to_dtype(DType::F64)?
-                .sqr()?
-                .sum_all()?
-                .to_scalar::<f64>()?;
+            on_device.push(g.to_dtype(DType::F64)?.sqr()?.sum_all()?);
         }
     }
+    // One stack per device (a model's gradients share one; a hand-built store may not).
+    while let Some(first) = on_device.first() {
+        let device = first.device().clone();
+        let (same, rest): (Vec<_>, Vec<_>) = on_device
+            .into_iter()
+            .partition(|t| t.device().same_device(&device));
+        sq += candle_core::Tensor::stack(&same, 0)?
+            .sum_all()?
+            .to_scalar::<f64>()?;
+        on_device = rest;
+    }
     Ok(sq.sqrt())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Tensor};
+
+    #[test]
+    fn device_style_sums_equal_the_host_sums() {
+        // A transposed (non-contiguous) gradient takes the tensor path; the contiguous one the
+        // host loop. Both must give the exact Σ g² (small integers: no rounding).
+        let a = Var::new(&[[1.0f32, 2.0], [3.0, 4.0]], &Device::Cpu).unwrap();
+        let b = Var::new(&[5.0f32, 6.0], &Device::Cpu).unwrap();
+        let mut store = GradStore::default();
+        let t = Tensor::new(&[[1.0f32, 3.0], [2.0, 4.0]], &Device::Cpu)
+            .unwrap()
+            .t()
+            .unwrap();
+        assert!(!t.is_contiguous());
+        store.insert(a.as_tensor(), t);
+        store.insert(
+            b.as_tensor(),
+            Tensor::new(&[5.0f32, 6.0], &Device::Cpu).unwrap(),
+        );
+        let n = grad_norm(&store, &[a, b]).unwrap();
+        assert_eq!(n, (1.0f64 + 4.0 + 9.0 + 16.0 + 25.0 + 36.0).sqrt());
+    }
 }

@@ -4,7 +4,9 @@
 #
 # Needs gpu-pack/ (built here by scripts/gpu-pack.sh: the stripped, gzipped binaries and the
 # fixtures they read). On the device tool:  run  command "bash scripts/gpu-check.sh"
-# carry ["gpu-pack"]  timeout_s 420.
+# carry ["gpu-pack"]  timeout_s 420. The CUDA pass (issue 13) has its own run:
+# "bash scripts/gpu-check-pass.sh" (same carry, timeout_s 360); or both in one run:
+# "GPU_CHECK_PASS=1 GPU_CHECK_BUDGET=570 bash scripts/gpu-check.sh" with timeout_s 600.
 #
 # Stages, each under `timeout` and inside a 6-minute budget in all:
 #   checks      golden (fixtures/mfac, f32/f64/bf16 device windows, device vs CPU, non-finite),
@@ -99,7 +101,9 @@ stage golden 100 "$G" golden --mfac "$F/mfac" --json "$JSON"
 stage replay 60 "$G" replay --traj "$F/trajectories/case5_micro_mfac_mom_wd.safetensors" \
   --model "$F/bert-micro-random" --json "$JSON"
 stage bf16 60 "$G" bf16 --m 32 --steps 64 --json "$JSON"
-stage e2e 90 "$G" e2e --json "$JSON"
+# The end-to-end check runs on the graph (MFAC_LAB_CUDA_PASS=off), so that a fault of the CUDA
+# pass (issue 13, checked by scripts/gpu-check-pass.sh) cannot hide the window's result.
+stage e2e 90 env MFAC_LAB_CUDA_PASS=off "$G" e2e --json "$JSON"
 if [ -x "$BIN/mfac-lab" ]; then
   stage cli 60 "$BIN/mfac-lab" compare --device cuda --seeds 42 --num_train_epochs 1 \
     --max_train_samples 256 --quiet --output_dir /tmp/gpu-check-cli
@@ -109,8 +113,10 @@ stage copy 30 "$G" copy --gib 4 --json "$JSON"
 stage mfac-f32 90 "$G" mfac --m 1024 --dtype f32 --steps 30 --json "$JSON"
 stage mfac-bf16 75 "$G" mfac --m 1024 --dtype bf16 --steps 30 --json "$JSON"
 stage train 90 "$G" train --m 1024 --steps 20 --json "$JSON"
-# --- issue 13: the CUDA pass's checks and timings (scripts/gpu-check-pass.sh, ~5 min more) ---
-if [ -x "$BIN/gpu_pass_check" ]; then
+# --- issue 13: the CUDA pass's checks and timings (~5 min more). Off by default, so this run
+# stays within its 6 minutes: run scripts/gpu-check-pass.sh on its own, or set GPU_CHECK_PASS=1
+# with GPU_CHECK_BUDGET=570 (and the device tool's timeout_s 600) for both in one run.
+if [ "${GPU_CHECK_PASS:-0}" = 1 ] && [ -x "$BIN/gpu_pass_check" ]; then
   # shellcheck source=scripts/gpu-check-pass.sh
   source scripts/gpu-check-pass.sh && pass_stages
 fi

@@ -14,31 +14,15 @@ use std::path::Path;
 use safetensors::tensor::{Dtype, Metadata, View};
 
 use crate::error::{Error, Result};
+use crate::optim::window::Elem;
 
-/// Plain numbers that are stored as their little-endian bytes.
-pub(crate) trait Pod: Copy + 'static {
-    const DTYPE: Dtype;
-}
-impl Pod for f32 {
-    const DTYPE: Dtype = Dtype::F32;
-}
-impl Pod for f64 {
-    const DTYPE: Dtype = Dtype::F64;
-}
-impl Pod for half::bf16 {
-    const DTYPE: Dtype = Dtype::BF16;
-}
-impl Pod for half::f16 {
-    const DTYPE: Dtype = Dtype::F16;
-}
-
-fn bytes_of<T: Pod>(v: &[T]) -> &[u8] {
+fn bytes_of<T: Elem>(v: &[T]) -> &[u8] {
     // SAFETY: T is f32, f64, bf16 or f16: no padding, every bit pattern valid; the byte view
     // covers exactly the slice's memory and borrows it.
     unsafe { std::slice::from_raw_parts(v.as_ptr() as *const u8, std::mem::size_of_val(v)) }
 }
 
-fn bytes_of_mut<T: Pod>(v: &mut [T]) -> &mut [u8] {
+fn bytes_of_mut<T: Elem>(v: &mut [T]) -> &mut [u8] {
     // SAFETY: as in `bytes_of`; any bytes written are a valid T.
     unsafe { std::slice::from_raw_parts_mut(v.as_mut_ptr() as *mut u8, std::mem::size_of_val(v)) }
 }
@@ -76,7 +60,7 @@ pub(crate) struct StateWriter<'a> {
 
 impl<'a> StateWriter<'a> {
     /// Adds `values` under `name`, as a 1-D array or with `shape`.
-    pub fn add<T: Pod>(&mut self, name: impl Into<String>, values: &'a [T], shape: &[usize]) {
+    pub fn add<T: Elem>(&mut self, name: impl Into<String>, values: &'a [T], shape: &[usize]) {
         let shape = if shape.is_empty() {
             vec![values.len()]
         } else {
@@ -164,7 +148,7 @@ impl StateReader {
     }
 
     /// Reads array `name` into `out`, which must have its dtype and length.
-    pub fn read_into<T: Pod>(&mut self, name: &str, out: &mut [T]) -> Result<()> {
+    pub fn read_into<T: Elem>(&mut self, name: &str, out: &mut [T]) -> Result<()> {
         let info = self.meta.info(name).ok_or_else(|| Error::Weights {
             path: self.path.clone(),
             message: format!("the optimizer state has no array {name:?}"),

@@ -26,12 +26,16 @@ pub(crate) enum HostWindow {
     F64(Vec<f64>),
 }
 
-/// An element type of the window.
+/// A stored float of the optimizers: an element of the M-FAC window, of AdamW's moments, of a
+/// gradient, of an optimizer checkpoint (f32, f64, bf16, f16). Arithmetic is done in f64.
 pub(crate) trait Elem: Copy + Send + Sync + 'static {
+    /// How it is stored in a safetensors file (optimizer checkpoints, little-endian bytes).
+    const DTYPE: safetensors::Dtype;
     fn from_f64(x: f64) -> Self;
     fn to_f64(self) -> f64;
 }
 impl Elem for f32 {
+    const DTYPE: safetensors::Dtype = safetensors::Dtype::F32;
     #[inline(always)]
     fn from_f64(x: f64) -> Self {
         x as f32
@@ -42,6 +46,7 @@ impl Elem for f32 {
     }
 }
 impl Elem for f64 {
+    const DTYPE: safetensors::Dtype = safetensors::Dtype::F64;
     #[inline(always)]
     fn from_f64(x: f64) -> Self {
         x
@@ -52,6 +57,7 @@ impl Elem for f64 {
     }
 }
 impl Elem for half::f16 {
+    const DTYPE: safetensors::Dtype = safetensors::Dtype::F16;
     #[inline(always)]
     fn from_f64(x: f64) -> Self {
         half::f16::from_f64(x)
@@ -62,6 +68,7 @@ impl Elem for half::f16 {
     }
 }
 impl Elem for bf16 {
+    const DTYPE: safetensors::Dtype = safetensors::Dtype::BF16;
     #[inline(always)]
     fn from_f64(x: f64) -> Self {
         bf16::from_f64(x)

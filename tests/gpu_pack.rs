@@ -41,7 +41,9 @@ fn the_packed_fixtures_exist_and_leave_room_for_the_binaries() {
 
 #[test]
 fn every_fixture_the_gpu_check_reads_is_packed() {
-    let script = std::fs::read_to_string(crate_file("scripts/gpu-check.sh")).unwrap();
+    let script = ["scripts/gpu-check.sh", "scripts/gpu-check-pass.sh"]
+        .map(|s| std::fs::read_to_string(crate_file(s)).unwrap())
+        .join("\n");
     let list = pack_list();
     let mut seen = 0;
     // Paths are written "$F/<path>" (F = gpu-pack/fixtures).
@@ -51,7 +53,7 @@ fn every_fixture_the_gpu_check_reads_is_packed() {
         assert!(
             list.iter()
                 .any(|f| f == path || f.starts_with(&format!("{path}/"))),
-            "gpu-check.sh reads $F/{path}, which scripts/gpu-pack.files does not pack"
+            "a GPU check script reads $F/{path}, which scripts/gpu-pack.files does not pack"
         );
     }
     assert!(seen >= 3, "found only {seen} fixture paths in gpu-check.sh");
@@ -59,7 +61,11 @@ fn every_fixture_the_gpu_check_reads_is_packed() {
 
 #[test]
 fn the_scripts_parse() {
-    for s in ["scripts/gpu-check.sh", "scripts/gpu-pack.sh"] {
+    for s in [
+        "scripts/gpu-check.sh",
+        "scripts/gpu-check-pass.sh",
+        "scripts/gpu-pack.sh",
+    ] {
         let out = std::process::Command::new("bash")
             .arg("-n")
             .arg(crate_file(s))

@@ -222,7 +222,8 @@ fn the_cpu_pass_refuses_what_it_cannot_run() {
 
 #[test]
 fn bad_batches_are_errors() {
-    let model = BertClassifier::random(&micro_config(), 3, 1, &Device::Cpu, DType::F32).unwrap();
+    let pass = BertClassifier::random(&micro_config(), 3, 1, &Device::Cpu, DType::F32).unwrap();
+    let graph = pass.rebind().unwrap().with_engine(Engine::Graph).unwrap();
     let ids = Tensor::new(&[[101u32, 7, 102]], &Device::Cpu).unwrap();
     let types = ids.zeros_like().unwrap();
     let mask = ids.ones_like().unwrap();
@@ -230,12 +231,17 @@ fn bad_batches_are_errors() {
         let l = Tensor::new(&[label], &Device::Cpu).unwrap();
         Batch::new(ids.clone(), types.clone(), mask.clone(), Some(l)).unwrap()
     };
-    let e = model.loss_and_grads(&with(&ids, 3), true).unwrap_err();
-    assert!(e.to_string().contains("out of range"), "{e}");
-    let big = Tensor::new(&[[101u32, 999_999, 102]], &Device::Cpu).unwrap();
-    let e = model.loss_and_grads(&with(&big, 0), true).unwrap_err();
-    assert!(e.to_string().contains("vocabulary"), "{e}");
-    let unlabelled = Batch::new(ids.clone(), types.clone(), mask.clone(), None).unwrap();
-    let e = model.loss_and_grads(&unlabelled, true).unwrap_err();
-    assert!(e.to_string().contains("labels"), "{e}");
+    // The same errors from every engine (the checks are shared), never a panic.
+    for model in [&pass, &graph] {
+        let e = model.loss_and_grads(&with(&ids, 3), true).unwrap_err();
+        assert!(e.to_string().contains("out of range"), "{e}");
+        let big = Tensor::new(&[[101u32, 999_999, 102]], &Device::Cpu).unwrap();
+        let e = model.loss_and_grads(&with(&big, 0), true).unwrap_err();
+        assert!(e.to_string().contains("vocabulary"), "{e}");
+        let e = model.logits(&with(&big, 0)).unwrap_err();
+        assert!(e.to_string().contains("vocabulary"), "{e}");
+        let unlabelled = Batch::new(ids.clone(), types.clone(), mask.clone(), None).unwrap();
+        let e = model.loss_and_grads(&unlabelled, true).unwrap_err();
+        assert!(e.to_string().contains("labels"), "{e}");
+    }
 }

@@ -482,7 +482,12 @@ impl MFac {
         }
         dw.record_total_ms(ms_since(t0));
         self.last_c = c;
-        let gg = krow[j];
+        Ok(self.finish_step(j, rows, lr, (dd, dg, krow[j])))
+    }
+
+    /// Records step `j`'s introspection from `(‖u‖², ⟨u, g⟩, ‖g‖²)` and advances the ring.
+    fn finish_step(&mut self, j: usize, rows: usize, lr: f64, sums: (f64, f64, f64)) -> MFacStep {
+        let (dd, dg, gg) = sums;
         let cosine = if dd > 0.0 && gg > 0.0 {
             dg / (dd.sqrt() * gg.sqrt())
         } else {
@@ -494,11 +499,11 @@ impl MFac {
             cosine,
             grad_norm: gg.sqrt(),
         };
-        self.ring = (j + 1) % m;
+        self.ring = (j + 1) % self.cfg.num_grads;
         self.filled = rows;
         self.steps += 1;
         self.last = Some(step);
-        Ok(step)
+        step
     }
 
     /// One M-FAC step from the gradients in `grads` (missing ones count as zero). On a
@@ -596,23 +601,8 @@ impl MFac {
                 lr,
             })?;
         }
-        let cosine = if dd > 0.0 && gg > 0.0 {
-            dg / (dd.sqrt() * gg.sqrt())
-        } else {
-            0.0
-        };
-        let step = MFacStep {
-            slot: j,
-            update_norm: lr * dd.sqrt(),
-            cosine,
-            grad_norm: gg.sqrt(),
-        };
-        // 7. Advance the ring.
-        self.ring = (j + 1) % m;
-        self.filled = rows;
-        self.steps += 1;
-        self.last = Some(step);
-        Ok(step)
+        // 7. Introspection; advance the ring.
+        Ok(self.finish_step(j, rows, lr, (dd, dg, gg)))
     }
 
     /// The hyper-parameters.

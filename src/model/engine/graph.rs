@@ -10,7 +10,7 @@
 use candle_core::backprop::GradStore;
 use candle_core::{DType, Tensor, D};
 
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::model::batch::Batch;
 use crate::model::classifier::{BertClassifier, ClassifierOutput};
 use crate::model::config::HiddenAct;
@@ -209,16 +209,14 @@ pub(crate) fn forward(
     })
 }
 
-/// Mean loss and every gradient through the graph (`loss.backward()`).
+/// Mean loss and every gradient through the graph (`loss.backward()`), for a batch whose
+/// labels are checked ([`crate::model::engine::Targets`]).
 pub(crate) fn loss_and_grads(
     model: &BertClassifier,
     batch: &Batch,
+    labels: &Tensor,
     rng: Option<&mut SeededRng>,
 ) -> Result<(f64, GradStore)> {
-    let labels = batch
-        .labels
-        .as_ref()
-        .ok_or_else(|| Error::InvalidArgument("a training batch needs labels".into()))?;
     let loss = BertClassifier::loss(&forward(model, batch, rng)?.logits, labels)?;
     let value = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
     Ok((value, loss.backward()?))

@@ -120,11 +120,12 @@ impl Engine {
         batch: &Batch,
         rng: Option<&mut SeededRng>,
     ) -> Result<(f64, candle_core::backprop::GradStore)> {
+        let targets = Targets::read(batch, model.num_labels())?;
         match self {
-            Engine::CpuPass => cpu::loss_and_grads(model, batch, rng),
+            Engine::CpuPass => cpu::loss_and_grads(model, batch, &targets, rng),
             #[cfg(feature = "cuda")]
             Engine::CudaPass => cuda::loss_and_grads(model, batch, rng),
-            Engine::Graph => graph::loss_and_grads(model, batch, rng),
+            Engine::Graph => graph::loss_and_grads(model, batch, &targets.labels, rng),
         }
     }
 
@@ -153,6 +154,43 @@ impl Engine {
         n: u64,
     ) -> Result<[u64; 4]> {
         cuda::dropout_counts(device, step_key, sites, p, n)
+    }
+}
+
+/// A training batch's labels, checked once for every engine: present, and class ids in
+/// `0..num_labels` (a one-output model with float labels is regression, as in HF).
+pub(crate) struct Targets {
+    /// The labels as the batch holds them.
+    pub labels: Tensor,
+    /// The labels as f64 on the host.
+    pub values: Vec<f64>,
+    /// MSE instead of cross-entropy.
+    pub regression: bool,
+}
+
+impl Targets {
+    pub(crate) fn read(batch: &Batch, num_labels: usize) -> Result<Self> {
+        let labels = batch
+            .labels
+            .clone()
+            .ok_or_else(|| Error::InvalidArgument("a training batch needs labels".into()))?;
+        let regression = num_labels == 1 && labels.dtype().is_float();
+        let values: Vec<f64> = labels.to_dtype(DType::F64)?.to_vec1()?;
+        if !regression {
+            if let Some(l) = values
+                .iter()
+                .find(|&&l| l < 0.0 || l as usize >= num_labels || l.fract() != 0.0)
+            {
+                return Err(Error::InvalidArgument(format!(
+                    "label {l} is out of range for {num_labels} classes (class ids 0..{num_labels})"
+                )));
+            }
+        }
+        Ok(Targets {
+            labels,
+            values,
+            regression,
+        })
     }
 }
 

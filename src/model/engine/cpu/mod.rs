@@ -33,23 +33,25 @@ use candle_core::{DType, Device, Storage, Tensor};
 use crate::error::{Error, Result};
 use crate::model::batch::Batch;
 use crate::model::classifier::BertClassifier;
-use crate::model::engine::{additive_mask, TokenIds};
+use crate::model::engine::{additive_mask, Targets, TokenIds};
 use crate::model::math::Real;
+use crate::model::params::Classifier;
 use crate::rng::SeededRng;
 
 use attention::Dims;
 use pass::{Inputs, Qkv};
 
-/// Mean loss of a labelled `batch` and the gradient of every parameter. Dropout draws from
-/// `rng` when given.
+/// Mean loss of a labelled `batch` (its `targets` checked) and the gradient of every
+/// parameter. Dropout draws from `rng` when given.
 pub(crate) fn loss_and_grads(
     model: &BertClassifier,
     batch: &Batch,
+    targets: &Targets,
     rng: Option<&mut SeededRng>,
 ) -> Result<(f64, GradStore)> {
     match model.dtype() {
-        DType::F32 => train::<f32>(model, batch, rng),
-        DType::F64 => train::<f64>(model, batch, rng),
+        DType::F32 => train::<f32>(model, batch, targets, rng),
+        DType::F64 => train::<f64>(model, batch, targets, rng),
         d => Err(Error::InvalidArgument(format!(
             "the CPU pass needs f32 or f64, not {d:?}"
         ))),
@@ -71,7 +73,7 @@ pub(crate) fn logits(model: &BertClassifier, batch: &Batch) -> Result<Tensor> {
 /// for the call).
 fn with_params<T: Real, R>(
     model: &BertClassifier,
-    f: impl FnOnce(&crate::model::params::Classifier<&[T]>) -> Result<R>,
+    f: impl FnOnce(&Classifier<&[T]>) -> Result<R>,
 ) -> Result<R> {
     let guards = model.params().map(&mut |t| t.storage_and_layout());
     let views = guards.try_map(&mut |(storage, layout)| -> Result<&[T]> {
@@ -104,25 +106,13 @@ fn dims(model: &BertClassifier, ids: &TokenIds) -> Dims {
     }
 }
 
-fn train<T: Real>(
+/// Runs `f` with everything a pass over `batch` reads: the parameters' host views, each layer's
+/// stacked Q|K|V, and the batch's ids, mask and sizes.
+fn with_pass<T: Real, R>(
     model: &BertClassifier,
     batch: &Batch,
-    rng: Option<&mut SeededRng>,
-) -> Result<(f64, GradStore)> {
-    let labels = batch
-        .labels
-        .as_ref()
-        .ok_or_else(|| Error::InvalidArgument("a training batch needs labels".into()))?;
-    let c = model.num_labels();
-    let regression = c == 1 && labels.dtype().is_float();
-    let targets: Vec<f64> = labels.to_dtype(DType::F64)?.to_vec1()?;
-    if !regression {
-        if let Some(l) = targets.iter().find(|&&l| l < 0.0 || l as usize >= c) {
-            return Err(Error::InvalidArgument(format!(
-                "label {l} is out of range for {c} classes"
-            )));
-        }
-    }
+    f: impl FnOnce(&Classifier<&[T]>, &[Qkv<T>], &Inputs<T>) -> Result<R>,
+) -> Result<R> {
     let ids = TokenIds::read(batch, model.config())?;
     let mask_add = additive_mask::<T>(batch, model.dtype())?;
     let inp = Inputs {
@@ -131,18 +121,30 @@ fn train<T: Real>(
         mask_add: &mask_add,
         dims: dims(model, &ids),
     };
-    let (loss, grads) = with_params::<T, _>(model, |p| {
+    with_params::<T, _>(model, |p| {
         let qkv: Vec<Qkv<T>> = p
             .bert
             .layers
             .iter()
             .map(|l| Qkv::stack(&l.attention))
             .collect();
-        let (logits, saved) = pass::forward(p, &qkv, &inp, rng, true);
+        f(p, &qkv, &inp)
+    })
+}
+
+fn train<T: Real>(
+    model: &BertClassifier,
+    batch: &Batch,
+    targets: &Targets,
+    rng: Option<&mut SeededRng>,
+) -> Result<(f64, GradStore)> {
+    let c = model.num_labels();
+    let (loss, grads) = with_pass::<T, _>(model, batch, |p, qkv, inp| {
+        let (logits, saved) = pass::forward(p, qkv, inp, rng, true);
         let saved = saved.expect("the forward keeps what the backward needs");
-        let (loss, dlogits) = loss::loss_grad(&logits, &targets, c, regression);
+        let (loss, dlogits) = loss::loss_grad(&logits, &targets.values, c, targets.regression);
         drop(logits);
-        Ok((loss, pass::backward(p, &qkv, &inp, &saved, &dlogits)))
+        Ok((loss, pass::backward(p, qkv, inp, &saved, &dlogits)))
     })?;
     let mut store = GradStore::default();
     let params = model.params().leaves();
@@ -156,23 +158,13 @@ fn train<T: Real>(
 }
 
 fn eval<T: Real>(model: &BertClassifier, batch: &Batch) -> Result<Tensor> {
-    let ids = TokenIds::read(batch, model.config())?;
-    let mask_add = additive_mask::<T>(batch, model.dtype())?;
-    let inp = Inputs {
-        cfg: model.config(),
-        ids: &ids,
-        mask_add: &mask_add,
-        dims: dims(model, &ids),
-    };
-    let logits = with_params::<T, _>(model, |p| {
-        let qkv: Vec<Qkv<T>> = p
-            .bert
-            .layers
-            .iter()
-            .map(|l| Qkv::stack(&l.attention))
-            .collect();
-        Ok(pass::forward(p, &qkv, &inp, None, false).0.to_vec())
+    let logits = with_pass::<T, _>(model, batch, |p, qkv, inp| {
+        Ok(pass::forward(p, qkv, inp, None, false).0.to_vec())
     })?;
-    let c = model.num_labels();
-    Ok(Tensor::from_vec(logits, (ids.batch, c), &Device::Cpu)?)
+    let b = batch.input_ids.dim(0)?;
+    Ok(Tensor::from_vec(
+        logits,
+        (b, model.num_labels()),
+        &Device::Cpu,
+    )?)
 }

@@ -16,7 +16,6 @@
 //! Every stage appends one JSON object per result to `--json FILE` (default results.jsonl).
 
 use std::collections::HashMap;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -29,94 +28,8 @@ use mfac_lab::model::{Batch, BertClassifier, BertConfig};
 use mfac_lab::optim::{AdamWConfig, MFac, MFacConfig, OptimizerSpec};
 use mfac_lab::train::{latest_checkpoint, scalar, Optim, Stepper, TrainConfig, Trainer};
 
-// ---- arguments and results ------------------------------------------------------------------
-
-struct Args {
-    stage: String,
-    kv: HashMap<String, String>,
-}
-
-impl Args {
-    fn parse() -> Result<Self> {
-        let mut it = std::env::args().skip(1);
-        let stage = it
-            .next()
-            .ok_or_else(|| anyhow!("usage: gpu_check STAGE [--key value]..."))?;
-        let mut kv = HashMap::new();
-        while let Some(k) = it.next() {
-            let key = k
-                .strip_prefix("--")
-                .ok_or_else(|| anyhow!("expected --key, got {k}"))?;
-            let v = it.next().ok_or_else(|| anyhow!("--{key} needs a value"))?;
-            kv.insert(key.to_string(), v);
-        }
-        Ok(Args { stage, kv })
-    }
-    fn path(&self, k: &str) -> Result<PathBuf> {
-        Ok(PathBuf::from(
-            self.kv
-                .get(k)
-                .ok_or_else(|| anyhow!("--{k} PATH is required"))?,
-        ))
-    }
-    fn num<T: std::str::FromStr>(&self, k: &str, default: T) -> Result<T> {
-        match self.kv.get(k) {
-            None => Ok(default),
-            Some(v) => v.parse().map_err(|_| anyhow!("--{k} {v}: not a number")),
-        }
-    }
-    fn str(&self, k: &str, default: &str) -> String {
-        self.kv
-            .get(k)
-            .cloned()
-            .unwrap_or_else(|| default.to_string())
-    }
-}
-
-/// One line of the results file.
-struct Out {
-    json: PathBuf,
-    failed: Vec<String>,
-}
-
-impl Out {
-    /// Records a result: `value` against `limit` when it is a check (value ≤ limit passes).
-    fn record(&mut self, name: &str, value: f64, unit: &str, limit: Option<f64>, note: &str) {
-        let pass = limit.map(|l| value <= l && value.is_finite());
-        let status = match pass {
-            Some(true) => "ok",
-            Some(false) => "FAIL",
-            None => "",
-        };
-        println!(
-            "RESULT {name:<44} {value:>12.4e} {unit:<6} {} {status} {note}",
-            limit
-                .map(|l| format!("(limit {l:.1e})"))
-                .unwrap_or_default()
-        );
-        if pass == Some(false) {
-            self.failed.push(format!("{name} = {value:e} > {limit:?}"));
-        }
-        let line = serde_json::json!({
-            "name": name, "value": value, "unit": unit, "limit": limit,
-            "pass": pass, "note": note,
-        });
-        if let Ok(mut f) = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&self.json)
-        {
-            let _ = writeln!(f, "{line}");
-        }
-    }
-    fn check(&mut self, name: &str, ok: bool, note: &str) {
-        self.record(name, if ok { 0.0 } else { 1.0 }, "bool", Some(0.5), note);
-    }
-}
-
-fn cuda() -> Result<Device> {
-    Device::new_cuda(0).context("no CUDA device (this is the GPU check)")
-}
+mod gpu_common;
+use gpu_common::{cuda, Args, Out};
 
 fn rel(a: &[f64], b: &[f64]) -> f64 {
     let (mut num, mut den) = (0.0, 0.0);
@@ -1029,11 +942,8 @@ fn table(args: &Args) -> Result<()> {
 }
 
 fn main() -> Result<()> {
-    let args = Args::parse()?;
-    let mut out = Out {
-        json: PathBuf::from(args.str("json", "results.jsonl")),
-        failed: vec![],
-    };
+    let args = Args::parse("gpu_check")?;
+    let mut out = Out::new(PathBuf::from(args.str("json", "results.jsonl")));
     let t0 = Instant::now();
     match args.stage.as_str() {
         "golden" => golden(&args, &mut out)?,

@@ -20,11 +20,10 @@
 //! (default results.jsonl; the format of examples/gpu_check.rs, so its `table` lists them).
 
 use std::collections::HashMap;
-use std::io::Write;
 use std::path::PathBuf;
 use std::time::Instant;
 
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::{anyhow, bail, Result};
 use candle_core::backprop::GradStore;
 use candle_core::{DType, Device, Tensor};
 use mfac_lab::model::{Batch, BertClassifier, BertConfig, Engine};
@@ -32,77 +31,8 @@ use mfac_lab::optim::{AdamWConfig, MFacConfig, OptimizerSpec};
 use mfac_lab::rng::SeededRng;
 use mfac_lab::train::{Schedule, Stepper, TrainConfig};
 
-struct Args {
-    stage: String,
-    kv: HashMap<String, String>,
-}
-
-impl Args {
-    fn parse() -> Result<Self> {
-        let mut it = std::env::args().skip(1);
-        let stage = it
-            .next()
-            .ok_or_else(|| anyhow!("usage: gpu_pass_check STAGE [--key value]..."))?;
-        let mut kv = HashMap::new();
-        while let Some(k) = it.next() {
-            let key = k
-                .strip_prefix("--")
-                .ok_or_else(|| anyhow!("expected --key, got {k}"))?;
-            let v = it.next().ok_or_else(|| anyhow!("--{key} needs a value"))?;
-            kv.insert(key.to_string(), v);
-        }
-        Ok(Args { stage, kv })
-    }
-    fn num<T: std::str::FromStr>(&self, k: &str, default: T) -> Result<T> {
-        match self.kv.get(k) {
-            Some(v) => v.parse().map_err(|_| anyhow!("--{k} {v}: not a number")),
-            None => Ok(default),
-        }
-    }
-}
-
-struct Out {
-    json: PathBuf,
-    failed: Vec<String>,
-}
-
-impl Out {
-    fn record(&mut self, name: &str, value: f64, unit: &str, limit: Option<f64>, note: &str) {
-        let pass = limit.map(|l| value <= l && value.is_finite());
-        let status = match pass {
-            Some(true) => "ok",
-            Some(false) => "FAIL",
-            None => "",
-        };
-        println!(
-            "RESULT {name:<52} {value:>12.4e} {unit:<6} {} {status} {note}",
-            limit
-                .map(|l| format!("(limit {l:.1e})"))
-                .unwrap_or_default()
-        );
-        if pass == Some(false) {
-            self.failed.push(format!("{name} = {value:e} > {limit:?}"));
-        }
-        let line = serde_json::json!({
-            "name": name, "value": value, "unit": unit, "limit": limit,
-            "pass": pass, "note": note,
-        });
-        if let Ok(mut f) = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&self.json)
-        {
-            let _ = writeln!(f, "{line}");
-        }
-    }
-    fn check(&mut self, name: &str, ok: bool, note: &str) {
-        self.record(name, if ok { 0.0 } else { 1.0 }, "bool", Some(0.5), note);
-    }
-}
-
-fn cuda() -> Result<Device> {
-    Device::new_cuda(0).context("no CUDA device (this is the GPU check)")
-}
+mod gpu_common;
+use gpu_common::{cuda, Args, Out};
 
 fn f64s(t: &Tensor) -> Result<Vec<f64>> {
     Ok(t.flatten_all()?
@@ -574,16 +504,8 @@ fn bench(args: &Args, out: &mut Out) -> Result<()> {
 }
 
 fn main() -> Result<()> {
-    let args = Args::parse()?;
-    let mut out = Out {
-        json: PathBuf::from(
-            args.kv
-                .get("json")
-                .cloned()
-                .unwrap_or_else(|| "results.jsonl".into()),
-        ),
-        failed: vec![],
-    };
+    let args = Args::parse("gpu_pass_check")?;
+    let mut out = Out::new(PathBuf::from(args.str("json", "results.jsonl")));
     match args.stage.as_str() {
         "parity" => parity(&args, &mut out)?,
         "dropout" => dropout(&mut out)?,

@@ -164,18 +164,18 @@ impl DeviceWindow {
         let sms = ctx
             .attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
             .map_err(cuda_err("reading the multiprocessor count"))? as usize;
-        // Shared memory beyond 48 KiB must be asked for per kernel (m up to 8192).
+        // Dynamic shared memory is asked for per kernel, always: without it the limit is 48 KiB
+        // minus the kernel's static shared memory (pass 2's 128 B of block sums), so e.g. a
+        // bf16 window of 2048 rows (exactly 48 KiB dynamic) would fail to launch (m up to 8192).
         let (s1, s2) = shared_bytes(dtype, m);
         for (f, bytes, name) in [(&pass1, s1, "pass 1"), (&pass2, s2, "pass 2")] {
-            if bytes > 48 * 1024 {
-                f.set_attribute(
-                    sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-                    bytes as i32,
-                )
-                .map_err(cuda_err(&format!(
-                    "{name}: asking for {bytes} B of shared memory"
-                )))?;
-            }
+            f.set_attribute(
+                sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                bytes as i32,
+            )
+            .map_err(cuda_err(&format!(
+                "{name}: asking for {bytes} B of shared memory"
+            )))?;
         }
         // A grid resident at once: the passes split the columns evenly over its blocks.
         let occ = |f: &CudaFunction, bytes: usize| {

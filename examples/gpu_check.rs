@@ -29,29 +29,7 @@ use mfac_lab::optim::{AdamWConfig, MFac, MFacConfig, OptimizerSpec};
 use mfac_lab::train::{latest_checkpoint, scalar, Optim, Stepper, TrainConfig, Trainer};
 
 mod gpu_common;
-use gpu_common::{cuda, Args, Out};
-
-fn rel(a: &[f64], b: &[f64]) -> f64 {
-    let (mut num, mut den) = (0.0, 0.0);
-    for (x, y) in a.iter().zip(b) {
-        num += (x - y) * (x - y);
-        den += y * y;
-    }
-    if den == 0.0 {
-        num.sqrt()
-    } else {
-        (num / den).sqrt()
-    }
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    if v.is_empty() {
-        f64::NAN
-    } else {
-        v[v.len() / 2]
-    }
-}
+use gpu_common::{cuda, median, rel, Args, Out};
 
 fn st_metadata(path: &Path) -> Result<HashMap<String, String>> {
     let bytes = std::fs::read(path).with_context(|| path.display().to_string())?;

@@ -32,32 +32,13 @@ use mfac_lab::rng::SeededRng;
 use mfac_lab::train::{Schedule, Stepper, TrainConfig};
 
 mod gpu_common;
-use gpu_common::{cuda, Args, Out};
+use gpu_common::{cuda, median, rel, Args, Out};
 
 fn f64s(t: &Tensor) -> Result<Vec<f64>> {
     Ok(t.flatten_all()?
         .to_device(&Device::Cpu)?
         .to_dtype(DType::F64)?
         .to_vec1()?)
-}
-
-/// ‖a − b‖ / ‖b‖ (or ‖a − b‖ when b is 0).
-fn rel(a: &[f64], b: &[f64]) -> f64 {
-    let (mut num, mut den) = (0.0, 0.0);
-    for (x, y) in a.iter().zip(b) {
-        num += (x - y) * (x - y);
-        den += y * y;
-    }
-    if den == 0.0 {
-        num.sqrt()
-    } else {
-        (num / den).sqrt()
-    }
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    v[v.len() / 2]
 }
 
 /// A random model of `cfg` on the CPU and the same weights on `dev`, every parameter perturbed

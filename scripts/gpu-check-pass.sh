@@ -3,7 +3,7 @@
 # from gpu-pack/ (built here by scripts/gpu-pack.sh, which packs bin/gpu_pass_check.gz).
 #
 # Standalone:      bash scripts/gpu-check-pass.sh            (device tool: carry ["gpu-pack"])
-# From gpu-check:  sourced after its `stage` function is defined (uses $BIN, $PACK, $JSON, stage)
+# From gpu-check:  sourced by it (uses its $BIN, $PACK, $JSON and scripts/gpu-check-lib.sh's stage)
 #
 # Stages (checks first, then timings):
 #   pass-parity   logits, loss, all 41 gradients vs the CPU pass, dropout off (worst rel err per
@@ -43,26 +43,12 @@ if [ "${BASH_SOURCE[0]}" = "$0" ]; then
   JSON=$OUT/results-pass.jsonl
   : >"$JSON"
   FAILED=()
-  say() { printf '\n=== %s (t=%ds)\n' "$*" $((SECONDS - START)); }
-  stage() {
-    local name=$1 limit=$2
-    shift 2
-    local left=$((BUDGET - (SECONDS - START)))
-    if [ "$left" -lt 15 ]; then FAILED+=("$name (skipped: no time left)"); return; fi
-    [ "$limit" -gt "$left" ] && limit=$left
-    say "$name (limit ${limit}s)"
-    local t0=$SECONDS
-    timeout --signal=TERM --kill-after=5 "$limit" "$@"
-    local rc=$?
-    echo "--- $name: exit $rc after $((SECONDS - t0)) s"
-    [ "$rc" -ne 0 ] && FAILED+=("$name (exit $rc)")
-  }
+  # shellcheck source=scripts/gpu-check-lib.sh
+  source scripts/gpu-check-lib.sh
   {
     say "machine"
     nvidia-smi || true
-    SP=/opt/torch/.venv/lib/python3.12/site-packages
-    LD_LIBRARY_PATH="$(ls -d $SP/nvidia/cu13/lib $SP/nvidia/*/lib 2>/dev/null | paste -sd:)${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}:/usr/local/cuda/lib64:/usr/local/nvidia/lib64"
-    export LD_LIBRARY_PATH
+    cuda_libraries
     BIN=/tmp/gpu-check-pass-bin
     rm -rf "$BIN" && mkdir -p "$BIN"
     if [ -f "$PACK/bin/gpu_pass_check.gz" ]; then

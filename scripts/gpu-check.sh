@@ -29,7 +29,8 @@ LOG=$OUT/gpu-check.log
 JSON=$OUT/results.jsonl
 : >"$JSON"
 
-say() { printf '\n=== %s (t=%ds)\n' "$*" $((SECONDS - START)); }
+# shellcheck source=scripts/gpu-check-lib.sh
+source scripts/gpu-check-lib.sh
 
 main() {
 say "machine"
@@ -45,9 +46,7 @@ if [ ! -d "$PACK" ]; then
 fi
 
 say "libraries"
-SP=/opt/torch/.venv/lib/python3.12/site-packages
-LD_LIBRARY_PATH="$(ls -d $SP/nvidia/cu13/lib $SP/nvidia/*/lib 2>/dev/null | paste -sd:)${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}:/usr/local/cuda/lib64:/usr/local/nvidia/lib64"
-export LD_LIBRARY_PATH
+cuda_libraries
 echo "LD_LIBRARY_PATH=$LD_LIBRARY_PATH"
 BIN=/tmp/gpu-check-bin
 rm -rf "$BIN" && mkdir -p "$BIN"
@@ -70,27 +69,6 @@ if [ ${#FAILED[@]} -gt 0 ]; then
   return 1
 fi
 echo "all stages passed"
-}
-
-# stage NAME SECONDS COMMAND...: runs under timeout, within what is left of the budget.
-stage() {
-  local name=$1 limit=$2
-  shift 2
-  local left=$((BUDGET - (SECONDS - START)))
-  if [ "$left" -lt 15 ]; then
-    say "$name: SKIPPED (the 6-minute budget is spent)"
-    FAILED+=("$name (skipped: no time left)")
-    return
-  fi
-  [ "$limit" -gt "$left" ] && limit=$left
-  say "$name (limit ${limit}s)"
-  local t0=$SECONDS
-  timeout --signal=TERM --kill-after=5 "$limit" "$@"
-  local rc=$?
-  echo "--- $name: exit $rc after $((SECONDS - t0)) s"
-  if [ "$rc" -ne 0 ]; then
-    [ "$rc" -eq 124 ] && FAILED+=("$name (timed out after ${limit}s)") || FAILED+=("$name (exit $rc)")
-  fi
 }
 
 run_stages() {

@@ -64,6 +64,7 @@ fn the_scripts_parse() {
     for s in [
         "scripts/gpu-check.sh",
         "scripts/gpu-check-pass.sh",
+        "scripts/gpu-check-lib.sh",
         "scripts/gpu-pack.sh",
     ] {
         let out = std::process::Command::new("bash")

@@ -1,6 +1,6 @@
 //! What the two GPU check binaries share (examples/gpu_check.rs, examples/gpu_pass_check.rs):
 //! `--key value` arguments, the `RESULT` lines and the results file (one JSON object per
-//! result, the format `gpu_check table` reads), and the CUDA device. Each binary uses a part.
+//! result, the format `gpu_check table` reads), the CUDA device, relative errors and medians. Each binary uses a part.
 #![allow(dead_code)]
 
 use std::collections::HashMap;
@@ -105,4 +105,28 @@ impl Out {
 /// The first CUDA device.
 pub fn cuda() -> Result<Device> {
     Device::new_cuda(0).context("no CUDA device (this is the GPU check)")
+}
+
+/// ‖a − b‖ / ‖b‖ (or ‖a − b‖ when b is 0).
+pub fn rel(a: &[f64], b: &[f64]) -> f64 {
+    let (mut num, mut den) = (0.0, 0.0);
+    for (x, y) in a.iter().zip(b) {
+        num += (x - y) * (x - y);
+        den += y * y;
+    }
+    if den == 0.0 {
+        num.sqrt()
+    } else {
+        (num / den).sqrt()
+    }
+}
+
+/// The median (NaN for no values).
+pub fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    if v.is_empty() {
+        f64::NAN
+    } else {
+        v[v.len() / 2]
+    }
 }

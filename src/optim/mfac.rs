@@ -211,7 +211,8 @@ impl std::fmt::Debug for MFac {
     }
 }
 
-fn human(bytes: u128) -> String {
+/// A byte count for messages: `18.00 GB`, `4.2 MB`, `512 B`.
+pub(crate) fn human(bytes: u128) -> String {
     let b = bytes as f64;
     if b >= 1e9 {
         format!("{:.2} GB", b / 1e9)

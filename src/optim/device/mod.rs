@@ -73,17 +73,6 @@ pub(crate) fn shared_bytes(dtype: DType, rows: usize) -> (usize, usize) {
     (rows * 8, rows * 8 + warps * unit_columns(dtype) * 8)
 }
 
-fn human(bytes: u128) -> String {
-    let b = bytes as f64;
-    if b >= 1e9 {
-        format!("{:.2} GB", b / 1e9)
-    } else if b >= 1e6 {
-        format!("{:.1} MB", b / 1e6)
-    } else {
-        format!("{bytes} B")
-    }
-}
-
 /// What a device window of `num_grads` rows over `d` parameters needs, before anything is
 /// allocated.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -175,7 +164,7 @@ impl DevicePlan {
             if bf16.needed() + HEADROOM <= free {
                 fix.push(format!(
                     "a bf16 window (window_dtype: bf16) needs {} and fits",
-                    human(bf16.needed())
+                    crate::optim::mfac::human(bf16.needed())
                 ));
             } else {
                 let m = self.largest_m(free, DType::BF16);
@@ -202,8 +191,8 @@ impl DevicePlan {
                 self.dtype.size_in_bytes(),
                 self.dtype
             ),
-            needed: format!("{} (+ {} headroom)", human(needed), human(HEADROOM)),
-            available: format!("{} free on the GPU", human(free)),
+            needed: format!("{} (+ {} headroom)", crate::optim::mfac::human(needed), crate::optim::mfac::human(HEADROOM)),
+            available: format!("{} free on the GPU", crate::optim::mfac::human(free)),
             fix: fix.join("; or "),
         })
     }

@@ -455,7 +455,10 @@ fn bf16_stage(args: &Args, out: &mut Out) -> Result<()> {
     ] {
         let vs: Vec<Var> = vars
             .iter()
-            .map(|v| Var::from_tensor(&v.as_tensor().to_device(&device)?))
+            // A deep copy: `to_device` to the same device returns the same storage, and
+            // `Var::from_tensor` of a variable returns that variable, so without it the three
+            // runs would update one set of weights.
+            .map(|v| Var::from_tensor(&v.as_tensor().to_device(&device)?.copy()?))
             .collect::<candle_core::Result<_>>()?;
         let mut opt = MFac::try_new(
             vs.clone(),

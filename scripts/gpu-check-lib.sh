@@ -31,3 +31,12 @@ cuda_libraries() {
   LD_LIBRARY_PATH="$(ls -d $sp/nvidia/cu13/lib $sp/nvidia/*/lib 2>/dev/null | paste -sd:)${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}:/usr/local/cuda/lib64:/usr/local/nvidia/lib64"
   export LD_LIBRARY_PATH
 }
+
+# unpack NAME: $PACK/bin/NAME.gz into $BIN/NAME, once, when a stage first needs it (unpacking
+# every binary up front costs seconds of GPU time for stages that may never run).
+unpack() {
+  local name=$1
+  [ -x "$BIN/$name" ] && return 0
+  [ -f "$PACK/bin/$name.gz" ] || return 0
+  gunzip -c "$PACK/bin/$name.gz" >"$BIN/$name" && chmod +x "$BIN/$name"
+}

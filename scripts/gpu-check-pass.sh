@@ -2,7 +2,8 @@
 # The GPU check of the CUDA pass (issue 13): examples/gpu_pass_check.rs, run on the GPU machine
 # from gpu-pack/ (built here by scripts/gpu-pack.sh, which packs bin/gpu_pass_check.gz).
 #
-# Standalone:      bash scripts/gpu-check-pass.sh            (device tool: carry ["gpu-pack"])
+# Standalone:      bash scripts/gpu-check-pass.sh  (device tool: carry ["gpu-pack"], timeout_s 300)
+# Usually not alone: scripts/gpu-check.sh runs these stages too, in one run of ≤ 8 minutes.
 # From gpu-check:  sourced by it (uses its $BIN, $PACK, $JSON and scripts/gpu-check-lib.sh's stage)
 #
 # Stages (checks first, then timings):
@@ -15,19 +16,30 @@
 #                 Graph; eval forward; the 5-epoch projection (targets: ≤ 5 min AdamW, ≤ 15 min
 #                 M-FAC m = 1024)
 # A/B: MFAC_LAB_CUDA_PASS=off makes Engine::for_model pick the graph on CUDA again.
-pass_stages() {
-  local G="$BIN/gpu_pass_check" F="$PACK/fixtures"
+# Each stage on its own, so gpu-check.sh can interleave them with its own, most telling first.
+pass_bin() {
+  G="$BIN/gpu_pass_check"
+  unpack gpu_pass_check
   if [ ! -x "$G" ]; then
     echo "no $G: the pack lacks bin/gpu_pass_check.gz (scripts/gpu-pack.sh builds it)"
     FAILED+=("pass (no binary)")
-    return
+    return 1
   fi
-  local micro=()
+}
+pass_parity() {
+  pass_bin || return
+  local micro=() F="$PACK/fixtures"
   [ -f "$F/bert-micro-random/model.safetensors" ] && micro=(--model "$F/bert-micro-random")
-  stage pass-parity 90 "$G" parity "${micro[@]}" --json "$JSON"
-  stage pass-dropout 45 "$G" dropout --json "$JSON"
-  stage pass-replay 60 "$G" replay --steps 20 --json "$JSON"
-  stage pass-bench 120 "$G" bench --steps 30 --m 1024 --json "$JSON"
+  stage pass-parity 60 "$G" parity "${micro[@]}" --json "$JSON"
+}
+pass_dropout() { pass_bin && stage pass-dropout 30 "$G" dropout --json "$JSON"; }
+pass_replay() { pass_bin && stage pass-replay 45 "$G" replay --steps 20 --json "$JSON"; }
+pass_bench() { pass_bin && stage pass-bench 90 "$G" bench --steps 30 --m 1024 --json "$JSON"; }
+pass_stages() {
+  pass_parity
+  pass_dropout
+  pass_replay
+  pass_bench
 }
 
 # Standalone run: the same preamble as gpu-check.sh, then the pass stages.
@@ -35,7 +47,7 @@ if [ "${BASH_SOURCE[0]}" = "$0" ]; then
   set -uo pipefail
   cd "$(dirname "$0")/.."
   START=$SECONDS
-  BUDGET=${GPU_CHECK_BUDGET:-345}
+  BUDGET=${GPU_CHECK_BUDGET:-270}
   PACK=${GPU_PACK_DIR:-gpu-pack}
   OUT=${OUT:-$PWD/gpu-check-out}
   mkdir -p "$OUT"
@@ -51,9 +63,6 @@ if [ "${BASH_SOURCE[0]}" = "$0" ]; then
     cuda_libraries
     BIN=/tmp/gpu-check-pass-bin
     rm -rf "$BIN" && mkdir -p "$BIN"
-    if [ -f "$PACK/bin/gpu_pass_check.gz" ]; then
-      gunzip -c "$PACK/bin/gpu_pass_check.gz" >"$BIN/gpu_pass_check" && chmod +x "$BIN/gpu_pass_check"
-    fi
     pass_stages
     say "summary"
     grep -h '^RESULT' "$LOG" 2>/dev/null | tail -n 80 || true

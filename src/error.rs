@@ -105,8 +105,9 @@ pub enum Error {
         message: String,
     },
 
-    /// A gradient handed to an optimizer holds NaN or ±inf; the optimizer state is unchanged.
-    #[error("non-finite gradient in parameter {param} (index {index}); the optimizer state was left unchanged, so this batch can be skipped")]
+    /// A gradient handed to an optimizer holds NaN or ±inf (with M-FAC's coupled weight decay:
+    /// or the weight, whose wd·w joins the gradient); the optimizer state is unchanged.
+    #[error("non-finite gradient in parameter {param} (index {index}; with weight decay, the gradient or the weight); the optimizer state was left unchanged, so this batch can be skipped")]
     NonFiniteGradient {
         /// Position of the parameter in the optimizer's list.
         index: usize,

@@ -17,6 +17,7 @@ pub mod cli;
 pub mod compare;
 pub mod data;
 pub mod error;
+pub mod gpu;
 pub mod hub;
 pub mod io;
 pub mod model;

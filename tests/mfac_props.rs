@@ -231,6 +231,38 @@ fn non_finite_gradient_is_an_error_and_changes_nothing() {
 }
 
 #[test]
+fn a_non_finite_weight_is_flagged_when_weight_decay_would_put_it_in_the_window() {
+    // Coupled weight decay writes g + wd·w into the window: a NaN weight must not enter it
+    // (the device gather flags the same, src/optim/device/emu_tests.rs). Without weight decay
+    // the weight never enters the window and the step goes on.
+    let d = 12;
+    let g = vec![0.1f64; d];
+    for wd in [0.0, 0.01] {
+        let mut w0 = vec![0.5f64; d];
+        w0[3] = f64::NAN;
+        let ok = Var::new(vec![0.5f64; d].as_slice(), &Device::Cpu).unwrap();
+        let bad = Var::new(w0.as_slice(), &Device::Cpu).unwrap();
+        let cfg = MFacConfig {
+            weight_decay: wd,
+            ..f64_cfg(4, 1e-4)
+        };
+        let mut opt = MFac::try_new(vec![ok.clone(), bad.clone()], cfg).unwrap();
+        let mut store = grads_for(&ok, &g);
+        store.insert(bad.as_tensor(), Tensor::new(g.as_slice(), &Device::Cpu).unwrap());
+        let r = opt.try_step(&store);
+        if wd > 0.0 {
+            let e = r.unwrap_err();
+            assert!(matches!(e, Error::NonFiniteGradient { index: 1, .. }), "{e}");
+            assert_eq!(opt.step_count(), 0);
+            assert_eq!(ok.as_tensor().to_vec1::<f64>().unwrap(), vec![0.5; d]);
+        } else {
+            r.unwrap();
+            assert_eq!(opt.step_count(), 1);
+        }
+    }
+}
+
+#[test]
 fn a_window_that_cannot_fit_fails_before_allocating() {
     let w = Var::zeros(100_000, DType::F32, &Device::Cpu).unwrap();
     // 1e7 × 1e5 × 4 bytes = 4 PB: no machine has that.

@@ -71,12 +71,31 @@ impl Elem for bf16 {
     const DTYPE: safetensors::Dtype = safetensors::Dtype::BF16;
     #[inline(always)]
     fn from_f64(x: f64) -> Self {
-        bf16::from_f64(x)
+        bf16_from_f64(x)
     }
     #[inline(always)]
     fn to_f64(self) -> f64 {
         self.to_f32() as f64
     }
+}
+
+/// f64 → bf16 with one rounding to nearest even, as the GPU's `cvt.rn.bf16.f64`
+/// (`__double2bfloat16`, which the device gather uses). `half::bf16::from_f64` drops the low 32
+/// bits first, so a value just above a tie rounds down there. Here: round to f32 *to odd*
+/// (truncate, then set the last bit when inexact), then to bf16 to nearest even; f32 keeps 16
+/// more bits than bf16 (≥ 2 are enough), so the two roundings give the single one.
+pub(crate) fn bf16_from_f64(x: f64) -> bf16 {
+    let f = x as f32;
+    if f as f64 == x || x.is_nan() {
+        return bf16::from_f32(f);
+    }
+    // Toward zero: one step down in magnitude when the nearest f32 was away from zero (∞ → MAX).
+    let t = if f.abs() as f64 > x.abs() {
+        f.to_bits() - 1
+    } else {
+        f.to_bits()
+    };
+    bf16::from_f32(f32::from_bits(t | 1))
 }
 
 /// A vector of `n` zeros from the zeroing allocator, `None` if it fails.

@@ -14,6 +14,7 @@ use candle_core::cuda_backend::cudarc::nvrtc::Ptx;
 use candle_core::cuda_backend::{CudaDevice, CudaStorageSlice};
 use candle_core::{DType, Device, Storage, Tensor, Var};
 
+use super::launch::{self, Launch};
 use super::{
     compact_rows, expand_rows, host_bytes, host_bytes_mut, shared_bytes, DevicePlan, StepProfile,
     THREADS,
@@ -73,6 +74,15 @@ fn ptr<T>(s: &CudaSlice<T>, stream: &Arc<CudaStream>) -> u64 {
     s.device_ptr(stream).0
 }
 
+/// The launch shapes of `launch.rs` (shared with the emulated kernel tests) as cudarc's.
+fn config(l: Launch) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (l.grid, 1, 1),
+        block_dim: (l.block, 1, 1),
+        shared_mem_bytes: l.shared,
+    }
+}
+
 /// M-FAC's window G (m × ld) and the step's buffers, on one CUDA device.
 pub(crate) struct DeviceWindow {
     stream: Arc<CudaStream>,
@@ -83,7 +93,9 @@ pub(crate) struct DeviceWindow {
     reduce: CudaFunction,
     pass2: CudaFunction,
     floor: CudaFunction,
-    gather_grid: u32,
+    gather_launch: Launch,
+    sizes: Vec<usize>,
+    host_ptrs: Vec<u64>,
     window: CudaSlice<u8>,
     scratch: CudaSlice<u8>,
     table: CudaSlice<u64>,
@@ -98,6 +110,8 @@ pub(crate) struct DeviceWindow {
     profile: Option<StepProfile>,
     profiling: bool,
     host_table: Vec<u64>,
+    /// candle's CUDA stream is per thread: the window works only on the thread that made it.
+    thread: std::thread::ThreadId,
 }
 
 impl std::fmt::Debug for DeviceWindow {
@@ -138,6 +152,22 @@ impl DeviceWindow {
     ) -> Result<Self> {
         let stream = dev.cuda_stream();
         let ctx = stream.context().clone();
+        // An error left by an earlier asynchronous operation would otherwise surface under the
+        // name of our first call.
+        ctx.check_err()
+            .map_err(cuda_err("an earlier CUDA operation (before the M-FAC window)"))?;
+        let cap = |a, what: &str| ctx.attribute(a).map_err(cuda_err(what));
+        crate::gpu::check_capability(
+            cap(
+                sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR,
+                "reading the compute capability",
+            )?,
+            cap(
+                sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR,
+                "reading the compute capability",
+            )?,
+            "M-FAC's device window",
+        )?;
         let param_dtype = vars[0].dtype();
         if vars.iter().any(|v| v.dtype() != param_dtype) {
             return Err(Error::InvalidArgument(
@@ -182,9 +212,14 @@ impl DeviceWindow {
             f.occupancy_max_active_blocks_per_multiprocessor(THREADS, bytes, None)
                 .map_err(cuda_err("asking the occupancy"))
         };
-        let per_sm = occ(&pass1, s1)?.min(occ(&pass2, s2)?).clamp(1, 4) as usize;
-        let blocks = sms * per_sm;
+        let per_sm = occ(&pass1, s1)?.min(occ(&pass2, s2)?) as usize;
+        let blocks = launch::resident_blocks(sms, per_sm);
         let plan = DevicePlan::new(m, d, dtype, momentum, blocks);
+        // Memory freed with cuMemFreeAsync (e.g. a window being rebuilt) stays in the stream's
+        // pool until the stream is synchronized: without this it would count as used.
+        stream
+            .synchronize()
+            .map_err(cuda_err("synchronizing before reading the free memory"))?;
         let (free, _total) = ctx
             .mem_get_info()
             .map_err(cuda_err("reading the free device memory"))?;
@@ -203,7 +238,7 @@ impl DeviceWindow {
             .map_err(cuda_err("allocating the gradient row"))?;
         let n = vars.len();
         let table = stream
-            .alloc_zeros::<u64>(3 * n + 1)
+            .alloc_zeros::<u64>(launch::table_len(n))
             .map_err(cuda_err("allocating the parameter table"))?;
         let flag = stream
             .alloc_zeros::<i32>(1)
@@ -214,7 +249,9 @@ impl DeviceWindow {
         Ok(DeviceWindow {
             plan,
             n,
-            gather_grid: (plan.ld.div_ceil(THREADS as usize)).min(sms * 8).max(1) as u32,
+            gather_launch: launch::gather(&plan, sms),
+            sizes: vars.iter().map(|v| v.elem_count()).collect(),
+            host_ptrs: Vec::with_capacity(2 * n),
             gather,
             pass1,
             reduce,
@@ -237,7 +274,8 @@ impl DeviceWindow {
             sink,
             profile: None,
             profiling: false,
-            host_table: Vec::with_capacity(3 * n + 1),
+            host_table: Vec::with_capacity(launch::table_len(n)),
+            thread: std::thread::current().id(),
             stream,
         })
     }
@@ -318,27 +356,29 @@ impl DeviceWindow {
         grads: &[Option<Tensor>],
         wd: f64,
     ) -> Result<Option<usize>> {
+        if std::thread::current().id() != self.thread {
+            return Err(Error::InvalidArgument(format!(
+                "M-FAC's CUDA window was created on thread {:?} and stepped from {:?}: candle's CUDA stream is per thread, so the step would not wait for the work queued on the other one; step the optimizer on the thread that built it",
+                self.thread,
+                std::thread::current().id()
+            )));
+        }
         if self.profiling {
             self.profile = Some(StepProfile::default());
         }
         let n = self.n;
-        let t = &mut self.host_table;
-        t.clear();
-        let mut start = 0u64;
-        for v in vars {
-            t.push(start);
-            start += v.elem_count() as u64;
-        }
-        t.push(start);
+        let p = &mut self.host_ptrs;
+        p.clear();
         for (i, g) in grads.iter().enumerate() {
-            t.push(match g {
+            p.push(match g {
                 Some(g) => tensor_ptr(g, &self.stream, &format!("the gradient of {}", names[i]))?,
                 None => 0,
             });
         }
         for (i, v) in vars.iter().enumerate() {
-            t.push(tensor_ptr(v.as_tensor(), &self.stream, &names[i])?);
+            p.push(tensor_ptr(v.as_tensor(), &self.stream, &names[i])?);
         }
+        launch::param_table(&self.sizes, &p[..n], &p[n..], &mut self.host_table);
         let e0 = self.event()?;
         self.stream
             .memcpy_htod(self.host_table.as_slice(), &mut self.table)
@@ -360,11 +400,7 @@ impl DeviceWindow {
             .arg(&wd)
             .arg(&scratch)
             .arg(&flag);
-        let cfg = LaunchConfig {
-            grid_dim: (self.gather_grid, 1, 1),
-            block_dim: (THREADS, 1, 1),
-            shared_mem_bytes: 0,
-        };
+        let cfg = config(self.gather_launch);
         // SAFETY: the arguments match mfac_gather_<P>_<T>'s signature; every pointer is a live
         // allocation of the sizes the kernel indexes (table 3n+1, scratch ld, the tensors of
         // the table, all contiguous with their elem_count), on this stream.
@@ -385,7 +421,7 @@ impl DeviceWindow {
     /// ⟨G_i, G_j⟩ for the first `rows` rows (from the stored row, as on the CPU).
     pub fn gram_row(&mut self, j: usize, rows: usize) -> Result<Vec<f64>> {
         let e0 = self.event()?;
-        let (s1, _) = shared_bytes(self.plan.dtype, rows);
+        let (l1, lred) = (launch::pass1(&self.plan, rows), launch::reduce(rows));
         let (g, w, partial, krow) = (
             ptr(&self.scratch, &self.stream),
             ptr(&self.window, &self.stream),
@@ -393,7 +429,6 @@ impl DeviceWindow {
             ptr(&self.krow, &self.stream),
         );
         let (ld, rows_i, j_i) = (self.plan.ld as i64, rows as i32, j as i32);
-        let blocks = self.plan.blocks as u32;
         let mut b = self.stream.launch_builder(&self.pass1);
         b.arg(&g)
             .arg(&w)
@@ -403,26 +438,12 @@ impl DeviceWindow {
             .arg(&partial);
         // SAFETY: mfac_pass1_<T>(g, G, ld, rows, j, partial): g has ld elements, G m·ld,
         // partial blocks·m ≥ blocks·rows; j < rows ≤ m; shared memory rows·8 bytes.
-        unsafe {
-            b.launch(LaunchConfig {
-                grid_dim: (blocks, 1, 1),
-                block_dim: (THREADS, 1, 1),
-                shared_mem_bytes: s1 as u32,
-            })
-        }
-        .map_err(cuda_err("launching pass 1"))?;
-        let blocks_i = blocks as i32;
+        unsafe { b.launch(config(l1)) }.map_err(cuda_err("launching pass 1"))?;
+        let blocks_i = l1.grid as i32;
         let mut b = self.stream.launch_builder(&self.reduce);
         b.arg(&partial).arg(&blocks_i).arg(&rows_i).arg(&krow);
         // SAFETY: mfac_reduce_rows(partial, blocks, rows, out): partial blocks·rows, out ≥ rows.
-        unsafe {
-            b.launch(LaunchConfig {
-                grid_dim: ((rows as u32).div_ceil(THREADS), 1, 1),
-                block_dim: (THREADS, 1, 1),
-                shared_mem_bytes: 0,
-            })
-        }
-        .map_err(cuda_err("launching the row reduction"))?;
+        unsafe { b.launch(config(lred)) }.map_err(cuda_err("launching the row reduction"))?;
         let mut out = vec![0.0f64; rows];
         self.stream
             .memcpy_dtoh(&self.krow.slice(0..rows), out.as_mut_slice())
@@ -444,7 +465,7 @@ impl DeviceWindow {
         self.stream
             .memcpy_htod(c, &mut self.c)
             .map_err(cuda_err("copying c"))?;
-        let (_, s2) = shared_bytes(self.plan.dtype, rows);
+        let l2 = launch::pass2(&self.plan, rows);
         let s = &self.stream;
         let (w, cp, g, table, sums) = (
             ptr(&self.window, s),
@@ -461,7 +482,6 @@ impl DeviceWindow {
             self.plan.d as i64,
             self.n as i32,
         );
-        let blocks = self.plan.blocks as u32;
         let mut b = self.stream.launch_builder(&self.pass2);
         b.arg(&w)
             .arg(&ld)
@@ -481,14 +501,7 @@ impl DeviceWindow {
         // sums): G m·ld, c ≥ rows, g ld, table 3n+1 with the parameter pointers written by
         // `gather` this step (live tensors of the sizes in the table), v and u d or null, sums
         // 2·blocks; shared memory as `shared_bytes`.
-        unsafe {
-            b.launch(LaunchConfig {
-                grid_dim: (blocks, 1, 1),
-                block_dim: (THREADS, 1, 1),
-                shared_mem_bytes: s2 as u32,
-            })
-        }
-        .map_err(cuda_err("launching pass 2"))?;
+        unsafe { b.launch(config(l2)) }.map_err(cuda_err("launching pass 2"))?;
         let parts = self
             .stream
             .clone_dtoh(&self.sums)
@@ -598,7 +611,7 @@ impl DeviceWindow {
             ptr(&self.window, &self.stream),
             ptr(&self.sink, &self.stream),
         );
-        let blocks = (self.plan.blocks as u32).clamp(1, 65536);
+        let lf = launch::floor(&self.plan);
         let ctx = self.stream.context().clone();
         let mut times = Vec::with_capacity(reps);
         for r in 0..=reps {
@@ -613,14 +626,7 @@ impl DeviceWindow {
             b.arg(&p).arg(&n16).arg(&sink);
             // SAFETY: mfac_read_floor(p, n16, out): p holds n16 16-byte vectors (the window),
             // out has ≥ blocks words.
-            unsafe {
-                b.launch(LaunchConfig {
-                    grid_dim: (blocks, 1, 1),
-                    block_dim: (THREADS, 1, 1),
-                    shared_mem_bytes: 0,
-                })
-            }
-            .map_err(cuda_err("launching the read kernel"))?;
+            unsafe { b.launch(config(lf)) }.map_err(cuda_err("launching the read kernel"))?;
             z.record(&self.stream).map_err(cuda_err("recording"))?;
             let ms = a.elapsed_ms(&z).map_err(cuda_err("timing the read"))? as f64;
             if r > 0 {

@@ -16,6 +16,9 @@
 
 #[cfg(feature = "cuda")]
 mod cuda;
+#[cfg(test)]
+mod emu_tests;
+pub(crate) mod launch;
 #[cfg(feature = "cuda")]
 pub(crate) use cuda::DeviceWindow;
 

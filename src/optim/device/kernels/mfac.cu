@@ -126,7 +126,8 @@ __device__ inline void my_units(i64 units, i64* u0, i64* u1) {
 // ---- gather ----------------------------------------------------------------------------------
 
 // out[k] = T(grad_k + wd·w_k) for k < d, 0 for d <= k < ld. `flag` receives the smallest index
-// of a parameter whose gradient holds NaN or ±inf (it starts at INT_MAX).
+// of a parameter whose gradient (or, with wd > 0, whose weight) holds NaN or ±inf (it starts
+// at INT_MAX).
 template <typename P, typename T>
 __device__ void gather(const u64* __restrict__ table, int n, i64 d, i64 ld, double wd,
                        T* __restrict__ out, int* __restrict__ flag) {
@@ -142,8 +143,11 @@ __device__ void gather(const u64* __restrict__ table, int n, i64 d, i64 ld, doub
     double x = gp ? Par<P>::get(gp, i) : 0.0;
     if (!isfinite(x)) atomicMin(flag, p);
     if (wd > 0.0) {
+      // Coupled weight decay puts wd·w into the window: a non-finite weight is flagged too.
       const void* wp = (const void*)__ldg(table + 2 * n + 1 + p);
-      x = x + wd * Par<P>::get(wp, i);
+      const double w = Par<P>::get(wp, i);
+      if (!isfinite(w)) atomicMin(flag, p);
+      x = x + wd * w;
     }
     out[k] = Win<T>::from_double(x);
   }

@@ -1,0 +1,49 @@
+//! What our CUDA kernels need of a GPU, as plain checks (tested without one). build.rs compiles
+//! both kernel files for sm_90a (machine code) + compute_90 (PTX): a GPU below compute
+//! capability 9.0 (an A100 is 8.0) cannot load them, so the device window and the CUDA pass
+//! refuse it with a clear message instead of failing at the module load of every step.
+
+use crate::error::{Error, Result};
+
+/// The lowest compute capability our fatbins run on (major, minor).
+pub const KERNEL_CAPABILITY: (i32, i32) = (9, 0);
+
+/// Whether a GPU of compute capability `major.minor` can load our kernels.
+///
+/// ```
+/// use mfac_lab::gpu::runs_our_kernels;
+/// assert!(runs_our_kernels(9, 0) && runs_our_kernels(10, 0));
+/// assert!(!runs_our_kernels(8, 0));
+/// ```
+pub fn runs_our_kernels(major: i32, minor: i32) -> bool {
+    (major, minor) >= KERNEL_CAPABILITY
+}
+
+/// An error naming `what` (the window or the pass) and the way out when the GPU cannot load
+/// our kernels.
+pub fn check_capability(major: i32, minor: i32, what: &str) -> Result<()> {
+    if runs_our_kernels(major, minor) {
+        return Ok(());
+    }
+    Err(Error::Cuda {
+        op: format!("starting {what}"),
+        message: format!(
+            "this GPU has compute capability {major}.{minor}; our kernels are built for {}.{} and later (H100/H200: sm_90a + compute_90 PTX). Train on the CPU (--device cpu), or rebuild with build.rs's -gencode set for this GPU",
+            KERNEL_CAPABILITY.0, KERNEL_CAPABILITY.1
+        ),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_a100_is_refused_with_the_way_out() {
+        let e = check_capability(8, 0, "M-FAC's device window")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("compute capability 8.0") && e.contains("--device cpu"), "{e}");
+        assert!(check_capability(9, 0, "the CUDA pass").is_ok());
+    }
+}

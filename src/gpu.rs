@@ -43,7 +43,10 @@ mod tests {
         let e = check_capability(8, 0, "M-FAC's device window")
             .unwrap_err()
             .to_string();
-        assert!(e.contains("compute capability 8.0") && e.contains("--device cpu"), "{e}");
+        assert!(
+            e.contains("compute capability 8.0") && e.contains("--device cpu"),
+            "{e}"
+        );
         assert!(check_capability(9, 0, "the CUDA pass").is_ok());
     }
 }

@@ -13,19 +13,34 @@ fn shuffles_and_votes_give_cudas_results() {
     for s in Schedule::all(1) {
         let mut out = vec![0i32; 64 * 9];
         let o = out.as_mut_ptr();
-        launch([1, 1, 1], [64, 1, 1], 0, s, || unsafe { st::st_warp_ops(o) }).unwrap();
+        launch([1, 1, 1], [64, 1, 1], 0, s, || unsafe {
+            st::st_warp_ops(o)
+        })
+        .unwrap();
         for w in 0..2 {
             let o = &out[w * 32 * 9..];
             for l in 0..32i32 {
                 let at = |k: usize| o[k * 32 + l as usize];
                 assert_eq!(at(0), 105, "{s:?} idx");
                 assert_eq!(at(1), 100 + if l >= 3 { l - 3 } else { l }, "{s:?} up");
-                assert_eq!(at(2), 100 + if l + 3 < 32 { l + 3 } else { l }, "{s:?} down");
+                assert_eq!(
+                    at(2),
+                    100 + if l + 3 < 32 { l + 3 } else { l },
+                    "{s:?} down"
+                );
                 assert_eq!(at(3), 100 + (l ^ 6), "{s:?} xor");
                 // width 8: within each group of 8 lanes.
-                assert_eq!(at(4), 100 + if l % 8 + 3 < 8 { l + 3 } else { l }, "{s:?} down/8");
+                assert_eq!(
+                    at(4),
+                    100 + if l % 8 + 3 < 8 { l + 3 } else { l },
+                    "{s:?} down/8"
+                );
                 let x = l ^ 9;
-                assert_eq!(at(5), 100 + if x / 8 == l / 8 { x } else { l }, "{s:?} xor/8");
+                assert_eq!(
+                    at(5),
+                    100 + if x / 8 == l / 8 { x } else { l },
+                    "{s:?} xor/8"
+                );
                 assert_eq!(at(6) as u32, 0x4924_9249, "{s:?} ballot");
                 assert_eq!(at(7), 1, "{s:?} any/all");
                 assert_eq!(at(8), 2 * (l ^ 1), "{s:?} f64 shuffle");
@@ -41,7 +56,10 @@ fn barriers_order_shared_memory_and_atomics_add_up_across_blocks() {
     for s in Schedule::all(2) {
         let (mut blocks, mut total) = (vec![0i32; 4], 0i32);
         let (i, b, t) = (input.as_ptr(), blocks.as_mut_ptr(), &mut total as *mut i32);
-        launch([4, 1, 1], [256, 1, 1], 0, s, || unsafe { st::st_block_sum(i, b, t) }).unwrap();
+        launch([4, 1, 1], [256, 1, 1], 0, s, || unsafe {
+            st::st_block_sum(i, b, t)
+        })
+        .unwrap();
         assert_eq!(blocks, want, "{s:?}");
         assert_eq!(total, want.iter().sum::<i32>(), "{s:?}");
     }
@@ -49,16 +67,25 @@ fn barriers_order_shared_memory_and_atomics_add_up_across_blocks() {
 
 #[test]
 fn a_barrier_reached_from_different_lines_is_named() {
-    let e = err_of(launch([1, 1, 1], [64, 1, 1], 0, Schedule::Fixed, || unsafe {
-        st::st_divergent_barrier()
-    }));
-    assert!(e.contains("different lines") && e.contains("selftest.cu"), "{e}");
+    let e = err_of(launch(
+        [1, 1, 1],
+        [64, 1, 1],
+        0,
+        Schedule::Fixed,
+        || unsafe { st::st_divergent_barrier() },
+    ));
+    assert!(
+        e.contains("different lines") && e.contains("selftest.cu"),
+        "{e}"
+    );
 }
 
 #[test]
 fn a_barrier_after_some_threads_exited_is_an_error() {
     for s in Schedule::all(3) {
-        let e = err_of(launch([1, 1, 1], [128, 1, 1], 0, s, || unsafe { st::st_barrier_after_exit() }));
+        let e = err_of(launch([1, 1, 1], [128, 1, 1], 0, s, || unsafe {
+            st::st_barrier_after_exit()
+        }));
         assert!(e.contains("after 64 of 128 threads exited"), "{s:?}: {e}");
     }
 }
@@ -67,7 +94,13 @@ fn a_barrier_after_some_threads_exited_is_an_error() {
 fn a_shuffle_after_a_lane_exited_is_an_error() {
     let mut out = vec![0f32; 32];
     let o = out.as_mut_ptr();
-    let e = err_of(launch([1, 1, 1], [32, 1, 1], 0, Schedule::Fixed, || unsafe { st::st_shuffle_after_exit(o) }));
+    let e = err_of(launch(
+        [1, 1, 1],
+        [32, 1, 1],
+        0,
+        Schedule::Fixed,
+        || unsafe { st::st_shuffle_after_exit(o) },
+    ));
     assert!(e.contains("after lane(s) 5 exited"), "{e}");
 }
 
@@ -75,8 +108,17 @@ fn a_shuffle_after_a_lane_exited_is_an_error() {
 fn a_deadlock_says_who_waits_where() {
     let mut out = vec![0f32; 64];
     let o = out.as_mut_ptr();
-    let e = err_of(launch([1, 1, 1], [64, 1, 1], 0, Schedule::Fixed, || unsafe { st::st_deadlock(o) }));
-    assert!(e.contains("deadlock") && e.contains("threads 0-15 wait at a warp shuffle"), "{e}");
+    let e = err_of(launch(
+        [1, 1, 1],
+        [64, 1, 1],
+        0,
+        Schedule::Fixed,
+        || unsafe { st::st_deadlock(o) },
+    ));
+    assert!(
+        e.contains("deadlock") && e.contains("threads 0-15 wait at a warp shuffle"),
+        "{e}"
+    );
     assert!(e.contains("threads 16-31 wait at __syncthreads"), "{e}");
 }
 
@@ -87,22 +129,55 @@ fn misaligned_vector_loads_are_caught() {
     let buf = Aligned([1.0; 16]);
     let mut out = vec![0f32; 32];
     let (p, o) = (buf.0.as_ptr(), out.as_mut_ptr());
-    let e = err_of(launch([1, 1, 1], [32, 1, 1], 0, Schedule::Fixed, || unsafe { st::st_misaligned_vector(p, o) }));
-    assert!(e.contains("misaligned") && e.contains("multiple of 16"), "{e}");
-    let e = err_of(launch([1, 1, 1], [32, 1, 1], 0, Schedule::Fixed, || unsafe { st::st_misaligned_ldcs(p, o) }));
-    assert!(e.contains("misaligned load") && e.contains("multiple of 16"), "{e}");
+    let e = err_of(launch(
+        [1, 1, 1],
+        [32, 1, 1],
+        0,
+        Schedule::Fixed,
+        || unsafe { st::st_misaligned_vector(p, o) },
+    ));
+    assert!(
+        e.contains("misaligned") && e.contains("multiple of 16"),
+        "{e}"
+    );
+    let e = err_of(launch(
+        [1, 1, 1],
+        [32, 1, 1],
+        0,
+        Schedule::Fixed,
+        || unsafe { st::st_misaligned_ldcs(p, o) },
+    ));
+    assert!(
+        e.contains("misaligned load") && e.contains("multiple of 16"),
+        "{e}"
+    );
 }
 
 #[test]
 fn dynamic_shared_memory_is_poisoned_and_bounded() {
     // A write one past the launched size is caught; inside it, fine.
-    let e = err_of(launch([1, 1, 1], [32, 1, 1], 64, Schedule::Fixed, || unsafe { st::st_shared_overflow(8) }));
-    assert!(e.contains("past the launched dynamic shared memory") && e.contains("acc"), "{e}");
-    launch([1, 1, 1], [32, 1, 1], 72, Schedule::Fixed, || unsafe { st::st_shared_overflow(8) }).unwrap();
+    let e = err_of(launch(
+        [1, 1, 1],
+        [32, 1, 1],
+        64,
+        Schedule::Fixed,
+        || unsafe { st::st_shared_overflow(8) },
+    ));
+    assert!(
+        e.contains("past the launched dynamic shared memory") && e.contains("acc"),
+        "{e}"
+    );
+    launch([1, 1, 1], [32, 1, 1], 72, Schedule::Fixed, || unsafe {
+        st::st_shared_overflow(8)
+    })
+    .unwrap();
     // What no thread wrote reads as NaN.
     let mut out = vec![0f64; 32];
     let o = out.as_mut_ptr();
-    launch([1, 1, 1], [32, 1, 1], 256, Schedule::Fixed, || unsafe { st::st_shared_uninit(o) }).unwrap();
+    launch([1, 1, 1], [32, 1, 1], 256, Schedule::Fixed, || unsafe {
+        st::st_shared_uninit(o)
+    })
+    .unwrap();
     assert!(out.iter().all(|x| x.is_nan()));
 }
 
@@ -111,13 +186,20 @@ fn warp_serial_schedules_show_a_missing_barrier_that_round_robin_hides() {
     let run = |barrier: i32, s: Schedule| {
         let mut out = vec![0f64; 8];
         let o = out.as_mut_ptr();
-        launch([1, 1, 1], [256, 1, 1], 64, s, || unsafe { st::st_zero_then_add(barrier, o) }).unwrap();
+        launch([1, 1, 1], [256, 1, 1], 64, s, || unsafe {
+            st::st_zero_then_add(barrier, o)
+        })
+        .unwrap();
         out
     };
     for s in Schedule::all(7) {
         assert_eq!(run(1, s), vec![1.0; 8], "{s:?}");
     }
-    assert_eq!(run(0, Schedule::Fixed), vec![1.0; 8], "round-robin hides the race");
+    assert_eq!(
+        run(0, Schedule::Fixed),
+        vec![1.0; 8],
+        "round-robin hides the race"
+    );
     let shown = (0..8).any(|seed| run(0, Schedule::WarpSerial(seed)) != vec![1.0; 8]);
     assert!(shown, "no warp-serial seed showed the missing barrier");
 }
@@ -127,11 +209,17 @@ fn shuffled_schedules_show_a_race_that_thread_order_hides() {
     let run = |s: Schedule| {
         let mut out = vec![-1i32];
         let o = out.as_mut_ptr();
-        launch([1, 1, 1], [64, 1, 1], 0, s, || unsafe { st::st_unordered_write_read(o) }).unwrap();
+        launch([1, 1, 1], [64, 1, 1], 0, s, || unsafe {
+            st::st_unordered_write_read(o)
+        })
+        .unwrap();
         out[0]
     };
     assert_eq!(run(Schedule::Fixed), 7);
-    assert!((0..16).any(|seed| run(Schedule::Shuffled(seed)) == 0), "no seed ran the reader first");
+    assert!(
+        (0..16).any(|seed| run(Schedule::Shuffled(seed)) == 0),
+        "no seed ran the reader first"
+    );
 }
 
 #[test]
@@ -140,7 +228,9 @@ fn the_harness_converts_to_bf16_to_nearest_even() {
     // overflow included; f64 → bf16 is checked against the host window in the crate's tests.
     let mut z = 12345u64;
     for i in 0..200_000u32 {
-        z = z.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        z = z
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
         let bits = match i % 4 {
             0 => (z >> 32) as u32,
             // Ties: the low 16 bits exactly 0x8000, odd and even neighbours.

@@ -248,11 +248,17 @@ fn a_non_finite_weight_is_flagged_when_weight_decay_would_put_it_in_the_window()
         };
         let mut opt = MFac::try_new(vec![ok.clone(), bad.clone()], cfg).unwrap();
         let mut store = grads_for(&ok, &g);
-        store.insert(bad.as_tensor(), Tensor::new(g.as_slice(), &Device::Cpu).unwrap());
+        store.insert(
+            bad.as_tensor(),
+            Tensor::new(g.as_slice(), &Device::Cpu).unwrap(),
+        );
         let r = opt.try_step(&store);
         if wd > 0.0 {
             let e = r.unwrap_err();
-            assert!(matches!(e, Error::NonFiniteGradient { index: 1, .. }), "{e}");
+            assert!(
+                matches!(e, Error::NonFiniteGradient { index: 1, .. }),
+                "{e}"
+            );
             assert_eq!(opt.step_count(), 0);
             assert_eq!(ok.as_tensor().to_vec1::<f64>().unwrap(), vec![0.5; d]);
         } else {

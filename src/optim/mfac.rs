@@ -542,8 +542,7 @@ impl MFac {
             }
             // Coupled weight decay writes g + wd·w into the window: a non-finite weight would
             // poison it as a gradient would (the device gather flags the same).
-            if self.cfg.weight_decay > 0.0
-                && !with_cpu_slice!(var.as_tensor(), |s| all_finite(s))?
+            if self.cfg.weight_decay > 0.0 && !with_cpu_slice!(var.as_tensor(), |s| all_finite(s))?
             {
                 return Err(Error::NonFiniteGradient {
                     index: i,

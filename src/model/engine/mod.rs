@@ -15,7 +15,10 @@
 pub(crate) mod cpu;
 #[cfg(feature = "cuda")]
 pub(crate) mod cuda;
+#[cfg(test)]
+mod emu_tests;
 pub(crate) mod graph;
+pub(crate) mod launch;
 
 pub use graph::BertOutput;
 
@@ -62,7 +65,12 @@ impl Engine {
             Engine::Graph => true,
             Engine::CpuPass => device.is_cpu() && matches!(dtype, DType::F32 | DType::F64) && gelu,
             #[cfg(feature = "cuda")]
-            Engine::CudaPass => device.is_cuda() && dtype == DType::F32 && cuda::supports(cfg),
+            Engine::CudaPass => {
+                device.is_cuda()
+                    && dtype == DType::F32
+                    && cuda::supports(cfg)
+                    && cuda::capable(device)
+            }
         }
     }
 
@@ -102,7 +110,7 @@ impl Engine {
             #[cfg(feature = "cuda")]
             Engine::CudaPass => {
                 "f32 models with the exact GELU and a hidden size of at most 512 (a multiple of 4 \
-                 and of the head count) on a CUDA device"
+                 and of the head count) on a CUDA GPU of compute capability ≥ 9.0 (H100/H200)"
             }
         };
         Err(Error::InvalidArgument(format!(
@@ -120,12 +128,14 @@ impl Engine {
         batch: &Batch,
         rng: Option<&mut SeededRng>,
     ) -> Result<(f64, candle_core::backprop::GradStore)> {
-        let targets = Targets::read(batch, model.num_labels())?;
+        let targets = || Targets::read(batch, model.num_labels());
         match self {
-            Engine::CpuPass => cpu::loss_and_grads(model, batch, &targets, rng),
+            Engine::CpuPass => cpu::loss_and_grads(model, batch, &targets()?, rng),
+            // The pass checks the labels on the device (the loss kernel's flag, read with the
+            // loss): no copy of the labels to the host, no extra sync per step.
             #[cfg(feature = "cuda")]
             Engine::CudaPass => cuda::loss_and_grads(model, batch, rng),
-            Engine::Graph => graph::loss_and_grads(model, batch, &targets.labels, rng),
+            Engine::Graph => graph::loss_and_grads(model, batch, &targets()?.labels, rng),
         }
     }
 

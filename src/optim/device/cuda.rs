@@ -154,8 +154,9 @@ impl DeviceWindow {
         let ctx = stream.context().clone();
         // An error left by an earlier asynchronous operation would otherwise surface under the
         // name of our first call.
-        ctx.check_err()
-            .map_err(cuda_err("an earlier CUDA operation (before the M-FAC window)"))?;
+        ctx.check_err().map_err(cuda_err(
+            "an earlier CUDA operation (before the M-FAC window)",
+        ))?;
         let cap = |a, what: &str| ctx.attribute(a).map_err(cuda_err(what));
         crate::gpu::check_capability(
             cap(

@@ -116,7 +116,9 @@ fn rel(a: &[f64], b: &[f64]) -> f64 {
 }
 
 fn host_window<T: Raw>(rows: &[Vec<T>], d: usize) -> HostWindow {
-    let flat = |f: &dyn Fn(&T) -> f64| -> Vec<f64> { rows.iter().flat_map(|r| r[..d].iter().map(f)).collect() };
+    let flat = |f: &dyn Fn(&T) -> f64| -> Vec<f64> {
+        rows.iter().flat_map(|r| r[..d].iter().map(f)).collect()
+    };
     let v = flat(&|x: &T| x.f());
     match T::DT {
         DType::F32 => HostWindow::F32(v.iter().map(|&x| x as f32).collect()),
@@ -148,7 +150,11 @@ fn step<P: Raw, T: Raw>(kern: &Kernels<T>, c: Case, s: Schedule, seed: u64) {
     let plan = DevicePlan::new(c.m, d, T::DT, c.momentum, c.blocks);
     let ld = plan.ld;
     // Parameters and gradients.
-    let mut params: Vec<Vec<P>> = c.sizes.iter().map(|&z| (0..z).map(|_| P::of(rng.next())).collect()).collect();
+    let mut params: Vec<Vec<P>> = c
+        .sizes
+        .iter()
+        .map(|&z| (0..z).map(|_| P::of(rng.next())).collect())
+        .collect();
     let grads: Vec<Option<Vec<P>>> = c
         .sizes
         .iter()
@@ -164,7 +170,10 @@ fn step<P: Raw, T: Raw>(kern: &Kernels<T>, c: Case, s: Schedule, seed: u64) {
             None => vec![0.0; z],
         })
         .collect();
-    let gptr: Vec<u64> = grads.iter().map(|g| g.as_ref().map_or(0, |g| g.as_ptr() as u64)).collect();
+    let gptr: Vec<u64> = grads
+        .iter()
+        .map(|g| g.as_ref().map_or(0, |g| g.as_ptr() as u64))
+        .collect();
     let pptr: Vec<u64> = params.iter_mut().map(|p| p.as_mut_ptr() as u64).collect();
     let mut table = Vec::new();
     launch::param_table(c.sizes, &gptr, &pptr, &mut table);
@@ -180,7 +189,11 @@ fn step<P: Raw, T: Raw>(kern: &Kernels<T>, c: Case, s: Schedule, seed: u64) {
     assert_eq!(flag, i32::MAX, "{tag}: flag set on finite gradients");
     for k in 0..ld {
         // The host's gather: T(g + wd·w) in f64, one rounding (mfac.rs's step, window.rs).
-        let want = if k < d { T::of(if wd > 0.0 { g0[k] + wd * w0[k] } else { g0[k] }) } else { T::of(0.0) };
+        let want = if k < d {
+            T::of(if wd > 0.0 { g0[k] + wd * w0[k] } else { g0[k] })
+        } else {
+            T::of(0.0)
+        };
         assert_eq!(scratch[k], want, "{tag}: gathered column {k}");
     }
 
@@ -189,7 +202,13 @@ fn step<P: Raw, T: Raw>(kern: &Kernels<T>, c: Case, s: Schedule, seed: u64) {
     let mut win: Vec<Vec<T>> = (0..c.m)
         .map(|i| {
             (0..ld)
-                .map(|k| if k < d && i < c.rows { T::of(if i == c.j { 7.0 } else { rng.next() }) } else { T::of(0.0) })
+                .map(|k| {
+                    if k < d && i < c.rows {
+                        T::of(if i == c.j { 7.0 } else { rng.next() })
+                    } else {
+                        T::of(0.0)
+                    }
+                })
                 .collect()
         })
         .collect();
@@ -197,14 +216,24 @@ fn step<P: Raw, T: Raw>(kern: &Kernels<T>, c: Case, s: Schedule, seed: u64) {
     let l1 = launch::pass1(&plan, c.rows);
     let mut partial = vec![f64::NAN; plan.blocks * c.m];
     let mut krow = vec![f64::NAN; c.m];
-    let (gp, wp, pp, kp) = (scratch.as_ptr(), flat.as_mut_ptr(), partial.as_mut_ptr(), krow.as_mut_ptr());
+    let (gp, wp, pp, kp) = (
+        scratch.as_ptr(),
+        flat.as_mut_ptr(),
+        partial.as_mut_ptr(),
+        krow.as_mut_ptr(),
+    );
     let (pass1, rows, j) = (kern.pass1, c.rows as i32, c.j as i32);
     run(l1, s, || unsafe { pass1(gp, wp, ld as i64, rows, j, pp) });
     let blocks = l1.grid as i32;
-    run(launch::reduce(c.rows), s, || unsafe { k::mfac_reduce_rows(pp, blocks, rows, kp) });
+    run(launch::reduce(c.rows), s, || unsafe {
+        k::mfac_reduce_rows(pp, blocks, rows, kp)
+    });
     win[c.j] = scratch.clone();
     for (i, row) in win.iter().enumerate() {
-        assert!(flat[i * ld..(i + 1) * ld] == row[..], "{tag}: window row {i} after pass 1");
+        assert!(
+            flat[i * ld..(i + 1) * ld] == row[..],
+            "{tag}: window row {i} after pass 1"
+        );
     }
     let host = host_window(&win, d);
     let want = host.gram_row(c.j, c.rows, d);
@@ -220,18 +249,28 @@ fn step<P: Raw, T: Raw>(kern: &Kernels<T>, c: Case, s: Schedule, seed: u64) {
     let mut u = vec![f64::NAN; d];
     let l2 = launch::pass2(&plan, c.rows);
     let mut sums = vec![f64::NAN; 2 * l2.grid as usize];
-    let vp = if c.momentum { v.as_mut_ptr() } else { std::ptr::null_mut() };
+    let vp = if c.momentum {
+        v.as_mut_ptr()
+    } else {
+        std::ptr::null_mut()
+    };
     let (cp, up, smp) = (cvec.as_ptr(), u.as_mut_ptr(), sums.as_mut_ptr());
     let pass2 = kern.pass2;
     run(l2, s, || unsafe {
-        pass2(wp, ld as i64, rows, cp, scale, gp, d as i64, tp, n as i32, vp, beta, lr, up, smp)
+        pass2(
+            wp, ld as i64, rows, cp, scale, gp, d as i64, tp, n as i32, vp, beta, lr, up, smp,
+        )
     });
     let mut want_u = vec![0.0; d];
     host.combine(&cvec, c.rows, d, scale, c.j, &mut want_u);
     let e = rel(&u, &want_u);
     assert!(e <= tol, "{tag}: u, rel L2 {e:e}");
     let dir: Vec<f64> = if c.momentum {
-        let want_v: Vec<f64> = v0.iter().zip(&want_u).map(|(a, b)| beta * a + (1.0 - beta) * b).collect();
+        let want_v: Vec<f64> = v0
+            .iter()
+            .zip(&want_u)
+            .map(|(a, b)| beta * a + (1.0 - beta) * b)
+            .collect();
         let e = rel(&v, &want_v);
         assert!(e <= tol, "{tag}: momentum, rel L2 {e:e}");
         want_v
@@ -242,11 +281,19 @@ fn step<P: Raw, T: Raw>(kern: &Kernels<T>, c: Case, s: Schedule, seed: u64) {
     let gj: Vec<f64> = scratch[..d].iter().map(|x| x.f()).collect();
     let dd: f64 = dir.iter().map(|x| x * x).sum();
     let dg: f64 = dir.iter().zip(&gj).map(|(a, b)| a * b).sum();
-    let (got_dd, got_dg) = sums.chunks_exact(2).fold((0.0, 0.0), |(a, b), p| (a + p[0], b + p[1]));
-    assert!(rel(&[got_dd], &[dd]) <= tol, "{tag}: ‖dir‖² {got_dd} vs {dd}");
+    let (got_dd, got_dg) = sums
+        .chunks_exact(2)
+        .fold((0.0, 0.0), |(a, b), p| (a + p[0], b + p[1]));
+    assert!(
+        rel(&[got_dd], &[dd]) <= tol,
+        "{tag}: ‖dir‖² {got_dd} vs {dd}"
+    );
     // ⟨dir, g⟩ may cancel: relative to ‖dir‖·‖g‖.
     let gn = gj.iter().map(|x| x * x).sum::<f64>().sqrt();
-    assert!((got_dg - dg).abs() <= tol * dd.sqrt() * gn + 1e-300, "{tag}: ⟨dir, g⟩ {got_dg} vs {dg}");
+    assert!(
+        (got_dg - dg).abs() <= tol * dd.sqrt() * gn + 1e-300,
+        "{tag}: ⟨dir, g⟩ {got_dg} vs {dg}"
+    );
     // The update w − lr·dir, rounded once to P: one rounding of slack, plus dir's error
     // (within tol of ‖dir‖, so at most tol·max|dir| in any one element).
     let w1: Vec<f64> = params.iter().flatten().map(|x| x.f()).collect();
@@ -254,13 +301,20 @@ fn step<P: Raw, T: Raw>(kern: &Kernels<T>, c: Case, s: Schedule, seed: u64) {
     for (k, ((a, w), dk)) in w1.iter().zip(&w0).zip(&dir).enumerate() {
         let want = w - lr * dk;
         let slack = 2.0 * P::EPS * want.abs().max(1e-30) + tol * lr * dmax;
-        assert!((a - want).abs() <= slack, "{tag}: parameter {k}: {a} vs {want}");
+        assert!(
+            (a - want).abs() <= slack,
+            "{tag}: parameter {k}: {a} vs {want}"
+        );
     }
 }
 
 macro_rules! kernels {
     ($g:ident, $p1:ident, $p2:ident) => {
-        Kernels { gather: k::$g, pass1: k::$p1, pass2: k::$p2 }
+        Kernels {
+            gather: k::$g,
+            pass1: k::$p1,
+            pass2: k::$p2,
+        }
     };
 }
 
@@ -270,24 +324,87 @@ const SIZES: [usize; 5] = [1200, 0, 700, 1, 1170];
 fn cases() -> Vec<Case<'static>> {
     vec![
         // m = 1: the only row is the new one.
-        Case { sizes: &SIZES, no_grad: Some(3), m: 1, rows: 1, j: 0, wd: 0.0, momentum: false, blocks: 3 },
+        Case {
+            sizes: &SIZES,
+            no_grad: Some(3),
+            m: 1,
+            rows: 1,
+            j: 0,
+            wd: 0.0,
+            momentum: false,
+            blocks: 3,
+        },
         // A partly filled window, weight decay, momentum, more blocks than units of columns.
-        Case { sizes: &SIZES, no_grad: Some(3), m: 13, rows: 9, j: 4, wd: 0.01, momentum: true, blocks: 7 },
+        Case {
+            sizes: &SIZES,
+            no_grad: Some(3),
+            m: 13,
+            rows: 9,
+            j: 4,
+            wd: 0.01,
+            momentum: true,
+            blocks: 7,
+        },
     ]
 }
 
 fn dtype_pairs(s: Schedule) {
     for (i, c) in cases().into_iter().enumerate() {
         let seed = 17 + i as u64;
-        step::<f32, f32>(&kernels!(mfac_gather_f32_f32, mfac_pass1_f32, mfac_pass2_f32_f32), c, s, seed);
-        step::<f32, u16>(&kernels!(mfac_gather_f32_bf16, mfac_pass1_bf16, mfac_pass2_bf16_f32), c, s, seed);
-        step::<f32, f64>(&kernels!(mfac_gather_f32_f64, mfac_pass1_f64, mfac_pass2_f64_f32), c, s, seed);
-        step::<f64, f32>(&kernels!(mfac_gather_f64_f32, mfac_pass1_f32, mfac_pass2_f32_f64), c, s, seed);
-        step::<f64, u16>(&kernels!(mfac_gather_f64_bf16, mfac_pass1_bf16, mfac_pass2_bf16_f64), c, s, seed);
-        step::<f64, f64>(&kernels!(mfac_gather_f64_f64, mfac_pass1_f64, mfac_pass2_f64_f64), c, s, seed);
-        step::<u16, f32>(&kernels!(mfac_gather_bf16_f32, mfac_pass1_f32, mfac_pass2_f32_bf16), c, s, seed);
-        step::<u16, u16>(&kernels!(mfac_gather_bf16_bf16, mfac_pass1_bf16, mfac_pass2_bf16_bf16), c, s, seed);
-        step::<u16, f64>(&kernels!(mfac_gather_bf16_f64, mfac_pass1_f64, mfac_pass2_f64_bf16), c, s, seed);
+        step::<f32, f32>(
+            &kernels!(mfac_gather_f32_f32, mfac_pass1_f32, mfac_pass2_f32_f32),
+            c,
+            s,
+            seed,
+        );
+        step::<f32, u16>(
+            &kernels!(mfac_gather_f32_bf16, mfac_pass1_bf16, mfac_pass2_bf16_f32),
+            c,
+            s,
+            seed,
+        );
+        step::<f32, f64>(
+            &kernels!(mfac_gather_f32_f64, mfac_pass1_f64, mfac_pass2_f64_f32),
+            c,
+            s,
+            seed,
+        );
+        step::<f64, f32>(
+            &kernels!(mfac_gather_f64_f32, mfac_pass1_f32, mfac_pass2_f32_f64),
+            c,
+            s,
+            seed,
+        );
+        step::<f64, u16>(
+            &kernels!(mfac_gather_f64_bf16, mfac_pass1_bf16, mfac_pass2_bf16_f64),
+            c,
+            s,
+            seed,
+        );
+        step::<f64, f64>(
+            &kernels!(mfac_gather_f64_f64, mfac_pass1_f64, mfac_pass2_f64_f64),
+            c,
+            s,
+            seed,
+        );
+        step::<u16, f32>(
+            &kernels!(mfac_gather_bf16_f32, mfac_pass1_f32, mfac_pass2_f32_bf16),
+            c,
+            s,
+            seed,
+        );
+        step::<u16, u16>(
+            &kernels!(mfac_gather_bf16_bf16, mfac_pass1_bf16, mfac_pass2_bf16_bf16),
+            c,
+            s,
+            seed,
+        );
+        step::<u16, f64>(
+            &kernels!(mfac_gather_bf16_f64, mfac_pass1_f64, mfac_pass2_f64_bf16),
+            c,
+            s,
+            seed,
+        );
     }
 }
 
@@ -315,10 +432,25 @@ fn edge_sizes_and_the_largest_test_window_match_the_host() {
     let five12: &[usize] = &[500, 12];
     let thousand: &[usize] = &[1000];
     let big: &[usize] = &[20_000, 0, 17_000, 12_003];
-    for (i, (sizes, m, rows, j, blocks)) in
-        [(one, 2, 2, 1, 5), (five12, 3, 3, 2, 2), (thousand, 5, 4, 0, 4), (big, 64, 64, 63, 6)].into_iter().enumerate()
+    for (i, (sizes, m, rows, j, blocks)) in [
+        (one, 2, 2, 1, 5),
+        (five12, 3, 3, 2, 2),
+        (thousand, 5, 4, 0, 4),
+        (big, 64, 64, 63, 6),
+    ]
+    .into_iter()
+    .enumerate()
     {
-        let c = Case { sizes, no_grad: None, m, rows, j, wd: 0.0, momentum: i % 2 == 0, blocks };
+        let c = Case {
+            sizes,
+            no_grad: None,
+            m,
+            rows,
+            j,
+            wd: 0.0,
+            momentum: i % 2 == 0,
+            blocks,
+        };
         for s in Schedule::all(90 + i as u64) {
             step::<f32, f32>(&f32k, c, s, 5 + i as u64);
             step::<u16, u16>(&bfk, c, s, 5 + i as u64);
@@ -347,7 +479,10 @@ fn a_non_finite_gradient_sets_the_flag_to_the_first_such_parameter() {
             k::mfac_gather_f32_f32(tp, 3, d as i64, plan.ld as i64, 0.0, op, fp)
         });
         assert_eq!(flag, 1, "{s:?}");
-        assert!(params.iter().flatten().all(|&w| w == 0.5), "{s:?}: the gather wrote a parameter");
+        assert!(
+            params.iter().flatten().all(|&w| w == 0.5),
+            "{s:?}: the gather wrote a parameter"
+        );
     }
 }
 
@@ -381,14 +516,25 @@ fn a_non_finite_weight_is_flagged_only_with_weight_decay() {
 #[test]
 fn the_floor_reads_every_vector_once() {
     // XOR of the blocks' words = XOR of every 32-bit word of the buffer.
-    let words: Vec<[u32; 4]> = (0..3001u64).map(|i| [mix(i) as u32, mix(i + 9) as u32, (i * 7) as u32, !(i as u32)]).collect();
+    let words: Vec<[u32; 4]> = (0..3001u64)
+        .map(|i| {
+            [
+                mix(i) as u32,
+                mix(i + 9) as u32,
+                (i * 7) as u32,
+                !(i as u32),
+            ]
+        })
+        .collect();
     let want = words.iter().flatten().fold(0u32, |a, b| a ^ b);
     let plan = DevicePlan::new(1, 512, DType::F32, false, 5);
     let l = launch::floor(&plan);
     for s in Schedule::all(4) {
         let mut sink = vec![0u32; l.grid as usize];
         let (p, o) = (words.as_ptr(), sink.as_mut_ptr());
-        run(l, s, || unsafe { k::mfac_read_floor(p, words.len() as i64, o) });
+        run(l, s, || unsafe {
+            k::mfac_read_floor(p, words.len() as i64, o)
+        });
         assert_eq!(sink.iter().fold(0, |a, b| a ^ b), want, "{s:?}");
     }
 }
@@ -402,11 +548,14 @@ fn the_harness_rounds_f64_to_bf16_as_the_host_window_does() {
         r = mix(r.wrapping_add(i));
         let x = match i % 4 {
             0 => f64::from_bits(r),
-            1 => f64::from_bits((r & 0x800F_FFFF_FFFF_FFFF) | ((1023 + (r >> 52) % 280 - 140) << 52)),
+            1 => {
+                f64::from_bits((r & 0x800F_FFFF_FFFF_FFFF) | ((1023 + (r >> 52) % 280 - 140) << 52))
+            }
             _ => {
                 // A tie between two bf16 neighbours, nudged by −1, 0 or +1 ulp of f64.
                 let b = bf16::from_bits((r as u16) & 0x7e7f | ((r >> 20) as u16 & 0x8000));
-                let mid = b.to_f64() + (f64::from(bf16::from_bits(b.to_bits() + 1)) - b.to_f64()) / 2.0;
+                let mid =
+                    b.to_f64() + (f64::from(bf16::from_bits(b.to_bits() + 1)) - b.to_f64()) / 2.0;
                 let k = (r >> 40) % 3;
                 f64::from_bits((mid.to_bits() as i64 + k as i64 - 1) as u64)
             }
@@ -434,7 +583,11 @@ fn bf16_from_f64_is_the_nearest_bf16_ties_to_even() {
         let lo = (f.to_bits() >> 16) as u16;
         let l = bf16::from_bits(lo).to_f64();
         // Above the largest finite bf16, U is 2^128 (where ∞ starts once rounded).
-        let u = if lo == 0x7f7f { 2f64.powi(128) } else { bf16::from_bits(lo + 1).to_f64() };
+        let u = if lo == 0x7f7f {
+            2f64.powi(128)
+        } else {
+            bf16::from_bits(lo + 1).to_f64()
+        };
         let pick = match (a - l).partial_cmp(&(u - a)).unwrap() {
             std::cmp::Ordering::Less => lo,
             std::cmp::Ordering::Greater => lo + 1,
@@ -454,11 +607,22 @@ fn bf16_from_f64_is_the_nearest_bf16_ties_to_even() {
             let keep = x.to_bits() & !((1u64 << 45) - 1);
             x = f64::from_bits((keep | (1u64 << 44)) + (r >> 7) % 3 - 1);
         }
-        assert_eq!(bf16_from_f64(x).to_bits(), truth(x), "{x:e} ({:#018x})", x.to_bits());
+        assert_eq!(
+            bf16_from_f64(x).to_bits(),
+            truth(x),
+            "{x:e} ({:#018x})",
+            x.to_bits()
+        );
         tested += 1;
     }
     assert_eq!(tested, 300_000);
-    for (x, bits) in [(0.0, 0u16), (-0.0, 0x8000), (f64::INFINITY, 0x7f80), (f64::MAX, 0x7f80), (1e-300, 0)] {
+    for (x, bits) in [
+        (0.0, 0u16),
+        (-0.0, 0x8000),
+        (f64::INFINITY, 0x7f80),
+        (f64::MAX, 0x7f80),
+        (1e-300, 0),
+    ] {
         assert_eq!(bf16_from_f64(x).to_bits(), bits, "{x:e}");
     }
     assert!(bf16_from_f64(f64::NAN).is_nan());

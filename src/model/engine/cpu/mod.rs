@@ -19,12 +19,12 @@
 
 mod attention;
 mod buf;
-mod dropout;
-mod embeddings;
-mod gelu;
+pub(crate) mod dropout;
+pub(crate) mod embeddings;
+pub(crate) mod gelu;
 mod gemm;
-mod loss;
-mod norm;
+pub(crate) mod loss;
+pub(crate) mod norm;
 mod pass;
 
 use candle_core::backprop::GradStore;

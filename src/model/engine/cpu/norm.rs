@@ -9,8 +9,8 @@ use crate::model::math::{lane_sum, task_rows, Real};
 
 /// What the backward of a LayerNorm needs: the normalised input and `1/σ` per row.
 pub(crate) struct NormSaved<T: Real> {
-    xhat: Buf<T>,
-    inv: Vec<f64>,
+    pub(crate) xhat: Buf<T>,
+    pub(crate) inv: Vec<f64>,
 }
 
 /// `y = LN(drop(a) + res)` over rows of `h`, then (for the embeddings) `drop_out(y)`.

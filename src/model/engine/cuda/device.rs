@@ -14,18 +14,15 @@ use candle_core::cuda_backend::{CudaDevice, CudaStorageSlice};
 use candle_core::{DType, Storage, Tensor};
 
 use crate::error::{Error, Result};
+use crate::model::engine::launch::Launch;
+// The launch arithmetic and the dropout sites are plain Rust in `engine::launch` (the emulated
+// kernel tests use them without the `cuda` feature); re-exported here under their old paths.
+pub(crate) use crate::model::engine::launch::{
+    elementwise, per_row, site_key, DropSite, LN_ROWS, MAX_HIDDEN,
+};
 
 /// The kernels: sm_90a machine code (nothing JIT-compiled on an H100/H200) + compute_90 PTX.
 static FATBIN: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/pass.fatbin"));
-
-/// Threads per block of every launch (8 warps).
-pub(crate) const THREADS: u32 = 256;
-
-/// Rows of one block of `ln_bwd` (8 warps × 8 rows).
-pub(crate) const LN_ROWS: usize = 64;
-
-/// The largest hidden size `ln_bwd`'s shared memory takes (8 warps × 3 × H floats ≤ 48 KiB).
-pub(crate) const MAX_HIDDEN: usize = 512;
 
 pub(crate) fn cuda_err(op: impl Into<String>) -> impl FnOnce(DriverError) -> Error {
     let op = op.into();
@@ -35,55 +32,8 @@ pub(crate) fn cuda_err(op: impl Into<String>) -> impl FnOnce(DriverError) -> Err
     }
 }
 
-/// One dropout site as the kernels take it (`struct DropSite` in pass.cu): element i is kept
-/// when the high 32 bits of a hash of `(key, i)` are ≥ `threshold` = round(p·2³²), and a kept
-/// value is multiplied by `mult` = f32(1/(1−p)). `threshold == 0` is the identity.
-#[repr(C)]
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub(crate) struct DropSite {
-    pub key: u64,
-    pub threshold: u32,
-    pub mult: f32,
-}
-
 // SAFETY: a plain `#[repr(C)]` struct of the same layout as pass.cu's `DropSite` (u64, u32, f32).
 unsafe impl DeviceRepr for DropSite {}
-
-impl DropSite {
-    /// No dropout.
-    pub(crate) const OFF: DropSite = DropSite {
-        key: 0,
-        threshold: 0,
-        mult: 1.0,
-    };
-
-    /// The site with probability `p` and key `key` (the identity when `p` is 0).
-    pub(crate) fn new(key: u64, p: f64) -> Self {
-        if p <= 0.0 {
-            return Self::OFF;
-        }
-        let threshold = (p * 4_294_967_296.0).round().clamp(1.0, 4_294_967_295.0) as u32;
-        DropSite {
-            key,
-            threshold,
-            // The graph's mask value: 1/(1−p) rounded to the model's dtype.
-            mult: (1.0 / (1.0 - p)) as f32,
-        }
-    }
-}
-
-/// SplitMix64's finaliser (the host side of the kernels' `mix64`).
-pub(crate) fn mix64(mut z: u64) -> u64 {
-    z = z.wrapping_add(0x9E37_79B9_7F4A_7C15);
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^ (z >> 31)
-}
-
-/// The key of dropout site `site` in the step keyed `step_key`.
-pub(crate) fn site_key(step_key: u64, site: u64) -> u64 {
-    mix64(step_key ^ mix64(site.wrapping_mul(0x632B_E59B_D9B4_E019)))
-}
 
 /// Launches `$f` on `$stream` with `$cfg`, the arguments bound to locals first (the launch
 /// builder keeps references to them).
@@ -95,7 +45,9 @@ macro_rules! launch {
         $crate::model::engine::cuda::device::push_args!(builder; $($arg),*);
         // SAFETY: the arguments match the kernel's parameters in order and type (checked by
         // review against pass.cu), every address is a live allocation on this stream.
-        unsafe { builder.launch($cfg) }
+        unsafe {
+            builder.launch(candle_core::cuda_backend::cudarc::driver::LaunchConfig::from($cfg))
+        }
             .map(|_| ())
             .map_err($crate::model::engine::cuda::device::cuda_err(format!("launching {}", $what)))
     }};
@@ -113,23 +65,14 @@ macro_rules! push_args {
 pub(crate) use launch;
 pub(crate) use push_args;
 
-/// A grid of `blocks` blocks of [`THREADS`] threads.
-pub(crate) fn grid(blocks: usize, shared: u32) -> LaunchConfig {
-    LaunchConfig {
-        grid_dim: (blocks.max(1) as u32, 1, 1),
-        block_dim: (THREADS, 1, 1),
-        shared_mem_bytes: shared,
+impl From<Launch> for LaunchConfig {
+    fn from(l: Launch) -> Self {
+        LaunchConfig {
+            grid_dim: (l.grid, 1, 1),
+            block_dim: (l.block, 1, 1),
+            shared_mem_bytes: l.shared,
+        }
     }
-}
-
-/// One warp per row over `rows` rows.
-pub(crate) fn per_row(rows: usize) -> LaunchConfig {
-    grid(rows.div_ceil(THREADS as usize / 32), 0)
-}
-
-/// A grid-stride loop over `n` elements.
-pub(crate) fn elementwise(n: usize) -> LaunchConfig {
-    grid(n.div_ceil(THREADS as usize).min(8192), 0)
 }
 
 /// The functions of pass.cu.

@@ -58,6 +58,24 @@ pub(crate) fn switched_off() -> bool {
     )
 }
 
+/// Whether the GPU of `device` can load pass.cu's fatbin (compute capability ≥ 9.0: sm_90a
+/// machine code + compute_90 PTX). On an older GPU (an A100 is 8.0) the graph runs the model,
+/// and `with_engine(Engine::CudaPass)` is an error that says why.
+pub(crate) fn capable(device: &Device) -> bool {
+    use candle_core::cuda_backend::cudarc::driver::sys::CUdevice_attribute as A;
+    let Device::Cuda(d) = device else {
+        return false;
+    };
+    let ctx = d.cuda_stream().context().clone();
+    match (
+        ctx.attribute(A::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR),
+        ctx.attribute(A::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR),
+    ) {
+        (Ok(major), Ok(minor)) => crate::gpu::runs_our_kernels(major, minor),
+        _ => false,
+    }
+}
+
 pub(crate) fn supports(cfg: &BertConfig) -> bool {
     let h = cfg.hidden_size;
     cfg.activation() == HiddenAct::Gelu

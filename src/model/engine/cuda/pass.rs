@@ -10,9 +10,10 @@ use crate::error::Result;
 use crate::model::config::BertConfig;
 use crate::model::engine::cuda::blas::{gemm, Mat};
 use crate::model::engine::cuda::device::{
-    self, elementwise, grid, launch, per_row, site_key, zero_bytes, DropSite, LN_ROWS,
+    elementwise, launch, per_row, site_key, zero_bytes, DropSite, LN_ROWS,
 };
 use crate::model::engine::cuda::{tensor_ptr, Buffers, DeviceBatch, Dims, State};
+use crate::model::engine::launch as shape;
 use crate::model::params::Classifier;
 
 /// One pass over one batch: the state, the buffers, the sizes and the batch's addresses.
@@ -264,7 +265,7 @@ impl<'a> Run<'a> {
         let scale = (d as f64).powf(-0.5) as f32;
 
         // Loss: bias added to the logits, dlogits, the head bias's gradient.
-        launch!(s, &k.loss_fwd_bwd, grid(1, 0), "loss_fwd_bwd";
+        launch!(s, &k.loss_fwd_bwd, shape::loss(), "loss_fwd_bwd";
             b.logits.ptr, p.classifier.bias, self.labels, b.dlogits.ptr, g.classifier.bias,
             b.loss.ptr, b.flag.ptr, bsz as i32, c as i32, self.regression as i32)?;
 
@@ -536,13 +537,11 @@ impl<'a> Run<'a> {
         let k = &self.st.k;
         let (n, h) = (self.dm.n(), self.dm.h);
         let blocks = n.div_ceil(LN_ROWS);
-        let shared = (8 * 3 * h * 4) as u32;
         let da = if dbias != 0 { self.b.da.ptr } else { 0u64 };
-        launch!(s, &k.ln_bwd, grid(blocks, shared), "ln_bwd";
+        launch!(s, &k.ln_bwd, shape::ln_bwd(n, h), "ln_bwd";
             dy, d_out, xhat, inv, w, dr, d_in, da, self.b.part.ptr, n as i32, h as i32,
             LN_ROWS as i32)?;
-        let cfg = device::grid((3 * h).div_ceil(device::THREADS as usize), 0);
-        launch!(s, &k.ln_cols_finish, cfg, "ln_cols_finish";
+        launch!(s, &k.ln_cols_finish, shape::ln_cols(h), "ln_cols_finish";
             self.b.part.ptr, blocks as i32, h as i32, dw, db, dbias)
     }
 }

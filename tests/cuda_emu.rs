@@ -4,6 +4,11 @@
 
 use cuda_emu::{launch, selftest as st, Schedule};
 
+/// One block of `threads` threads in the fixed order.
+fn fixed(threads: u32, shared: usize, body: impl Fn()) -> Result<(), String> {
+    launch([1, 1, 1], [threads, 1, 1], shared, Schedule::Fixed, body)
+}
+
 fn err_of(r: Result<(), String>) -> String {
     r.expect_err("the launch should have been refused")
 }
@@ -67,13 +72,7 @@ fn barriers_order_shared_memory_and_atomics_add_up_across_blocks() {
 
 #[test]
 fn a_barrier_reached_from_different_lines_is_named() {
-    let e = err_of(launch(
-        [1, 1, 1],
-        [64, 1, 1],
-        0,
-        Schedule::Fixed,
-        || unsafe { st::st_divergent_barrier() },
-    ));
+    let e = err_of(fixed(64, 0, || unsafe { st::st_divergent_barrier() }));
     assert!(
         e.contains("different lines") && e.contains("selftest.cu"),
         "{e}"
@@ -94,13 +93,7 @@ fn a_barrier_after_some_threads_exited_is_an_error() {
 fn a_shuffle_after_a_lane_exited_is_an_error() {
     let mut out = vec![0f32; 32];
     let o = out.as_mut_ptr();
-    let e = err_of(launch(
-        [1, 1, 1],
-        [32, 1, 1],
-        0,
-        Schedule::Fixed,
-        || unsafe { st::st_shuffle_after_exit(o) },
-    ));
+    let e = err_of(fixed(32, 0, || unsafe { st::st_shuffle_after_exit(o) }));
     assert!(e.contains("after lane(s) 5 exited"), "{e}");
 }
 
@@ -108,13 +101,7 @@ fn a_shuffle_after_a_lane_exited_is_an_error() {
 fn a_deadlock_says_who_waits_where() {
     let mut out = vec![0f32; 64];
     let o = out.as_mut_ptr();
-    let e = err_of(launch(
-        [1, 1, 1],
-        [64, 1, 1],
-        0,
-        Schedule::Fixed,
-        || unsafe { st::st_deadlock(o) },
-    ));
+    let e = err_of(fixed(64, 0, || unsafe { st::st_deadlock(o) }));
     assert!(
         e.contains("deadlock") && e.contains("threads 0-15 wait at a warp shuffle"),
         "{e}"
@@ -129,24 +116,12 @@ fn misaligned_vector_loads_are_caught() {
     let buf = Aligned([1.0; 16]);
     let mut out = vec![0f32; 32];
     let (p, o) = (buf.0.as_ptr(), out.as_mut_ptr());
-    let e = err_of(launch(
-        [1, 1, 1],
-        [32, 1, 1],
-        0,
-        Schedule::Fixed,
-        || unsafe { st::st_misaligned_vector(p, o) },
-    ));
+    let e = err_of(fixed(32, 0, || unsafe { st::st_misaligned_vector(p, o) }));
     assert!(
         e.contains("misaligned") && e.contains("multiple of 16"),
         "{e}"
     );
-    let e = err_of(launch(
-        [1, 1, 1],
-        [32, 1, 1],
-        0,
-        Schedule::Fixed,
-        || unsafe { st::st_misaligned_ldcs(p, o) },
-    ));
+    let e = err_of(fixed(32, 0, || unsafe { st::st_misaligned_ldcs(p, o) }));
     assert!(
         e.contains("misaligned load") && e.contains("multiple of 16"),
         "{e}"
@@ -156,28 +131,16 @@ fn misaligned_vector_loads_are_caught() {
 #[test]
 fn dynamic_shared_memory_is_poisoned_and_bounded() {
     // A write one past the launched size is caught; inside it, fine.
-    let e = err_of(launch(
-        [1, 1, 1],
-        [32, 1, 1],
-        64,
-        Schedule::Fixed,
-        || unsafe { st::st_shared_overflow(8) },
-    ));
+    let e = err_of(fixed(32, 64, || unsafe { st::st_shared_overflow(8) }));
     assert!(
         e.contains("past the launched dynamic shared memory") && e.contains("acc"),
         "{e}"
     );
-    launch([1, 1, 1], [32, 1, 1], 72, Schedule::Fixed, || unsafe {
-        st::st_shared_overflow(8)
-    })
-    .unwrap();
+    fixed(32, 72, || unsafe { st::st_shared_overflow(8) }).unwrap();
     // What no thread wrote reads as NaN.
     let mut out = vec![0f64; 32];
     let o = out.as_mut_ptr();
-    launch([1, 1, 1], [32, 1, 1], 256, Schedule::Fixed, || unsafe {
-        st::st_shared_uninit(o)
-    })
-    .unwrap();
+    fixed(32, 256, || unsafe { st::st_shared_uninit(o) }).unwrap();
     assert!(out.iter().all(|x| x.is_nan()));
 }
 

@@ -100,6 +100,18 @@ fn on_all<T: PartialEq>(what: &str, f: impl Fn(Schedule) -> T) -> T {
     first
 }
 
+/// A LayerNorm forward's (y, x̂, 1/σ) against the CPU's.
+fn close_ln(
+    tag: &str,
+    (y, xhat, inv): (&[f32], &[f32], &[f32]),
+    yc: &[f32],
+    saved: &norm::NormSaved<f32>,
+) {
+    close(&format!("{tag} y"), y, &f64s(yc), LN_FWD_TOL);
+    close(&format!("{tag} xhat"), xhat, &f64s(&saved.xhat), LN_FWD_TOL);
+    close(&format!("{tag} inv"), inv, &saved.inv, LN_FWD_TOL);
+}
+
 fn f64s(v: &[f32]) -> Vec<f64> {
     v.iter().map(|&x| x as f64).collect()
 }
@@ -273,14 +285,7 @@ fn embed_ln_fwd_matches_the_cpu_embeddings_and_layer_norm() {
                 h,
             );
             let tag = format!("embed_ln_fwd h={h} n={n} bad={bad}");
-            close(&format!("{tag} y"), &y, &f64s(&yc), LN_FWD_TOL);
-            close(
-                &format!("{tag} xhat"),
-                &xhat,
-                &f64s(&saved.xhat),
-                LN_FWD_TOL,
-            );
-            close(&format!("{tag} inv"), &inv, &saved.inv, LN_FWD_TOL);
+            close_ln(&tag, (&y[..], &xhat[..], &inv[..]), &yc, &saved);
         }
     }
 }
@@ -326,14 +331,7 @@ fn add_ln_fwd_matches_the_cpu_add_norm() {
             h,
         );
         let tag = format!("add_ln_fwd h={h} n={n} p={p}");
-        close(&format!("{tag} y"), &y, &f64s(&yc), LN_FWD_TOL);
-        close(
-            &format!("{tag} xhat"),
-            &xhat,
-            &f64s(&saved.xhat),
-            LN_FWD_TOL,
-        );
-        close(&format!("{tag} inv"), &inv, &saved.inv, LN_FWD_TOL);
+        close_ln(&tag, (&y[..], &xhat[..], &inv[..]), &yc, &saved);
     }
 }
 

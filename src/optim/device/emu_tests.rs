@@ -349,62 +349,24 @@ fn cases() -> Vec<Case<'static>> {
 }
 
 fn dtype_pairs(s: Schedule) {
+    // (P, T) → gather_P_T, pass1_T, pass2_T_P: the names cuda.rs loads.
+    macro_rules! pairs {
+        ($c:expr, $seed:expr; $($p:ty, $t:ty: $g:ident, $p1:ident, $p2:ident;)*) => {$(
+            step::<$p, $t>(&kernels!($g, $p1, $p2), $c, s, $seed);
+        )*};
+    }
     for (i, c) in cases().into_iter().enumerate() {
-        let seed = 17 + i as u64;
-        step::<f32, f32>(
-            &kernels!(mfac_gather_f32_f32, mfac_pass1_f32, mfac_pass2_f32_f32),
-            c,
-            s,
-            seed,
-        );
-        step::<f32, u16>(
-            &kernels!(mfac_gather_f32_bf16, mfac_pass1_bf16, mfac_pass2_bf16_f32),
-            c,
-            s,
-            seed,
-        );
-        step::<f32, f64>(
-            &kernels!(mfac_gather_f32_f64, mfac_pass1_f64, mfac_pass2_f64_f32),
-            c,
-            s,
-            seed,
-        );
-        step::<f64, f32>(
-            &kernels!(mfac_gather_f64_f32, mfac_pass1_f32, mfac_pass2_f32_f64),
-            c,
-            s,
-            seed,
-        );
-        step::<f64, u16>(
-            &kernels!(mfac_gather_f64_bf16, mfac_pass1_bf16, mfac_pass2_bf16_f64),
-            c,
-            s,
-            seed,
-        );
-        step::<f64, f64>(
-            &kernels!(mfac_gather_f64_f64, mfac_pass1_f64, mfac_pass2_f64_f64),
-            c,
-            s,
-            seed,
-        );
-        step::<u16, f32>(
-            &kernels!(mfac_gather_bf16_f32, mfac_pass1_f32, mfac_pass2_f32_bf16),
-            c,
-            s,
-            seed,
-        );
-        step::<u16, u16>(
-            &kernels!(mfac_gather_bf16_bf16, mfac_pass1_bf16, mfac_pass2_bf16_bf16),
-            c,
-            s,
-            seed,
-        );
-        step::<u16, f64>(
-            &kernels!(mfac_gather_bf16_f64, mfac_pass1_f64, mfac_pass2_f64_bf16),
-            c,
-            s,
-            seed,
-        );
+        pairs! { c, 17 + i as u64;
+            f32, f32: mfac_gather_f32_f32, mfac_pass1_f32, mfac_pass2_f32_f32;
+            f32, u16: mfac_gather_f32_bf16, mfac_pass1_bf16, mfac_pass2_bf16_f32;
+            f32, f64: mfac_gather_f32_f64, mfac_pass1_f64, mfac_pass2_f64_f32;
+            f64, f32: mfac_gather_f64_f32, mfac_pass1_f32, mfac_pass2_f32_f64;
+            f64, u16: mfac_gather_f64_bf16, mfac_pass1_bf16, mfac_pass2_bf16_f64;
+            f64, f64: mfac_gather_f64_f64, mfac_pass1_f64, mfac_pass2_f64_f64;
+            u16, f32: mfac_gather_bf16_f32, mfac_pass1_f32, mfac_pass2_f32_bf16;
+            u16, u16: mfac_gather_bf16_bf16, mfac_pass1_bf16, mfac_pass2_bf16_bf16;
+            u16, f64: mfac_gather_bf16_f64, mfac_pass1_f64, mfac_pass2_f64_bf16;
+        }
     }
 }
 
@@ -458,31 +420,52 @@ fn edge_sizes_and_the_largest_test_window_match_the_host() {
     }
 }
 
-#[test]
-fn a_non_finite_gradient_sets_the_flag_to_the_first_such_parameter() {
-    let sizes = [300usize, 400, 500];
+/// The f32 gather's flag over `params` and `grads` (all 0.5 and 0.25 unless `spoil` changes
+/// them) with weight decay `wd`; the parameters must come out untouched.
+fn gather_flag(
+    sizes: &[usize],
+    wd: f64,
+    s: Schedule,
+    spoil: impl Fn(&mut [Vec<f32>], &mut [Vec<f32>]),
+) -> i32 {
     let d: usize = sizes.iter().sum();
     let plan = DevicePlan::new(2, d, DType::F32, false, 3);
+    let mut params: Vec<Vec<f32>> = sizes.iter().map(|&z| vec![0.5; z]).collect();
+    let mut grads: Vec<Vec<f32>> = sizes.iter().map(|&z| vec![0.25; z]).collect();
+    spoil(&mut params, &mut grads);
+    let before = params.clone();
+    let gptr: Vec<u64> = grads.iter().map(|g| g.as_ptr() as u64).collect();
+    let pptr: Vec<u64> = params.iter_mut().map(|p| p.as_mut_ptr() as u64).collect();
+    let mut table = Vec::new();
+    launch::param_table(sizes, &gptr, &pptr, &mut table);
+    let mut out = vec![0f32; plan.ld];
+    let mut flag = i32::MAX;
+    let (tp, op, fp, n) = (
+        table.as_ptr(),
+        out.as_mut_ptr(),
+        &mut flag as *mut i32,
+        sizes.len() as i32,
+    );
+    run(launch::gather(&plan, 1), s, || unsafe {
+        k::mfac_gather_f32_f32(tp, n, d as i64, plan.ld as i64, wd, op, fp)
+    });
+    let same = params
+        .iter()
+        .flatten()
+        .zip(before.iter().flatten())
+        .all(|(a, b)| a.to_bits() == b.to_bits());
+    assert!(same, "{s:?}: the gather wrote a parameter");
+    flag
+}
+
+#[test]
+fn a_non_finite_gradient_sets_the_flag_to_the_first_such_parameter() {
     for s in Schedule::all(3) {
-        let mut params: Vec<Vec<f32>> = sizes.iter().map(|&z| vec![0.5; z]).collect();
-        let mut grads: Vec<Vec<f32>> = sizes.iter().map(|&z| vec![0.25; z]).collect();
-        grads[2][499] = f32::NAN;
-        grads[1][7] = f32::INFINITY;
-        let gptr: Vec<u64> = grads.iter().map(|g| g.as_ptr() as u64).collect();
-        let pptr: Vec<u64> = params.iter_mut().map(|p| p.as_mut_ptr() as u64).collect();
-        let mut table = Vec::new();
-        launch::param_table(&sizes, &gptr, &pptr, &mut table);
-        let mut out = vec![0f32; plan.ld];
-        let mut flag = i32::MAX;
-        let (tp, op, fp) = (table.as_ptr(), out.as_mut_ptr(), &mut flag as *mut i32);
-        run(launch::gather(&plan, 1), s, || unsafe {
-            k::mfac_gather_f32_f32(tp, 3, d as i64, plan.ld as i64, 0.0, op, fp)
+        let flag = gather_flag(&[300, 400, 500], 0.0, s, |_, g| {
+            g[2][499] = f32::NAN;
+            g[1][7] = f32::INFINITY;
         });
         assert_eq!(flag, 1, "{s:?}");
-        assert!(
-            params.iter().flatten().all(|&w| w == 0.5),
-            "{s:?}: the gather wrote a parameter"
-        );
     }
 }
 
@@ -490,24 +473,9 @@ fn a_non_finite_gradient_sets_the_flag_to_the_first_such_parameter() {
 fn a_non_finite_weight_is_flagged_only_with_weight_decay() {
     // With wd > 0 the gather adds wd·w: a NaN weight would enter the window (as on the host,
     // tests/mfac_props.rs). Without weight decay the weight is not read.
-    let sizes = [300usize, 400];
-    let d: usize = sizes.iter().sum();
-    let plan = DevicePlan::new(2, d, DType::F32, false, 3);
     for (wd, want) in [(0.0, i32::MAX), (0.01, 1)] {
         for s in Schedule::all(8) {
-            let mut params: Vec<Vec<f32>> = sizes.iter().map(|&z| vec![0.5; z]).collect();
-            params[1][123] = f32::NAN;
-            let grads: Vec<Vec<f32>> = sizes.iter().map(|&z| vec![0.25; z]).collect();
-            let gptr: Vec<u64> = grads.iter().map(|g| g.as_ptr() as u64).collect();
-            let pptr: Vec<u64> = params.iter_mut().map(|p| p.as_mut_ptr() as u64).collect();
-            let mut table = Vec::new();
-            launch::param_table(&sizes, &gptr, &pptr, &mut table);
-            let mut out = vec![0f32; plan.ld];
-            let mut flag = i32::MAX;
-            let (tp, op, fp) = (table.as_ptr(), out.as_mut_ptr(), &mut flag as *mut i32);
-            run(launch::gather(&plan, 1), s, || unsafe {
-                k::mfac_gather_f32_f32(tp, 2, d as i64, plan.ld as i64, wd, op, fp)
-            });
+            let flag = gather_flag(&[300, 400], wd, s, |w, _| w[1][123] = f32::NAN);
             assert_eq!(flag, want, "wd {wd} {s:?}");
         }
     }

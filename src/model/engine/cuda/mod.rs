@@ -261,6 +261,8 @@ pub(crate) struct State {
     pub blas: Arc<CudaBlas>,
     pub k: Kernels,
     bufs: Option<Buffers>,
+    /// candle's CUDA stream is per thread: the state works only on the thread that made it.
+    thread: std::thread::ThreadId,
 }
 
 // SAFETY: the state is only ever used under the STATES mutex; the cuBLAS handle and the driver
@@ -281,6 +283,14 @@ fn with_state<R>(
     let i = match states.iter().position(|s| s.id == dev.id()) {
         Some(i) => i,
         None => {
+            // An error left by an earlier asynchronous operation would otherwise surface under
+            // the name of the pass's first call.
+            dev.cuda_stream()
+                .context()
+                .check_err()
+                .map_err(device::cuda_err(
+                    "an earlier CUDA operation (before the CUDA pass)",
+                ))?;
             let blas = dev.cublas_handle();
             blas::no_tf32(&blas)?;
             states.push(State {
@@ -289,11 +299,19 @@ fn with_state<R>(
                 blas,
                 k: Kernels::load(dev)?,
                 bufs: None,
+                thread: std::thread::current().id(),
             });
             states.len() - 1
         }
     };
     let st = &mut states[i];
+    if st.thread != std::thread::current().id() {
+        return Err(Error::InvalidArgument(format!(
+            "the CUDA pass was set up on thread {:?} and called from {:?}: candle's CUDA stream is per thread, so this call would not wait for the other thread's work; train the model on one thread",
+            st.thread,
+            std::thread::current().id()
+        )));
+    }
     if let Some(d) = dims {
         let fits = st.bufs.as_ref().is_some_and(|b| b.caps.holds(&d));
         if !fits {

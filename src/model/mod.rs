@@ -12,7 +12,7 @@
 mod batch;
 mod classifier;
 mod config;
-mod engine;
+pub(crate) mod engine;
 mod fastmath;
 mod math;
 pub mod params;

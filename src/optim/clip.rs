@@ -93,6 +93,10 @@ impl candle_core::InplaceOp1 for Scale {
 pub fn grad_norm(grads: &GradStore, vars: &[Var]) -> Result<f64> {
     let mut sq = 0.0f64;
     let mut on_device: Vec<candle_core::Tensor> = Vec::new();
+    // f32 gradients on a CUDA GPU: pass.cu's sumsq_partial + norm_clip (one launch each and
+    // one more, one read-back) instead of three candle ops each.
+    #[cfg(feature = "cuda")]
+    let mut fused: Vec<candle_core::Tensor> = Vec::new();
     for v in vars {
         if let Some(g) = grads.get(v.as_tensor()) {
             if g.device().is_cpu() && g.is_contiguous() {
@@ -101,8 +105,21 @@ pub fn grad_norm(grads: &GradStore, vars: &[Var]) -> Result<f64> {
                     continue;
                 }
             }
+            #[cfg(feature = "cuda")]
+            if crate::model::engine::cuda::optim::fusable(g)
+                && fused
+                    .first()
+                    .is_none_or(|f| f.device().same_device(g.device()))
+            {
+                fused.push(g.clone());
+                continue;
+            }
             on_device.push(g.to_dtype(DType::F64)?.sqr()?.sum_all()?);
         }
+    }
+    #[cfg(feature = "cuda")]
+    {
+        sq += crate::model::engine::cuda::optim::sum_sq(&fused)?;
     }
     // One stack per device (a model's gradients share one; a hand-built store may not).
     while let Some(first) = on_device.first() {

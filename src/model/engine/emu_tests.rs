@@ -168,6 +168,13 @@ fn launch_shapes_are_the_documented_ones() {
     assert_eq!(launch::per_row(0).grid, 1);
     assert_eq!(launch::elementwise(257).grid, 2);
     assert_eq!(launch::elementwise(1 << 30).grid, 8192);
+    // sumsq_partial: at most SUMSQ_BLOCKS partial sums per gradient; norm_clip: one warp.
+    assert_eq!(launch::sumsq(3000).grid, 12);
+    assert_eq!(launch::sumsq(4_000_000).grid as usize, launch::SUMSQ_BLOCKS);
+    assert_eq!(
+        (launch::norm_clip().grid, launch::norm_clip().block),
+        (1, 32)
+    );
     assert_eq!(
         launch::ln_bwd(130, 40),
         Launch {
@@ -969,7 +976,7 @@ fn sumsq_norm_clip_and_adamw_flat_match_the_cpu_clip_and_adamw() {
     let (mut w, mut m, mut v) = (w0.clone(), vec![0f32; n], vec![0f32; n]);
     // Step 1 clips (‖g‖ ≈ 32 > 1), step 2 does not (100), on a grid smaller than elementwise's.
     for (step, max_norm, shape) in [
-        (1i32, 1.0f64, launch::elementwise(n)),
+        (1i32, 1.0f64, launch::sumsq(n)),
         (2, 100.0, launch::grid(3, 0)),
     ] {
         let g = r.vec(n, -1.0, 1.0);
@@ -982,11 +989,11 @@ fn sumsq_norm_clip_and_adamw_flat_match_the_cpu_clip_and_adamw() {
             let (gp, pp, op) = (g.as_ptr(), part.as_mut_ptr(), out.as_mut_ptr());
             run(shape, s, move || unsafe { pass::sumsq_partial(gp, n, pp) });
             let pc = part.as_ptr();
-            run(launch::grid(1, 0), s, move || unsafe {
+            run(launch::norm_clip(), s, move || unsafe {
                 pass::norm_clip(pc, blocks as i32, max_norm, op)
             });
             let (wp, mp, vp, oc) = (w.as_mut_ptr(), m.as_mut_ptr(), v.as_mut_ptr(), out.as_ptr());
-            run(launch::elementwise(n), s, move || unsafe {
+            run(launch::adamw(n), s, move || unsafe {
                 pass::adamw_flat(
                     wp,
                     gp,

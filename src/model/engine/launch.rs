@@ -73,6 +73,30 @@ pub(crate) fn loss() -> Launch {
     grid(1, 0)
 }
 
+/// The most blocks of one `sumsq_partial` launch (its partial sums, one f64 per block, are
+/// added in block order by `norm_clip`).
+pub(crate) const SUMSQ_BLOCKS: usize = 64;
+
+/// `sumsq_partial` over `n` elements: a grid-stride loop, at most [`SUMSQ_BLOCKS`] blocks of
+/// [`THREADS`] (its tree reduction halves a power-of-two block into 256 shared doubles).
+pub(crate) fn sumsq(n: usize) -> Launch {
+    grid(n.div_ceil(THREADS as usize).min(SUMSQ_BLOCKS), 0)
+}
+
+/// `norm_clip`: one thread does the sum in block order.
+pub(crate) fn norm_clip() -> Launch {
+    Launch {
+        grid: 1,
+        block: 32,
+        shared: 0,
+    }
+}
+
+/// `adamw_flat` over one parameter of `n` elements (grid-stride).
+pub(crate) fn adamw(n: usize) -> Launch {
+    elementwise(n)
+}
+
 /// One dropout site as the kernels take it (`struct DropSite` in pass.cu): element i is kept
 /// when the high 32 bits of a hash of `(key, i)` are ≥ `threshold` = round(p·2³²), and a kept
 /// value is multiplied by `mult` = f32(1/(1−p)). `threshold == 0` is the identity.

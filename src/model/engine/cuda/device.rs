@@ -93,6 +93,9 @@ pub(crate) struct Kernels {
     pub qkv_stack: CudaFunction,
     pub fill_f32: CudaFunction,
     pub drop_count: CudaFunction,
+    pub sumsq_partial: CudaFunction,
+    pub norm_clip: CudaFunction,
+    pub adamw_flat: CudaFunction,
 }
 
 impl Kernels {
@@ -126,6 +129,9 @@ impl Kernels {
             qkv_stack: f("qkv_stack")?,
             fill_f32: f("fill_f32")?,
             drop_count: f("drop_count")?,
+            sumsq_partial: f("sumsq_partial")?,
+            norm_clip: f("norm_clip")?,
+            adamw_flat: f("adamw_flat")?,
         })
     }
 }
@@ -149,6 +155,19 @@ impl<T: DeviceRepr + candle_core::cuda_backend::cudarc::driver::ValidAsZeroBits>
             _slice: slice,
             ptr,
             len,
+        })
+    }
+
+    /// A buffer holding a copy of `data`.
+    pub(crate) fn from_host(stream: &Arc<CudaStream>, data: &[T], what: &str) -> Result<Self> {
+        let slice = stream
+            .clone_htod(data)
+            .map_err(cuda_err(format!("copying {what} to the device")))?;
+        let ptr = slice.device_ptr(stream).0;
+        Ok(DBuf {
+            _slice: slice,
+            ptr,
+            len: data.len(),
         })
     }
 

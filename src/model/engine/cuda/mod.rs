@@ -27,6 +27,7 @@
 
 mod blas;
 pub(crate) mod device;
+pub(crate) mod optim;
 mod pass;
 
 use std::sync::{Arc, Mutex};
@@ -272,7 +273,7 @@ unsafe impl Send for State {}
 static STATES: Mutex<Vec<State>> = Mutex::new(Vec::new());
 
 /// Runs `f` on the pass state of `dev` (created at the first call), with buffers for `dims`.
-fn with_state<R>(
+pub(crate) fn with_state<R>(
     dev: &CudaDevice,
     dims: Option<Dims>,
     f: impl FnOnce(&State, Option<&Buffers>) -> Result<R>,

@@ -81,7 +81,13 @@ struct Launch {
 };
 
 thread_local Launch* L = nullptr;
-thread_local std::vector<char*> stacks;
+
+// The fiber stacks of this OS thread, kept for its next launches and unmapped when it ends.
+struct Stacks {
+  std::vector<char*> v;
+  ~Stacks();
+};
+thread_local Stacks stacks;
 
 const char* base(const char* file) {
   const char* s = strrchr(file, '/');
@@ -370,8 +376,12 @@ void check_dyn(size_t shared) {
       }
 }
 
+Stacks::~Stacks() {
+  for (char* p : v) munmap(p, STACK + GUARD);
+}
+
 char* stack(size_t i) {
-  while (stacks.size() <= i) {
+  while (stacks.v.size() <= i) {
     void* p = mmap(nullptr, STACK + GUARD, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS,
                    -1, 0);
     if (p == MAP_FAILED) {
@@ -379,9 +389,9 @@ char* stack(size_t i) {
       abort();
     }
     mprotect(p, GUARD, PROT_NONE);  // stacks grow down: an overflow faults, never corrupts
-    stacks.push_back((char*)p);
+    stacks.v.push_back((char*)p);
   }
-  return stacks[i];
+  return stacks.v[i];
 }
 
 }  // namespace

@@ -5,6 +5,48 @@
 
 use crate::error::{Error, Result};
 
+/// One launch of our kernels: a 1-D grid of `grid` blocks of `block` threads with `shared`
+/// bytes of dynamic shared memory. Each layer's `launch.rs` (M-FAC's window, the CUDA pass)
+/// builds these; the cudarc code converts them, and the emulated kernel tests run them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Launch {
+    pub grid: u32,
+    pub block: u32,
+    pub shared: u32,
+}
+
+impl Launch {
+    /// `blocks` blocks (at least one) of `block` threads with `shared` bytes.
+    pub(crate) fn new(blocks: usize, block: u32, shared: usize) -> Self {
+        Launch {
+            grid: blocks.max(1) as u32,
+            block,
+            shared: shared as u32,
+        }
+    }
+
+    /// Runs `body` as every thread of this launch on the CPU harness (crates/cuda-emu) under
+    /// `schedule`; a harness diagnostic fails the test.
+    #[cfg(test)]
+    pub(crate) fn emulate(self, schedule: cuda_emu::Schedule, body: impl Fn()) {
+        let (grid, block) = ([self.grid, 1, 1], [self.block, 1, 1]);
+        if let Err(e) = cuda_emu::launch(grid, block, self.shared as usize, schedule, body) {
+            panic!("{schedule:?}: {e}");
+        }
+    }
+}
+
+#[cfg(feature = "cuda")]
+impl From<Launch> for candle_core::cuda_backend::cudarc::driver::LaunchConfig {
+    fn from(l: Launch) -> Self {
+        Self {
+            grid_dim: (l.grid, 1, 1),
+            block_dim: (l.block, 1, 1),
+            shared_mem_bytes: l.shared,
+        }
+    }
+}
+
 /// The lowest compute capability our fatbins run on (major, minor).
 pub const KERNEL_CAPABILITY: (i32, i32) = (9, 0);
 

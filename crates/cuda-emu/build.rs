@@ -12,7 +12,12 @@ fn main() {
     let here = PathBuf::from(std::env::var_os("CARGO_MANIFEST_DIR").expect("cargo sets it"));
     let include = here.join("include");
     println!("cargo:rerun-if-changed=build.rs");
-    for f in ["include/emu.h", "include/cuda_bf16.h", "src/emu.cpp", "src/selftest.cu"] {
+    for f in [
+        "include/emu.h",
+        "include/cuda_bf16.h",
+        "src/emu.cpp",
+        "src/selftest.cu",
+    ] {
         println!("cargo:rerun-if-changed={f}");
     }
     let mut b = cc::Build::new();

@@ -40,7 +40,11 @@ pub enum Schedule {
 impl Schedule {
     /// The fixed order and both adversarial ones from `seed`: what each kernel test runs.
     pub fn all(seed: u64) -> [Schedule; 3] {
-        [Schedule::Fixed, Schedule::Shuffled(seed), Schedule::WarpSerial(seed ^ 0x5eed)]
+        [
+            Schedule::Fixed,
+            Schedule::Shuffled(seed),
+            Schedule::WarpSerial(seed ^ 0x5eed),
+        ]
     }
 }
 
@@ -168,42 +172,141 @@ pub struct DropSite {
 pub mod pass {
     use super::DropSite;
     extern "C" {
-        pub fn embed_ln_fwd(ids: *const u32, types: *const u32, word: *const f32, pos: *const f32,
-            typ: *const f32, lw: *const f32, lb: *const f32, y: *mut f32, xhat: *mut f32,
-            inv: *mut f32, n: i32, t: i32, h: i32, vocab: i32, ntype: i32, eps: f32,
-            d_out: DropSite, flag: *mut i32);
-        pub fn add_ln_fwd(a: *const f32, bias_a: *const f32, d_in: DropSite, res: *const f32,
-            lw: *const f32, lb: *const f32, y: *mut f32, xhat: *mut f32, inv: *mut f32, n: i32,
-            h: i32, eps: f32);
-        pub fn ln_bwd(dy: *const f32, d_out: DropSite, xhat: *const f32, inv: *const f32,
-            lw: *const f32, dr: *mut f32, d_in: DropSite, da: *mut f32, part: *mut f32, n: i32,
-            h: i32, rows_per_block: i32);
-        pub fn ln_cols_finish(part: *const f32, blocks: i32, h: i32, dw: *mut f32, db: *mut f32,
-            dbias: *mut f32);
+        pub fn embed_ln_fwd(
+            ids: *const u32,
+            types: *const u32,
+            word: *const f32,
+            pos: *const f32,
+            typ: *const f32,
+            lw: *const f32,
+            lb: *const f32,
+            y: *mut f32,
+            xhat: *mut f32,
+            inv: *mut f32,
+            n: i32,
+            t: i32,
+            h: i32,
+            vocab: i32,
+            ntype: i32,
+            eps: f32,
+            d_out: DropSite,
+            flag: *mut i32,
+        );
+        pub fn add_ln_fwd(
+            a: *const f32,
+            bias_a: *const f32,
+            d_in: DropSite,
+            res: *const f32,
+            lw: *const f32,
+            lb: *const f32,
+            y: *mut f32,
+            xhat: *mut f32,
+            inv: *mut f32,
+            n: i32,
+            h: i32,
+            eps: f32,
+        );
+        pub fn ln_bwd(
+            dy: *const f32,
+            d_out: DropSite,
+            xhat: *const f32,
+            inv: *const f32,
+            lw: *const f32,
+            dr: *mut f32,
+            d_in: DropSite,
+            da: *mut f32,
+            part: *mut f32,
+            n: i32,
+            h: i32,
+            rows_per_block: i32,
+        );
+        pub fn ln_cols_finish(
+            part: *const f32,
+            blocks: i32,
+            h: i32,
+            dw: *mut f32,
+            db: *mut f32,
+            dbias: *mut f32,
+        );
         pub fn bias_add(x: *mut f32, b: *const f32, n: i32, cols: i32);
-        pub fn softmax_fwd(s: *mut f32, pd: *mut f32, mask: *const u32, rows: i32, t: i32,
-            nh: i32, scale: f32, d: DropSite);
-        pub fn softmax_bwd(dp: *mut f32, p: *const f32, rows: i32, t: i32, scale: f32,
-            d: DropSite);
+        pub fn softmax_fwd(
+            s: *mut f32,
+            pd: *mut f32,
+            mask: *const u32,
+            rows: i32,
+            t: i32,
+            nh: i32,
+            scale: f32,
+            d: DropSite,
+        );
+        pub fn softmax_bwd(dp: *mut f32, p: *const f32, rows: i32, t: i32, scale: f32, d: DropSite);
         pub fn gelu_fwd(f: *mut f32, bias: *const f32, g: *mut f32, n: i32, cols: i32);
         pub fn gelu_bwd(dg: *mut f32, f: *const f32, total: usize);
-        pub fn pool_fwd(z: *const f32, bias: *const f32, pooled: *mut f32, head_in: *mut f32,
-            n: i32, h: i32, d: DropSite);
+        pub fn pool_fwd(
+            z: *const f32,
+            bias: *const f32,
+            pooled: *mut f32,
+            head_in: *mut f32,
+            n: i32,
+            h: i32,
+            d: DropSite,
+        );
         pub fn pool_bwd(dh: *mut f32, pooled: *const f32, total: i32, d: DropSite);
-        pub fn loss_fwd_bwd(logits: *mut f32, bias: *const f32, labels: *const f32,
-            dlogits: *mut f32, dbias: *mut f32, out: *mut f64, flag: *mut i32, b: i32, c: i32,
-            regression: i32);
-        pub fn embed_bwd(de: *const f32, ids: *const u32, types: *const u32, dword: *mut f32,
-            dpos: *mut f32, dtyp: *mut f32, n: i32, t: i32, h: i32, pad: u32, vocab: i32,
-            ntype: i32);
-        pub fn qkv_stack(w3: *mut f32, b3: *mut f32, wq: *const f32, wk: *const f32,
-            wv: *const f32, bq: *const f32, bk: *const f32, bv: *const f32, h: i32);
+        pub fn loss_fwd_bwd(
+            logits: *mut f32,
+            bias: *const f32,
+            labels: *const f32,
+            dlogits: *mut f32,
+            dbias: *mut f32,
+            out: *mut f64,
+            flag: *mut i32,
+            b: i32,
+            c: i32,
+            regression: i32,
+        );
+        pub fn embed_bwd(
+            de: *const f32,
+            ids: *const u32,
+            types: *const u32,
+            dword: *mut f32,
+            dpos: *mut f32,
+            dtyp: *mut f32,
+            n: i32,
+            t: i32,
+            h: i32,
+            pad: u32,
+            vocab: i32,
+            ntype: i32,
+        );
+        pub fn qkv_stack(
+            w3: *mut f32,
+            b3: *mut f32,
+            wq: *const f32,
+            wk: *const f32,
+            wv: *const f32,
+            bq: *const f32,
+            bk: *const f32,
+            bv: *const f32,
+            h: i32,
+        );
         pub fn fill_f32(x: *mut f32, v: f32, n: usize);
         pub fn drop_count(a: DropSite, b: DropSite, n: u64, kept: *mut u64);
         pub fn sumsq_partial(g: *const f32, n: usize, part: *mut f64);
         pub fn norm_clip(part: *const f64, blocks: i32, max_norm: f64, out: *mut f64);
-        pub fn adamw_flat(w: *mut f32, g: *const f32, m: *mut f32, v: *mut f32, n: usize,
-            clip: *const f64, beta1: f32, beta2: f32, decay: f32, step: f32, bc2: f32, eps: f32);
+        pub fn adamw_flat(
+            w: *mut f32,
+            g: *const f32,
+            m: *mut f32,
+            v: *mut f32,
+            n: usize,
+            clip: *const f64,
+            beta1: f32,
+            beta2: f32,
+            decay: f32,
+            step: f32,
+            bc2: f32,
+            eps: f32,
+        );
     }
 }
 

@@ -84,9 +84,7 @@ fn emu(d: DropSite) -> cuda_emu::DropSite {
 
 /// One launch of `body` with the shape `l`; a harness diagnostic fails the test.
 fn run(l: Launch, s: Schedule, body: impl Fn()) {
-    if let Err(e) = cuda_emu::launch([l.grid, 1, 1], [l.block, 1, 1], l.shared as usize, s, body) {
-        panic!("{s:?}: {e}");
-    }
+    l.emulate(s, body)
 }
 
 /// `f` under each schedule; the results must be identical (these kernels have no float
@@ -98,6 +96,25 @@ fn on_all<T: PartialEq>(what: &str, f: impl Fn(Schedule) -> T) -> T {
         assert!(o == first, "{what}: {s:?} differs from Schedule::Fixed");
     }
     first
+}
+
+/// The CPU engine's view of the embedding tables and their LayerNorm.
+fn tables<'a>(
+    word: &'a [f32],
+    pos: &'a [f32],
+    typ: &'a [f32],
+    lw: &'a [f32],
+    lb: &'a [f32],
+) -> Embeddings<&'a [f32]> {
+    Embeddings {
+        word_embeddings: word,
+        position_embeddings: pos,
+        token_type_embeddings: typ,
+        layer_norm: LayerNorm {
+            weight: lw,
+            bias: lb,
+        },
+    }
 }
 
 /// A LayerNorm forward's (y, x̂, 1/σ) against the CPU's.
@@ -271,15 +288,7 @@ fn embed_ln_fwd_matches_the_cpu_embeddings_and_layer_norm() {
                 ids: fix(&ids_k, vocab),
                 type_ids: fix(&types_k, ntype),
             };
-            let emb = Embeddings {
-                word_embeddings: &word[..],
-                position_embeddings: &pos[..],
-                token_type_embeddings: &typ[..],
-                layer_norm: LayerNorm {
-                    weight: &lw[..],
-                    bias: &lb[..],
-                },
-            };
+            let emb = tables(&word, &pos, &typ, &lw, &lb);
             let e = embeddings::embed(&emb, &tok, h);
             let (yc, saved) = norm::add_norm(
                 &e,
@@ -782,15 +791,7 @@ fn embed_bwd_matches_the_cpu_scatter_add() {
                 vec![0f32; ntype * h],
             );
             let (lw, lb) = (vec![1f32; h], vec![0f32; h]);
-            let emb = Embeddings {
-                word_embeddings: &word[..],
-                position_embeddings: &pos[..],
-                token_type_embeddings: &typ[..],
-                layer_norm: LayerNorm {
-                    weight: &lw[..],
-                    bias: &lb[..],
-                },
-            };
+            let emb = tables(&word, &pos, &typ, &lw, &lb);
             let tok = TokenIds {
                 batch: b,
                 seq_len: t,

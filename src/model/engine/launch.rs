@@ -25,22 +25,11 @@ const _: () = assert!(
     "loss_fwd_bwd needs a power-of-two block of at most 256 threads"
 );
 
-/// A one-dimensional launch: `grid` blocks of `block` threads with `shared` bytes of dynamic
-/// shared memory.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub(crate) struct Launch {
-    pub grid: u32,
-    pub block: u32,
-    pub shared: u32,
-}
+pub(crate) use crate::gpu::Launch;
 
 /// A grid of `blocks` blocks (at least one) of [`THREADS`] threads.
 pub(crate) fn grid(blocks: usize, shared: u32) -> Launch {
-    Launch {
-        grid: blocks.max(1) as u32,
-        block: THREADS,
-        shared,
-    }
+    Launch::new(blocks, THREADS, shared as usize)
 }
 
 /// One warp per row over `rows` rows.

@@ -74,15 +74,6 @@ fn ptr<T>(s: &CudaSlice<T>, stream: &Arc<CudaStream>) -> u64 {
     s.device_ptr(stream).0
 }
 
-/// The launch shapes of `launch.rs` (shared with the emulated kernel tests) as cudarc's.
-fn config(l: Launch) -> LaunchConfig {
-    LaunchConfig {
-        grid_dim: (l.grid, 1, 1),
-        block_dim: (l.block, 1, 1),
-        shared_mem_bytes: l.shared,
-    }
-}
-
 /// M-FAC's window G (m × ld) and the step's buffers, on one CUDA device.
 pub(crate) struct DeviceWindow {
     stream: Arc<CudaStream>,
@@ -401,7 +392,7 @@ impl DeviceWindow {
             .arg(&wd)
             .arg(&scratch)
             .arg(&flag);
-        let cfg = config(self.gather_launch);
+        let cfg = LaunchConfig::from(self.gather_launch);
         // SAFETY: the arguments match mfac_gather_<P>_<T>'s signature; every pointer is a live
         // allocation of the sizes the kernel indexes (table 3n+1, scratch ld, the tensors of
         // the table, all contiguous with their elem_count), on this stream.
@@ -439,12 +430,13 @@ impl DeviceWindow {
             .arg(&partial);
         // SAFETY: mfac_pass1_<T>(g, G, ld, rows, j, partial): g has ld elements, G m·ld,
         // partial blocks·m ≥ blocks·rows; j < rows ≤ m; shared memory rows·8 bytes.
-        unsafe { b.launch(config(l1)) }.map_err(cuda_err("launching pass 1"))?;
+        unsafe { b.launch(LaunchConfig::from(l1)) }.map_err(cuda_err("launching pass 1"))?;
         let blocks_i = l1.grid as i32;
         let mut b = self.stream.launch_builder(&self.reduce);
         b.arg(&partial).arg(&blocks_i).arg(&rows_i).arg(&krow);
         // SAFETY: mfac_reduce_rows(partial, blocks, rows, out): partial blocks·rows, out ≥ rows.
-        unsafe { b.launch(config(lred)) }.map_err(cuda_err("launching the row reduction"))?;
+        unsafe { b.launch(LaunchConfig::from(lred)) }
+            .map_err(cuda_err("launching the row reduction"))?;
         let mut out = vec![0.0f64; rows];
         self.stream
             .memcpy_dtoh(&self.krow.slice(0..rows), out.as_mut_slice())
@@ -502,7 +494,7 @@ impl DeviceWindow {
         // sums): G m·ld, c ≥ rows, g ld, table 3n+1 with the parameter pointers written by
         // `gather` this step (live tensors of the sizes in the table), v and u d or null, sums
         // 2·blocks; shared memory as `shared_bytes`.
-        unsafe { b.launch(config(l2)) }.map_err(cuda_err("launching pass 2"))?;
+        unsafe { b.launch(LaunchConfig::from(l2)) }.map_err(cuda_err("launching pass 2"))?;
         let parts = self
             .stream
             .clone_dtoh(&self.sums)
@@ -627,7 +619,8 @@ impl DeviceWindow {
             b.arg(&p).arg(&n16).arg(&sink);
             // SAFETY: mfac_read_floor(p, n16, out): p holds n16 16-byte vectors (the window),
             // out has ≥ blocks words.
-            unsafe { b.launch(config(lf)) }.map_err(cuda_err("launching the read kernel"))?;
+            unsafe { b.launch(LaunchConfig::from(lf)) }
+                .map_err(cuda_err("launching the read kernel"))?;
             z.record(&self.stream).map_err(cuda_err("recording"))?;
             let ms = a.elapsed_ms(&z).map_err(cuda_err("timing the read"))? as f64;
             if r > 0 {

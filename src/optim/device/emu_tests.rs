@@ -13,7 +13,7 @@
 //! - the gather and the row write are copies and one rounding each: bit for bit.
 
 use candle_core::DType;
-use cuda_emu::{launch as emu_launch, mfac as k, Schedule};
+use cuda_emu::{mfac as k, Schedule};
 use half::bf16;
 
 use super::launch::{self, Launch};
@@ -86,8 +86,7 @@ struct Kernels<T> {
 }
 
 fn run(l: Launch, s: Schedule, body: impl Fn()) {
-    emu_launch([l.grid, 1, 1], [l.block, 1, 1], l.shared as usize, s, body)
-        .unwrap_or_else(|e| panic!("{s:?}: {e}"));
+    l.emulate(s, body)
 }
 
 struct Rng(u64);

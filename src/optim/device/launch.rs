@@ -17,24 +17,11 @@
 #![cfg_attr(not(feature = "cuda"), allow(dead_code))]
 
 use super::{shared_bytes, DevicePlan, THREADS};
+pub(crate) use crate::gpu::Launch;
 
-/// One kernel launch: a 1-D grid of `grid` blocks of `block` threads and `shared` bytes of
-/// dynamic shared memory.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) struct Launch {
-    pub grid: u32,
-    pub block: u32,
-    pub shared: u32,
-}
-
-impl Launch {
-    fn of(grid: usize, shared: usize) -> Self {
-        Launch {
-            grid: grid.max(1) as u32,
-            block: THREADS,
-            shared: shared as u32,
-        }
-    }
+/// `grid` blocks of the passes' [`THREADS`] with `shared` bytes.
+fn of(grid: usize, shared: usize) -> Launch {
+    Launch::new(grid, THREADS, shared)
 }
 
 /// The passes' grid: `sms` multiprocessors × `per_sm` resident blocks (the occupancy, kept in
@@ -45,27 +32,27 @@ pub(crate) fn resident_blocks(sms: usize, per_sm: usize) -> usize {
 
 /// The gather: a grid-stride loop over the ld columns, at most 8 blocks per multiprocessor.
 pub(crate) fn gather(plan: &DevicePlan, sms: usize) -> Launch {
-    Launch::of(plan.ld.div_ceil(THREADS as usize).min(sms * 8), 0)
+    of(plan.ld.div_ceil(THREADS as usize).min(sms * 8), 0)
 }
 
 /// Pass 1 over the first `rows` rows (row j written, K's partial row per block).
 pub(crate) fn pass1(plan: &DevicePlan, rows: usize) -> Launch {
-    Launch::of(plan.blocks, shared_bytes(plan.dtype, rows).0)
+    of(plan.blocks, shared_bytes(plan.dtype, rows).0)
 }
 
 /// The reduction of pass 1's partial rows: one thread per row.
 pub(crate) fn reduce(rows: usize) -> Launch {
-    Launch::of(rows.div_ceil(THREADS as usize), 0)
+    of(rows.div_ceil(THREADS as usize), 0)
 }
 
 /// Pass 2 over the first `rows` rows.
 pub(crate) fn pass2(plan: &DevicePlan, rows: usize) -> Launch {
-    Launch::of(plan.blocks, shared_bytes(plan.dtype, rows).1)
+    of(plan.blocks, shared_bytes(plan.dtype, rows).1)
 }
 
 /// The floor's plain read of the window.
 pub(crate) fn floor(plan: &DevicePlan) -> Launch {
-    Launch::of(plan.blocks.clamp(1, 65536), 0)
+    of(plan.blocks.clamp(1, 65536), 0)
 }
 
 /// Words of the parameter table for `n` parameters: starts[0..=n], n gradient and n parameter

@@ -7,14 +7,12 @@ use std::sync::Arc;
 
 use candle_core::cuda_backend::cudarc::driver::{
     result as drv, CudaFunction, CudaSlice, CudaStream, DevicePtr, DeviceRepr, DriverError,
-    LaunchConfig,
 };
 use candle_core::cuda_backend::cudarc::nvrtc::Ptx;
 use candle_core::cuda_backend::{CudaDevice, CudaStorageSlice};
 use candle_core::{DType, Storage, Tensor};
 
 use crate::error::{Error, Result};
-use crate::model::engine::launch::Launch;
 // The launch arithmetic and the dropout sites are plain Rust in `engine::launch` (the emulated
 // kernel tests use them without the `cuda` feature); re-exported here under their old paths.
 pub(crate) use crate::model::engine::launch::{
@@ -64,16 +62,6 @@ macro_rules! push_args {
 }
 pub(crate) use launch;
 pub(crate) use push_args;
-
-impl From<Launch> for LaunchConfig {
-    fn from(l: Launch) -> Self {
-        LaunchConfig {
-            grid_dim: (l.grid, 1, 1),
-            block_dim: (l.block, 1, 1),
-            shared_mem_bytes: l.shared,
-        }
-    }
-}
 
 /// The functions of pass.cu.
 pub(crate) struct Kernels {

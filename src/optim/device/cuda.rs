@@ -85,7 +85,6 @@ pub(crate) struct DeviceWindow {
     pass2: CudaFunction,
     floor: CudaFunction,
     gather_launch: Launch,
-    sizes: Vec<usize>,
     host_ptrs: Vec<u64>,
     window: CudaSlice<u8>,
     scratch: CudaSlice<u8>,
@@ -242,7 +241,6 @@ impl DeviceWindow {
             plan,
             n,
             gather_launch: launch::gather(&plan, sms),
-            sizes: vars.iter().map(|v| v.elem_count()).collect(),
             host_ptrs: Vec::with_capacity(2 * n),
             gather,
             pass1,
@@ -370,7 +368,8 @@ impl DeviceWindow {
         for (i, v) in vars.iter().enumerate() {
             p.push(tensor_ptr(v.as_tensor(), &self.stream, &names[i])?);
         }
-        launch::param_table(&self.sizes, &p[..n], &p[n..], &mut self.host_table);
+        let sizes = vars.iter().map(|v| v.elem_count());
+        launch::param_table(sizes, &p[..n], &p[n..], &mut self.host_table);
         let e0 = self.event()?;
         self.stream
             .memcpy_htod(self.host_table.as_slice(), &mut self.table)

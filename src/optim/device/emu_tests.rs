@@ -175,7 +175,7 @@ fn step<P: Raw, T: Raw>(kern: &Kernels<T>, c: Case, s: Schedule, seed: u64) {
         .collect();
     let pptr: Vec<u64> = params.iter_mut().map(|p| p.as_mut_ptr() as u64).collect();
     let mut table = Vec::new();
-    launch::param_table(c.sizes, &gptr, &pptr, &mut table);
+    launch::param_table(c.sizes.iter().copied(), &gptr, &pptr, &mut table);
 
     // Gather: scratch starts as garbage (the padding must come out zero).
     let mut scratch: Vec<T> = vec![T::of(f64::NAN); ld];
@@ -436,7 +436,7 @@ fn gather_flag(
     let gptr: Vec<u64> = grads.iter().map(|g| g.as_ptr() as u64).collect();
     let pptr: Vec<u64> = params.iter_mut().map(|p| p.as_mut_ptr() as u64).collect();
     let mut table = Vec::new();
-    launch::param_table(sizes, &gptr, &pptr, &mut table);
+    launch::param_table(sizes.iter().copied(), &gptr, &pptr, &mut table);
     let mut out = vec![0f32; plan.ld];
     let mut flag = i32::MAX;
     let (tp, op, fp, n) = (

@@ -64,15 +64,20 @@ pub(crate) fn table_len(n: usize) -> usize {
 /// The parameter table the gather and pass 2 read (`find_param` in mfac.cu): the flat start of
 /// each parameter and d at the end (`sizes` in order), then each gradient's address (0: no
 /// gradient, read as zeros), then each parameter's address. Written into `out` (cleared first).
-pub(crate) fn param_table(sizes: &[usize], grads: &[u64], params: &[u64], out: &mut Vec<u64>) {
-    debug_assert!(grads.len() == sizes.len() && params.len() == sizes.len());
+pub(crate) fn param_table(
+    sizes: impl IntoIterator<Item = usize>,
+    grads: &[u64],
+    params: &[u64],
+    out: &mut Vec<u64>,
+) {
     out.clear();
     let mut start = 0u64;
-    for &s in sizes {
+    for s in sizes {
         out.push(start);
         start += s as u64;
     }
     out.push(start);
+    debug_assert!(grads.len() == out.len() - 1 && params.len() == out.len() - 1);
     out.extend_from_slice(grads);
     out.extend_from_slice(params);
 }
@@ -85,7 +90,7 @@ mod tests {
     #[test]
     fn the_table_holds_starts_then_gradients_then_parameters() {
         let mut t = Vec::new();
-        param_table(&[3, 0, 5], &[10, 0, 30], &[1, 2, 3], &mut t);
+        param_table([3, 0, 5], &[10, 0, 30], &[1, 2, 3], &mut t);
         assert_eq!(t, vec![0, 3, 3, 8, 10, 0, 30, 1, 2, 3]);
         assert_eq!(t.len(), table_len(3));
     }

@@ -1,12 +1,17 @@
 //! Benchmark of one M-FAC step on the CPU, against the memory-bandwidth floor.
 //!
 //! ```sh
-//! cargo run --release --example bench_mfac -- [--d 4386307] [--m 32,128,256] [--dtype f32,bf16] [--steps 10]
+//! cargo run --release --example bench_mfac -- [--d 4386307] [--m 32,128,256] [--dtype f32,bf16] [--steps 10] [--noise 1]
 //! ```
 //! For each window size m and window dtype: fills the window (m steps), then times `--steps`
-//! more steps and prints the median ms per step, the effective bandwidth over the two passes
-//! (2·m·d·s bytes), and two plain streaming reads of the same bytes timed right after each step
-//! (the floor), and the ratio step / floor.
+//! more steps and prints the median ms per step, split into the m×m side (the host's f64 work:
+//! its median per step, the from-scratch rebuild that comes every m steps, and the two
+//! amortised: the mean per step + rebuild / m; the share of steps the guard checked) and the rest (the window passes and the d-sized work), the
+//! effective bandwidth over the two passes (2·m·d·s bytes), two plain streaming reads of the
+//! same bytes timed right after each step (the floor), and the ratio step / floor.
+//!
+//! The m×m side alone: a window so small that the passes cost little, e.g.
+//! `--d 4096 --m 1024 --dtype f32 --steps 300`.
 
 use std::time::Instant;
 
@@ -32,6 +37,8 @@ fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let d: usize = arg(&args, "--d", "4386307").parse().context("--d")?;
     let steps: usize = arg(&args, "--steps", "10").parse().context("--steps")?;
+    // The fresh part of each gradient, relative to the shared one (0: a window of rank 4).
+    let noise_size: f32 = arg(&args, "--noise", "1").parse().context("--noise")?;
     let ms: Vec<usize> = arg(&args, "--m", "32,128,256")
         .split(',')
         .map(|s| s.parse())
@@ -50,20 +57,39 @@ fn main() -> Result<()> {
             .map(|n| n.get())
             .unwrap_or(1)
     );
-    println!("| m | window | window GB | step ms (median) | GB/s over 2 passes | floor ms (2 reads) | step / floor |");
-    println!("|---|---|---|---|---|---|---|");
+    println!("| m | window | window GB | step ms (median) | m×m ms (median) | rebuild ms (every m steps) | m×m ms amortised | guard checks / step | passes + rest ms | GB/s over 2 passes | floor ms (2 reads) | step / floor |");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|---|");
     let mut rng = SeededRng::new(1);
     let w = Var::from_tensor(
         &Tensor::from_vec(rng.normal_vec(d, 0.0, 1.0), d, &Device::Cpu)?.to_dtype(DType::F32)?,
     )?;
-    let grads: Vec<Tensor> = (0..4)
+    // Gradients like a training run's: four shared directions, cycled, plus fresh noise of the
+    // same size every step (mini-batch noise), so the window has full rank. (Four directions
+    // alone would make K of rank 4: every new row in the span of the others, the m×m side's
+    // worst case, where the guard checks every step.)
+    let pool: Vec<Vec<f32>> = (0..4)
         .map(|_| {
-            Ok(
-                Tensor::from_vec(rng.normal_vec(d, 0.0, 1e-3), d, &Device::Cpu)?
-                    .to_dtype(DType::F32)?,
-            )
+            rng.normal_vec(d, 0.0, 1e-3)
+                .iter()
+                .map(|&x| x as f32)
+                .collect()
         })
-        .collect::<Result<_>>()?;
+        .collect();
+    let mut noise = 0x9E37_79B9_7F4A_7C15u64;
+    let mut gradient = |t: usize| -> Result<Tensor> {
+        let g: Vec<f32> = pool[t % pool.len()]
+            .iter()
+            .map(|&x| {
+                // xorshift64: a uniform in [-1, 1), cheap enough for d = 4.4M every step.
+                noise ^= noise << 13;
+                noise ^= noise >> 7;
+                noise ^= noise << 17;
+                // Uniform in [-√3, √3)·1e-3: the shared part's standard deviation.
+                x + noise_size * 1.732e-3 * ((noise >> 40) as f32 / (1u64 << 23) as f32 - 1.0)
+            })
+            .collect();
+        Ok(Tensor::from_vec(g, d, &Device::Cpu)?)
+    };
     for &m in &ms {
         for &dt in &dtypes {
             let cfg = MFacConfig {
@@ -76,16 +102,25 @@ fn main() -> Result<()> {
             // The floor: the same number of bytes, read twice by the same threads. It is timed
             // right after each step, so both see the same machine (this VM's bandwidth drifts).
             let buf = vec![1.0f32; (bytes / 4.0) as usize];
-            let (mut times, mut reads) = (vec![], vec![]);
+            let (mut times, mut reads, mut gram, mut rest) = (vec![], vec![], vec![], vec![]);
+            let mut timed = mfac_lab::optim::GramTiming::default();
             let mut check = 0.0;
             for t in 0..m + steps {
-                let store = (w.as_tensor() * &grads[t % grads.len()])?
-                    .sum_all()?
-                    .backward()?;
+                let store = (w.as_tensor() * gradient(t)?)?.sum_all()?.backward()?;
+                let before = opt.gram_timing();
                 let t0 = Instant::now();
                 opt.try_step(&store)?;
                 if t >= m {
-                    times.push(t0.elapsed().as_secs_f64());
+                    let step = t0.elapsed().as_secs_f64();
+                    let g = opt.gram_timing().since(&before);
+                    timed.steps += g.steps;
+                    timed.checks += g.checks;
+                    times.push(step);
+                    rest.push(step - g.seconds);
+                    // Steps that rebuilt are counted in the rebuild column.
+                    if g.rebuilds == 0 {
+                        gram.push(g.seconds);
+                    }
                     let t0 = Instant::now();
                     check += streaming_read(&buf);
                     check += streaming_read(&buf);
@@ -95,11 +130,22 @@ fn main() -> Result<()> {
             assert!(check > 0.0);
             let step = median(times);
             let floor = median(reads);
+            let all = opt.gram_timing();
+            let rebuild = all.rebuild_seconds / all.rebuilds.max(1) as f64;
+            // Amortised: the mean of the steps (a guard check on some, none on others) plus
+            // the rebuild's share.
+            let mean = gram.iter().sum::<f64>() / gram.len().max(1) as f64;
+            let gram = if gram.is_empty() { 0.0 } else { median(gram) };
             drop(opt);
             println!(
-                "| {m} | {dt:?} | {:.3} | {:.1} | {:.1} | {:.1} | {:.2} |",
+                "| {m} | {dt:?} | {:.3} | {:.2} | {:.3} | {:.1} | {:.3} | {:.2} | {:.2} | {:.1} | {:.1} | {:.2} |",
                 bytes / 1e9,
                 step * 1e3,
+                gram * 1e3,
+                rebuild * 1e3,
+                (mean + rebuild / m as f64) * 1e3,
+                timed.checks as f64 / timed.steps.max(1) as f64,
+                median(rest) * 1e3,
                 2.0 * bytes / step / 1e9,
                 floor * 1e3,
                 step / floor

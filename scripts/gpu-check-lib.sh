@@ -32,11 +32,22 @@ cuda_libraries() {
   export LD_LIBRARY_PATH
 }
 
-# unpack NAME: $PACK/bin/NAME.gz into $BIN/NAME, once, when a stage first needs it (unpacking
-# every binary up front costs seconds of GPU time for stages that may never run).
+# unpack NAME: $PACK/bin/NAME.xz (or .gz) into $BIN/NAME, once, when a stage first needs it
+# (unpacking every binary up front costs seconds of GPU time for stages that may never run).
+# Without an xz command, Python's lzma module unpacks it.
 unpack() {
-  local name=$1
+  local name=$1 src
   [ -x "$BIN/$name" ] && return 0
-  [ -f "$PACK/bin/$name.gz" ] || return 0
-  gunzip -c "$PACK/bin/$name.gz" >"$BIN/$name" && chmod +x "$BIN/$name"
+  if [ -f "$PACK/bin/$name.xz" ]; then
+    src=$PACK/bin/$name.xz
+    if command -v xz >/dev/null 2>&1; then
+      xz -dc "$src" >"$BIN/$name"
+    else
+      python3 -c 'import lzma, shutil, sys; shutil.copyfileobj(lzma.open(sys.argv[1]), open(sys.argv[2], "wb"))' "$src" "$BIN/$name"
+    fi
+  elif [ -f "$PACK/bin/$name.gz" ]; then
+    gunzip -c "$PACK/bin/$name.gz" >"$BIN/$name"
+  else
+    return 0
+  fi && chmod +x "$BIN/$name"
 }

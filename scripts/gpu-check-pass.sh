@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU check of the CUDA pass (issue 13): examples/gpu_pass_check.rs, run on the GPU machine
-# from gpu-pack/ (built here by scripts/gpu-pack.sh, which packs bin/gpu_pass_check.gz).
+# from gpu-pack/ (built here by scripts/gpu-pack.sh, which packs bin/gpu_pass_check.xz).
 #
 # Standalone:      bash scripts/gpu-check-pass.sh  (device tool: carry ["gpu-pack"], timeout_s 300)
 # Usually not alone: scripts/gpu-check.sh runs these stages too, in one run of ≤ 8 minutes.
@@ -18,10 +18,10 @@
 # A/B: MFAC_LAB_CUDA_PASS=off makes Engine::for_model pick the graph on CUDA again.
 # Each stage on its own, so gpu-check.sh can interleave them with its own, most telling first.
 pass_bin() {
-  G="$BIN/gpu_pass_check"
+  P="$BIN/gpu_pass_check"
   unpack gpu_pass_check
-  if [ ! -x "$G" ]; then
-    echo "no $G: the pack lacks bin/gpu_pass_check.gz (scripts/gpu-pack.sh builds it)"
+  if [ ! -x "$P" ]; then
+    echo "no $P: the pack lacks bin/gpu_pass_check.xz (scripts/gpu-pack.sh builds it)"
     FAILED+=("pass (no binary)")
     return 1
   fi
@@ -30,11 +30,11 @@ pass_parity() {
   pass_bin || return
   local micro=() F="$PACK/fixtures"
   [ -f "$F/bert-micro-random/model.safetensors" ] && micro=(--model "$F/bert-micro-random")
-  stage pass-parity 60 "$G" parity "${micro[@]}" --json "$JSON"
+  stage pass-parity 60 "$P" parity "${micro[@]}" --json "$JSON"
 }
-pass_dropout() { pass_bin && stage pass-dropout 30 "$G" dropout --json "$JSON"; }
-pass_replay() { pass_bin && stage pass-replay 45 "$G" replay --steps 20 --json "$JSON"; }
-pass_bench() { pass_bin && stage pass-bench 90 "$G" bench --steps 30 --m 1024 --json "$JSON"; }
+pass_dropout() { pass_bin && stage pass-dropout 30 "$P" dropout --json "$JSON"; }
+pass_replay() { pass_bin && stage pass-replay 45 "$P" replay --steps 20 --json "$JSON"; }
+pass_bench() { pass_bin && stage pass-bench 90 "$P" bench --steps 30 --m 1024 --json "$JSON"; }
 pass_stages() {
   pass_parity
   pass_dropout

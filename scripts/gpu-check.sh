@@ -69,6 +69,7 @@ echo "all stages passed"
 }
 
 run_stages() {
+# $G runs gpu_check's stages; the pass's stages (gpu-check-pass.sh) run theirs with $P.
 G="$BIN/gpu_check"
 F="$PACK/fixtures"
 local pass=${GPU_CHECK_PASS:-1}
@@ -83,12 +84,10 @@ stage replay 40 "$G" replay --traj "$F/trajectories/case5_micro_mfac_mom_wd.safe
 stage e2e 60 env MFAC_LAB_CUDA_PASS=off "$G" e2e --json "$JSON"
 stage mfac-f32 60 "$G" mfac --m 1024 --dtype f32 --steps 30 --json "$JSON"
 [ "$pass" = 1 ] && pass_bench
-G="$BIN/gpu_check"
 stage train 45 "$G" train --m 1024 --steps 20 --json "$JSON"
 stage bf16 40 "$G" bf16 --m 32 --steps 64 --json "$JSON"
 [ "$pass" = 1 ] && pass_dropout
 [ "$pass" = 1 ] && pass_replay
-G="$BIN/gpu_check"
 stage mfac-bf16 45 "$G" mfac --m 1024 --dtype bf16 --steps 30 --json "$JSON"
 unpack mfac-lab
 if [ -x "$BIN/mfac-lab" ]; then

@@ -6,7 +6,7 @@ use candle_core::backprop::GradStore;
 use candle_core::{CpuStorage, DType, Device, Layout, Tensor, Var};
 
 use crate::error::{Error, Result};
-use crate::optim::gram::GramSolver;
+use crate::optim::gram::{GramSolver, GramTiming};
 use crate::optim::host::with_cpu_slice;
 use crate::optim::window::{all_finite, par_zip_mut, Elem, HostWindow};
 
@@ -721,7 +721,7 @@ impl MFac {
     /// The m×m Gram matrix K = G Gᵀ (f64, CPU).
     pub fn gram_matrix(&self) -> Result<Tensor> {
         let m = self.cfg.num_grads;
-        Ok(Tensor::from_slice(&self.gram.k, (m, m), &Device::Cpu)?)
+        Ok(Tensor::from_vec(self.gram.gram(), (m, m), &Device::Cpu)?)
     }
     /// Row `slot` of the window, as f64 (what the window stores, in its dtype's precision).
     pub fn window_row(&self, slot: usize) -> Result<Vec<f64>> {
@@ -748,7 +748,17 @@ impl MFac {
     }
     /// How many times the inverse was rebuilt from scratch.
     pub fn refresh_count(&self) -> usize {
-        self.gram.refreshes
+        self.gram.refreshes()
+    }
+    /// How many of those rebuilds the backward-error guard forced (a loss of accuracy in the
+    /// O(m²) update, repaired in the same step).
+    pub fn repair_count(&self) -> usize {
+        self.gram.repairs()
+    }
+    /// Where the m×m side's time went since the optimizer was made (steps, seconds, rebuilds):
+    /// the host's f64 work, on the CPU and with a device window alike.
+    pub fn gram_timing(&self) -> GramTiming {
+        self.gram.timing()
     }
     /// Bytes held by the window (m × d elements; a device window pads its rows by < 512).
     pub fn window_bytes(&self) -> u128 {
@@ -806,8 +816,11 @@ impl MFac {
             HostWindow::BF16(v) => w.add("window", v, &[m, d]),
             HostWindow::F64(v) => w.add("window", v, &[m, d]),
         }
-        w.add("gram", &self.gram.k, &[m, m]);
-        w.add("gram_inverse", &self.gram.inv, &[m, m]);
+        // Full m×m matrices, as the solver's packed triangles unpacked (and B's pending change
+        // applied): the file format does not depend on how the solver stores them.
+        let (gram, gram_inverse) = (self.gram.gram(), self.gram.inverse());
+        w.add("gram", &gram, &[m, m]);
+        w.add("gram_inverse", &gram_inverse, &[m, m]);
         w.add("coefficients", &self.last_c, &[]);
         if let Some(v) = momentum {
             w.add("momentum", v, &[]);
@@ -827,8 +840,8 @@ impl MFac {
                 "ring": self.ring,
                 "filled": self.filled,
                 "steps": self.steps,
-                "since_refresh": self.gram.since_refresh,
-                "refreshes": self.gram.refreshes,
+                "since_refresh": self.gram.since_refresh(),
+                "refreshes": self.gram.refreshes(),
                 "last": last,
             }),
         )
@@ -900,8 +913,9 @@ impl MFac {
                 HostWindow::F64(v) => r.read_into("window", v)?,
             }
         }
-        r.read_into("gram", &mut self.gram.k)?;
-        r.read_into("gram_inverse", &mut self.gram.inv)?;
+        let (mut k, mut inv) = (vec![0.0; m * m], vec![0.0; m * m]);
+        r.read_into("gram", &mut k)?;
+        r.read_into("gram_inverse", &mut inv)?;
         r.read_into("coefficients", &mut self.last_c)?;
         match (&mut self.v, r.has("momentum")) {
             (Some(v), true) => r.read_into("momentum", v)?,
@@ -919,8 +933,8 @@ impl MFac {
         self.ring = r.scalar("ring")?;
         self.filled = r.scalar("filled")?;
         self.steps = r.scalar("steps")?;
-        self.gram.since_refresh = r.scalar("since_refresh")?;
-        self.gram.refreshes = r.scalar("refreshes")?;
+        self.gram
+            .restore(&k, &inv, r.scalar("since_refresh")?, r.scalar("refreshes")?);
         let last: Option<serde_json::Value> = r.scalar("last")?;
         self.last = match last {
             Some(l) => Some(MFacStep {

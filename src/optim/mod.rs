@@ -15,6 +15,7 @@ mod window;
 pub use adamw::{AdamW, AdamWConfig};
 pub use clip::{clip_grad_norm, grad_norm};
 pub use device::StepProfile;
+pub use gram::GramTiming;
 pub use mfac::{MFac, MFacConfig, MFacStep};
 pub use schedule::LinearSchedule;
 pub use spec::{OptimizerSpec, ADAMW_KEYS, CARD_LR, MFAC_KEYS, OPTIM_NAMES};

@@ -25,9 +25,9 @@
 //! # The guard
 //! c's normwise backward error ‖A c − e_j‖∞ / (‖A‖∞ ‖c‖∞) takes one read of K (as much memory
 //! traffic as half a sweep), so it is checked every [`CHECK_EVERY`]-th update and on every
-//! update that lost ≥ 4 digits to cancellation in its pivot s or its downdated column cb
-//! ([`KAPPA_CHECK`]; that loss is what makes one step's c inaccurate, and it is measured in
-//! O(m)). Above [`RESIDUAL_TOL`], or when a pivot is not positive (rounding lost definiteness),
+//! update that lost ≥ 4 digits to cancellation in y = B a₀, in its downdated column cb or in its
+//! pivot s ([`KAPPA_CHECK`]; that loss is what makes one step's c inaccurate, and it is measured
+//! — for y, bounded from B's diagonal — in O(m)). Above [`RESIDUAL_TOL`], or when a pivot is not positive (rounding lost definiteness),
 //! B is rebuilt from scratch and c taken from it, and the repair is counted
 //! ([`GramSolver::repairs`]).
 //!
@@ -187,7 +187,7 @@ impl GramSolver {
 
     /// The O(m²) update after row/column j of K became `row` (module docs): one sweep, then
     /// O(m) work. Returns c and the step's cancellation factor κ (how many times larger the
-    /// terms of s and cb were than s and cb); `None` when a pivot is not positive (rounding
+    /// terms of y, cb and s were than y, cb and s); `None` when a pivot is not positive (rounding
     /// lost definiteness).
     fn update(&mut self, j: usize, row: &[f64]) -> Option<(Vec<f64>, f64)> {
         let m = self.m;
@@ -213,7 +213,18 @@ impl GramSolver {
             .map(|(y, b)| y.abs() + (b * h).abs())
             .fold(0.0, f64::max);
         let max_q = q.iter().fold(0.0f64, |x, v| x.max(v.abs()));
-        let kappa = (terms_s / s).max(if max_q > 0.0 { terms_q / max_q } else { 1.0 });
+        // And of y = B a₀ itself: its terms Σₗ |Bᵢₗ a₀ₗ| are at most √Bᵢᵢ · Σₗ √Bₗₗ |a₀ₗ| (B is
+        // positive definite, so |Bᵢₗ| ≤ √(Bᵢᵢ Bₗₗ)): an O(m) bound from B's diagonal. Without
+        // it a window of nearly collinear gradients loses every digit of y unseen (the guard's
+        // test: κ of s and cb 4e3, y's 1e13, c's backward error 9e-5).
+        let sd: Vec<f64> = (0..m).map(|l| self.inv[tri(l) + l].max(0.0).sqrt()).collect();
+        let terms_y = sd.iter().fold(0.0f64, |x, v| x.max(*v))
+            * sd.iter().zip(&a0).map(|(s, a)| s * a.abs()).sum::<f64>();
+        let max_y = y.iter().fold(0.0f64, |x, v| x.max(v.abs()));
+        let ratio = |terms: f64, max: f64| if max > 0.0 { terms / max } else { 1.0 };
+        let kappa = (terms_s / s)
+            .max(ratio(terms_q, max_q))
+            .max(ratio(terms_y, max_y));
         let inv_s = 1.0 / s;
         let mut c: Vec<f64> = q.iter().map(|qi| -qi * inv_s).collect();
         c[j] = inv_s;

@@ -1,13 +1,13 @@
 //! Build script: with the `cuda` feature, compiles M-FAC's device kernels
-//! (src/optim/device/kernels/mfac.cu) with nvcc into one fatbin — sm_90a machine code for the
+//! (src/optim/mfac/window/device/kernels/mfac.cu) with nvcc into one fatbin — sm_90a machine code for the
 //! H100/H200 (nothing is JIT-compiled at the first step) plus compute_90 PTX for later GPUs —
-//! which src/optim/device/cuda.rs embeds; and bakes the GPU machine's library folders into the
+//! which src/optim/mfac/window/device/cuda.rs embeds; and bakes the GPU machine's library folders into the
 //! binaries' run path (../shared/docs/gpu.md). Without the feature it does nothing.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-const KERNELS: &str = "src/optim/device/kernels/mfac.cu";
+const KERNELS: &str = "src/optim/mfac/window/device/kernels/mfac.cu";
 const PASS_KERNELS: &str = "src/model/engine/cuda/kernels/pass.cu";
 
 /// Where the GPU machine keeps libcuda, libcublas, libcurand and libcudart (gpu.md).
@@ -36,7 +36,7 @@ fn main() {
         })
         .unwrap_or_else(|| PathBuf::from("nvcc"));
     let out = PathBuf::from(std::env::var_os("OUT_DIR").expect("cargo sets OUT_DIR"));
-    // M-FAC's window (src/optim/device/cuda.rs) and the CUDA pass (src/model/engine/cuda).
+    // M-FAC's window (src/optim/mfac/window/device/cuda.rs) and the CUDA pass (src/model/engine/cuda).
     compile_fatbin(&nvcc, &out, KERNELS, "mfac");
     compile_fatbin(&nvcc, &out, PASS_KERNELS, "pass");
     for dir in RPATHS {

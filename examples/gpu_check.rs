@@ -26,7 +26,7 @@ use mfac_lab::compare::{compare_optimizers, CompareConfig, ModelSource};
 use mfac_lab::data::mnli_sample;
 use mfac_lab::model::{Batch, BertClassifier, BertConfig, PairTokenizer};
 use mfac_lab::optim::{AdamWConfig, MFac, MFacConfig, OptimizerSpec};
-use mfac_lab::train::{latest_checkpoint, scalar, Optim, Stepper, TrainConfig, Trainer};
+use mfac_lab::train::{latest_checkpoint, scalar, Stepper, TrainConfig, Trainer};
 
 mod gpu_common;
 use gpu_common::{cuda, median, rel, Args, Out};
@@ -335,7 +335,7 @@ fn replay_on(
     if meta["optimizer"].as_str() != Some("mfac") {
         bail!("{}: not an M-FAC trajectory", path.display());
     }
-    let spec = OptimizerSpec::MFac(MFacConfig {
+    let spec = OptimizerSpec::new(MFacConfig {
         lr: f("lr")?,
         num_grads: f("ngrads")? as usize,
         damp: f("damp")?,
@@ -807,7 +807,7 @@ fn train_bench(args: &Args, out: &mut Out) -> Result<()> {
     let batch = random_batch(32, 128, &dev)?;
     let cfg = TrainConfig::run_glue();
     let total = cfg.total_steps(392_702);
-    let adamw = OptimizerSpec::AdamW(AdamWConfig {
+    let adamw = OptimizerSpec::new(AdamWConfig {
         lr: 1e-4,
         ..AdamWConfig::default()
     });
@@ -826,7 +826,7 @@ fn train_bench(args: &Args, out: &mut Out) -> Result<()> {
     // Fill the window with synthetic gradients first (a full window is what the recipe runs).
     let vars = model.vars();
     let grads = synthetic_grads(&vars, 4)?;
-    if let Optim::MFac(o) = st.optimizer_mut() {
+    if let Some(o) = st.optimizer_mut().downcast_mut::<MFac>() {
         for k in 0..m {
             o.try_step(&grads[k % grads.len()])?;
         }

@@ -323,7 +323,7 @@ fn replay(args: &Args, out: &mut Out) -> Result<()> {
     let mut cfg = TrainConfig::run_glue();
     cfg.dropout = false;
     cfg.schedule = Schedule::Linear;
-    let spec = OptimizerSpec::AdamW(AdamWConfig {
+    let spec = OptimizerSpec::new(AdamWConfig {
         lr: 1e-3,
         weight_decay: 0.01,
         ..AdamWConfig::default()
@@ -411,7 +411,7 @@ fn bench(args: &Args, out: &mut Out) -> Result<()> {
     let s128 = vec![to_dev(&random_batch(32, 128, 7, &Device::Cpu)?, &dev)?];
     let mix = mnli_mix(&dev)?;
     let mean_t = mix.iter().map(|b| b.seq_len() as f64).sum::<f64>() / mix.len() as f64;
-    let adamw = OptimizerSpec::AdamW(AdamWConfig {
+    let adamw = OptimizerSpec::new(AdamWConfig {
         lr: 1e-4,
         ..AdamWConfig::default()
     });

@@ -91,10 +91,11 @@ pub struct GlueFlags {
     /// Evaluation batch size.
     #[arg(long, default_value = "64", value_parser = positive)]
     pub per_device_eval_batch_size: usize,
-    /// Peak learning rate (M-FAC's `lr` in --optim_args wins over it).
+    /// Peak learning rate (an `lr` in --optim_args wins over it).
     #[arg(long, default_value = "5e-5", value_parser = finite, allow_negative_numbers = true)]
     pub learning_rate: f64,
-    /// AdamW's decoupled weight decay (biases and LayerNorm excluded).
+    /// Weight decay of AdamW (decoupled) and SGD (added to the gradient), biases and LayerNorm
+    /// excluded; M-FAC takes `weight_decay` in --optim_args.
     #[arg(long, default_value = "0", value_parser = finite, allow_negative_numbers = true)]
     pub weight_decay: f64,
     /// Epochs (may be fractional).
@@ -140,7 +141,7 @@ pub struct GlueFlags {
     /// Keep only the K newest checkpoints.
     #[arg(long, value_parser = positive)]
     pub save_total_limit: Option<usize>,
-    /// Optimizer: adamw_torch (also adamw, adamw_hf, adamw_torch_fused) or MFAC.
+    /// Optimizer: adamw_torch (also adamw, adamw_hf, adamw_torch_fused), MFAC or sgd.
     #[arg(long, default_value = "adamw_torch")]
     pub optim: String,
     /// Optimizer options: `key: value, …`, `key=value,…` or JSON, e.g.
@@ -243,10 +244,8 @@ impl GlueArgs {
     /// Checks parsed flags and builds the training config and optimizer from them.
     pub fn from_flags(f: GlueFlags) -> Result<Self> {
         let mut optimizer = OptimizerSpec::parse_with_lr(&f.optim, &f.optim_args, f.learning_rate)?;
-        if let OptimizerSpec::AdamW(c) = &mut optimizer {
-            if f.weight_decay > 0.0 {
-                c.weight_decay = f.weight_decay;
-            }
+        if f.weight_decay > 0.0 {
+            optimizer.set_hf_weight_decay(f.weight_decay);
         }
         let train = TrainConfig {
             batch_size: f.per_device_train_batch_size,
@@ -316,8 +315,8 @@ pub struct CompareFlags {
     /// An optimizer (repeatable; paired in order with --optim_args). Default: Adam vs M-FAC.
     #[arg(long)]
     pub optim: Vec<String>,
-    /// Options of the --optim at the same position. M-FAC without `lr` gets the card's lr
-    /// scaled to its num_grads (docs/MFAC_LR.md).
+    /// Options of the --optim at the same position. Without `lr`: the card's 1e-4, which M-FAC
+    /// scales to its num_grads (docs/MFAC_LR.md).
     #[arg(long)]
     pub optim_args: Vec<String>,
     /// Seeds, comma-separated (default 42; the demo 42,43).

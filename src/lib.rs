@@ -41,7 +41,8 @@ pub mod prelude {
         PairTokenizer,
     };
     pub use crate::optim::{
-        clip_grad_norm, AdamW, AdamWConfig, LinearSchedule, MFac, MFacConfig, OptimizerSpec,
+        clip_grad_norm, AdamW, AdamWConfig, LinearSchedule, MFac, MFacConfig, OptimizerSpec, Sgd,
+        SgdConfig,
     };
     pub use crate::plot::Figure;
     pub use crate::train::{RunHistory, TrainConfig, Trainer};

@@ -11,7 +11,7 @@ mod common;
 use candle_core::{Device, Var};
 use common::grads_for;
 use mfac_lab::compare::{default_specs, demo_specs, DEMO_NUM_GRADS};
-use mfac_lab::optim::{MFac, MFacConfig, OptimizerSpec};
+use mfac_lab::optim::{MFac, MFacConfig, OptimKind, OptimizerSpec};
 
 const D: usize = 2048;
 /// Entries ±1/32 (exact in f32 and bf16): ‖row‖² = 2048/1024 = 2.
@@ -125,8 +125,8 @@ fn the_demo_runs_mfac_with_the_scaled_lr() {
     assert_eq!(DEMO_NUM_GRADS, 32);
     let mfac = specs
         .iter()
-        .find_map(|s| match s.base() {
-            OptimizerSpec::MFac(c) => Some(*c),
+        .find_map(|s| match s.kind() {
+            OptimKind::MFac(c) => Some(*c),
             _ => None,
         })
         .expect("the demo compares against M-FAC");

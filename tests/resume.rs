@@ -1,13 +1,13 @@
 //! Resuming a run exactly: a run stopped at step k and resumed from its checkpoint ends with
 //! the same weights (bit for bit), the same metrics and the same history as the run that was
-//! never stopped — for AdamW and M-FAC, f32 and f64, with dropout on, on the CPU.
+//! never stopped — for AdamW, M-FAC and SGD, f32 and f64, with dropout on, on the CPU.
 
 mod common;
 
 use candle_core::{DType, Device};
 use common::fixture;
 use mfac_lab::data::mnli_sample;
-use mfac_lab::optim::{AdamWConfig, MFacConfig, OptimizerSpec};
+use mfac_lab::optim::{AdamWConfig, MFacConfig, OptimizerSpec, SgdConfig};
 use mfac_lab::prelude::*;
 use mfac_lab::train::{checkpoint_dir, latest_checkpoint, EvalRecord, TrainRecord};
 
@@ -133,8 +133,21 @@ fn adamw_f32_resumes_bit_identically() {
 }
 
 #[test]
+fn sgd_f32_resumes_bit_identically_with_nesterov_momentum_and_weight_decay() {
+    // The momentum buffers are state: stopped mid-epoch, after they exist.
+    let spec = OptimizerSpec::sgd(SgdConfig {
+        lr: 1e-2,
+        momentum: 0.9,
+        nesterov: true,
+        weight_decay: 0.01,
+        ..Default::default()
+    });
+    stop_and_resume(spec, DType::F32, 6);
+}
+
+#[test]
 fn adamw_f64_resumes_bit_identically_with_weight_decay() {
-    let spec = OptimizerSpec::AdamW(AdamWConfig {
+    let spec = OptimizerSpec::new(AdamWConfig {
         lr: 1e-3,
         weight_decay: 0.01,
         ..Default::default()

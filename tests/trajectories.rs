@@ -9,7 +9,7 @@ use std::collections::HashMap;
 use candle_core::{DType, Device, Tensor};
 use common::{fixture, load_st, st_metadata};
 use mfac_lab::model::{Batch, BertClassifier};
-use mfac_lab::optim::{AdamWConfig, MFacConfig, OptimizerSpec};
+use mfac_lab::optim::{AdamWConfig, MFacConfig, OptimKind, OptimizerSpec};
 use mfac_lab::train::{scalar, Schedule, Stepper, TrainConfig};
 
 struct Traj {
@@ -25,14 +25,14 @@ fn load(name: &str) -> Traj {
     let hp = &meta["hyperparameters"];
     let f = |k: &str| hp[k].as_f64().unwrap();
     let spec = match meta["optimizer"].as_str().unwrap() {
-        "adamw" => OptimizerSpec::AdamW(AdamWConfig {
+        "adamw" => OptimizerSpec::new(AdamWConfig {
             lr: f("lr"),
             beta1: hp["betas"][0].as_f64().unwrap(),
             beta2: hp["betas"][1].as_f64().unwrap(),
             eps: f("eps"),
             weight_decay: f("weight_decay"),
         }),
-        "mfac" => OptimizerSpec::MFac(MFacConfig {
+        "mfac" => OptimizerSpec::new(MFacConfig {
             lr: f("lr"),
             num_grads: f("ngrads") as usize,
             damp: f("damp"),
@@ -128,8 +128,8 @@ fn replay(tr: &Traj, edit: impl Fn(&mut TrainConfig)) -> Errs {
 /// whose damp 1e-6 amplifies rounding by |g|²/(m·damp) ~ 1e5; the smallest semantic mistake moves
 /// losses by ≥ 1e-3. The bounds sit 1e3 above the noise and far below any mistake.
 fn tolerances(spec: &OptimizerSpec) -> (f64, f64, f64, f64) {
-    match spec.base() {
-        OptimizerSpec::MFac(_) => (1e-8, 1e-8, 1e-8, 1e-6),
+    match spec.kind() {
+        OptimKind::MFac(_) => (1e-8, 1e-8, 1e-8, 1e-6),
         _ => (1e-10, 1e-10, 1e-10, 1e-8),
     }
 }

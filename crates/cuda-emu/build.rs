@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 /// The kernel files, relative to this crate.
 const KERNELS: [&str; 2] = [
-    "../../src/optim/device/kernels/mfac.cu",
+    "../../src/optim/mfac/window/device/kernels/mfac.cu",
     "../../src/model/engine/cuda/kernels/pass.cu",
 ];
 

@@ -4,13 +4,13 @@
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
-use candle_core::{DType, Device, Tensor, Var, D};
+use candle_core::{DType, Device, Tensor, Var};
 
 use crate::error::{Error, Result};
 use crate::hub::{Hub, RepoKind};
 use crate::model::batch::Batch;
 use crate::model::config::BertConfig;
-use crate::model::engine::{graph, BertOutput, Engine};
+use crate::model::engine::{graph, ClassifierOutput, Engine, ModelView};
 use crate::model::params::Classifier;
 use crate::model::tokenizer::PairTokenizer;
 use crate::model::weights::{ParamBuilder, Vb, WeightMap};
@@ -207,15 +207,6 @@ pub struct LoadReport {
     pub newly_initialized: Vec<String>,
     /// Checkpoint tensors the model does not use (e.g. `cls.predictions.*`).
     pub unused: Vec<String>,
-}
-
-/// Everything a forward pass computes.
-#[derive(Debug, Clone)]
-pub struct ClassifierOutput {
-    /// The encoder's outputs (hidden states per layer, pooled `[CLS]`).
-    pub bert: BertOutput,
-    /// `[B, num_labels]`.
-    pub logits: Tensor,
 }
 
 /// BERT for sequence classification, trainable, f32 or f64, CPU or CUDA.
@@ -549,6 +540,17 @@ impl BertClassifier {
         Ok(())
     }
 
+    /// What the engines read: parameters, config, labels, device, dtype.
+    pub(crate) fn view(&self) -> ModelView<'_> {
+        ModelView {
+            params: &self.params,
+            config: &self.config,
+            num_labels: self.num_labels,
+            device: &self.device,
+            dtype: self.dtype,
+        }
+    }
+
     /// The parameters as a typed tree, one struct per HF module
     /// ([`crate::model::params`]).
     ///
@@ -571,7 +573,7 @@ impl BertClassifier {
 
     /// The same model run by `engine` (an error if that engine cannot run it).
     pub fn with_engine(mut self, engine: Engine) -> Result<Self> {
-        engine.check(&self)?;
+        engine.check(&self.view())?;
         self.engine = engine;
         Ok(self)
     }
@@ -616,7 +618,7 @@ impl BertClassifier {
     /// ```
     pub fn logits(&self, batch: &Batch) -> Result<Tensor> {
         batch.validate()?;
-        self.engine.logits(self, batch)
+        self.engine.logits(&self.view(), batch)
     }
 
     /// The dropout stream, locked, when `train` (no dropout otherwise).
@@ -634,7 +636,7 @@ impl BertClassifier {
     pub fn forward_full(&self, batch: &Batch, train: bool) -> Result<ClassifierOutput> {
         batch.validate()?;
         let mut guard = self.dropout_stream(train)?;
-        graph::forward(self, batch, guard.as_deref_mut())
+        graph::forward(&self.view(), batch, guard.as_deref_mut())
     }
 
     /// The mean loss of a labelled batch (as [`BertClassifier::loss`]) and the gradient of every
@@ -661,38 +663,18 @@ impl BertClassifier {
         batch.validate()?;
         let mut guard = self.dropout_stream(train)?;
         self.engine
-            .loss_and_grads(self, batch, guard.as_deref_mut())
+            .loss_and_grads(&self.view(), batch, guard.as_deref_mut())
     }
 
     /// Per-example loss `[B]`: cross-entropy of `logits` `[B, C]` against class ids `labels` `[B]`,
     /// or the squared error when `C = 1` and `labels` are floats (regression).
     pub fn per_example_loss(logits: &Tensor, labels: &Tensor) -> Result<Tensor> {
-        // HF's rule: one output and float labels is regression (MSE), else classification.
-        if logits.dim(D::Minus1)? == 1 && labels.dtype().is_float() {
-            let target = labels
-                .to_device(logits.device())?
-                .to_dtype(logits.dtype())?;
-            return Ok((logits.squeeze(D::Minus1)? - target)?.sqr()?);
-        }
-        let labels = labels.to_device(logits.device())?.to_dtype(DType::U32)?;
-        let log_probs = candle_nn::ops::log_softmax(logits, D::Minus1)?;
-        Ok(log_probs
-            .gather(&labels.unsqueeze(1)?, 1)?
-            .squeeze(1)?
-            .neg()?)
+        crate::model::engine::loss::per_example(logits, labels)
     }
 
     /// Mean loss over the batch, a scalar: cross-entropy (HF's single-label classification), or
     /// the mean squared error for a one-output model with float labels (regression, stsb).
     pub fn loss(logits: &Tensor, labels: &Tensor) -> Result<Tensor> {
-        Ok(Self::per_example_loss(logits, labels)?.mean_all()?)
-    }
-
-    /// Writes the model in HF layout (config.json, model.safetensors, tokenizer files), loadable
-    /// by transformers. Each file is written to a temporary file and renamed into place, so a
-    /// crash never leaves a half-written file; the model files already in `dir` are replaced and
-    /// every other file there is left untouched.
-    pub fn save_pretrained(&self, dir: impl AsRef<Path>) -> Result<()> {
-        crate::model::save::save_pretrained(self, dir.as_ref())
+        crate::model::engine::loss::mean(logits, labels)
     }
 }

@@ -22,11 +22,10 @@ mod weights;
 
 pub use batch::Batch;
 pub use classifier::{
-    best_device, BertClassifier, ClassifierOutput, LoadOptions, LoadReport, BERT_TINY_REPO,
-    BERT_TINY_REVISION,
+    best_device, BertClassifier, LoadOptions, LoadReport, BERT_TINY_REPO, BERT_TINY_REVISION,
 };
 pub use config::{BertConfig, HiddenAct};
-pub use engine::{BertOutput, Engine};
+pub use engine::{BertOutput, ClassifierOutput, Engine};
 pub(crate) use save::{write_all as save_model_files, MODEL_FILES};
 pub use tokenizer::PairTokenizer;
 pub use weights::WeightMap;

@@ -107,13 +107,30 @@ pub(crate) const MODEL_FILES: [&str; 5] = [
     "tokenizer_config.json",
 ];
 
-pub(crate) fn save_pretrained(model: &BertClassifier, dir: &Path) -> Result<()> {
-    if dir.exists() && !dir.is_dir() {
-        return Err(Error::InvalidArgument(format!(
-            "{} exists and is not a folder",
-            dir.display()
-        )));
+impl BertClassifier {
+    /// Writes the model in HF layout (config.json, model.safetensors, tokenizer files), loadable
+    /// by transformers. Each file is written to a temporary file and renamed into place, so a
+    /// crash never leaves a half-written file; the model files already in `dir` are replaced and
+    /// every other file there is left untouched.
+    ///
+    /// ```
+    /// use mfac_lab::prelude::*;
+    /// let dir = tempfile::tempdir().unwrap();
+    /// let m = BertClassifier::random(&BertConfig::bert_tiny(), 3, 0, &Device::Cpu, DType::F32)?
+    ///     .with_tokenizer(PairTokenizer::bert_base_uncased()?);
+    /// m.save_pretrained(dir.path())?;
+    /// assert!(dir.path().join("model.safetensors").is_file());
+    /// # Ok::<(), mfac_lab::Error>(())
+    /// ```
+    pub fn save_pretrained(&self, dir: impl AsRef<Path>) -> Result<()> {
+        let dir = dir.as_ref();
+        if dir.exists() && !dir.is_dir() {
+            return Err(Error::InvalidArgument(format!(
+                "{} exists and is not a folder",
+                dir.display()
+            )));
+        }
+        std::fs::create_dir_all(dir).map_err(|e| Error::io("creating", dir, e))?;
+        write_all(self, dir)
     }
-    std::fs::create_dir_all(dir).map_err(|e| Error::io("creating", dir, e))?;
-    write_all(model, dir)
 }

@@ -7,6 +7,9 @@ use candle_core::backprop::GradStore;
 use candle_core::{CpuStorage, DType, Layout, Tensor, Var};
 
 use crate::error::{Error, Result};
+use crate::optim::args::{check, number, option_err};
+use crate::optim::label::num;
+use crate::optim::seam::{Optim, OptimConfig};
 use crate::optim::state::{StateReader, StateWriter};
 
 /// AdamW hyper-parameters. `Default` = HF Trainer's: lr 5e-5, betas (0.9, 0.999), eps 1e-8,
@@ -38,42 +41,87 @@ impl AdamWConfig {
     /// assert!(bad.validate().unwrap_err().to_string().contains("lr"));
     /// ```
     pub fn validate(&self) -> Result<()> {
-        let check = |key: &str, ok: bool, msg: &str| {
-            if ok {
-                Ok(())
-            } else {
-                Err(Error::OptimizerOption {
-                    key: key.into(),
-                    message: msg.into(),
-                    valid: crate::optim::spec::ADAMW_KEYS.join(", "),
-                })
-            }
-        };
+        let keys = <Self as OptimConfig>::KEYS;
         check(
             "lr",
             self.lr >= 0.0 && self.lr.is_finite(),
             "must be ≥ 0 and finite",
+            keys,
         )?;
         check(
             "beta1",
             (0.0..1.0).contains(&self.beta1),
             "must be in [0, 1)",
+            keys,
         )?;
         check(
             "beta2",
             (0.0..1.0).contains(&self.beta2),
             "must be in [0, 1)",
+            keys,
         )?;
         check(
             "eps",
             self.eps > 0.0 && self.eps.is_finite(),
             "must be > 0 and finite",
+            keys,
         )?;
         check(
             "weight_decay",
             self.weight_decay >= 0.0 && self.weight_decay.is_finite(),
             "must be ≥ 0 and finite",
+            keys,
         )
+    }
+}
+
+/// `--optim adamw_torch` (and HF's other AdamW names): `--optim_args` keys `lr`, `beta1`,
+/// `beta2`, `eps`, `weight_decay` (HF's `adam_beta1`-style names too).
+impl OptimConfig for AdamWConfig {
+    const KIND: &'static str = "adamw";
+    const NAMES: &'static [&'static str] =
+        &["adamw_torch", "adamw_torch_fused", "adamw_hf", "adamw"];
+    const KEYS: &'static [&'static str] = &["lr", "beta1", "beta2", "eps", "weight_decay"];
+
+    fn set(&mut self, key: &str, value: &str) -> Result<()> {
+        let x = number(key, value, Self::KEYS)?;
+        match key {
+            "lr" | "learning_rate" => self.lr = x,
+            "beta1" | "adam_beta1" => self.beta1 = x,
+            "beta2" | "adam_beta2" => self.beta2 = x,
+            "eps" | "adam_epsilon" => self.eps = x,
+            "weight_decay" => self.weight_decay = x,
+            _ => return Err(option_err(key, "unknown key for AdamW", Self::KEYS)),
+        }
+        Ok(())
+    }
+    fn validate(&self) -> Result<()> {
+        AdamWConfig::validate(self)
+    }
+    fn lr(&self) -> f64 {
+        self.lr
+    }
+    fn set_lr(&mut self, lr: f64) {
+        self.lr = lr;
+    }
+    fn set_hf_weight_decay(&mut self, wd: f64) {
+        self.weight_decay = wd;
+    }
+    fn head(&self) -> String {
+        "AdamW".into()
+    }
+    fn fields(&self, full: bool) -> Vec<(&'static str, String)> {
+        vec![
+            ("lr", num(self.lr, full)),
+            ("beta1", num(self.beta1, full)),
+            ("beta2", num(self.beta2, full)),
+            ("eps", num(self.eps, full)),
+            ("weight_decay", num(self.weight_decay, full)),
+        ]
+    }
+    fn build(&self, vars: &[(String, Var)]) -> Result<Box<dyn Optim>> {
+        self.validate()?;
+        Ok(Box::new(AdamW::new_named(vars, *self)?))
     }
 }
 
@@ -351,6 +399,36 @@ impl AdamW {
     /// The hyper-parameters.
     pub fn config(&self) -> &AdamWConfig {
         &self.cfg
+    }
+}
+
+impl Optim for AdamW {
+    fn kind(&self) -> &'static str {
+        <AdamWConfig as OptimConfig>::KIND
+    }
+    fn label(&self) -> String {
+        OptimConfig::label(&self.cfg)
+    }
+    fn learning_rate(&self) -> f64 {
+        self.cfg.lr
+    }
+    fn set_learning_rate(&mut self, lr: f64) {
+        self.cfg.lr = lr;
+    }
+    fn try_step(&mut self, grads: &GradStore) -> Result<()> {
+        Ok(candle_nn::Optimizer::step(self, grads)?)
+    }
+    fn save_state(&self, path: &Path) -> Result<()> {
+        AdamW::save_state(self, path)
+    }
+    fn load_state(&mut self, path: &Path) -> Result<()> {
+        AdamW::load_state(self, path)
+    }
+    fn as_any(&self) -> &dyn std::any::Any {
+        self
+    }
+    fn as_any_mut(&mut self) -> &mut dyn std::any::Any {
+        self
     }
 }
 

@@ -5,7 +5,7 @@ use candle_core::{CpuStorage, DType, Layout, Var};
 
 use crate::error::Result;
 use crate::optim::host::with_cpu_slice;
-use crate::optim::window::Elem;
+use crate::optim::util::Elem;
 use rayon::prelude::*;
 
 /// Σ x², accumulated in f64: chunks in parallel, 8 interleaved lanes within a chunk (one running

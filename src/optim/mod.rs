@@ -1,21 +1,25 @@
-//! Optimizers and their helpers: M-FAC, torch-exact AdamW, gradient clipping, the linear
-//! schedule, and `OptimizerSpec` (run_glue's `--optim` / `--optim_args`).
+//! Optimizers and their helpers: M-FAC, torch-exact AdamW and SGD behind one seam ([`Optim`],
+//! [`OptimConfig`]), gradient clipping, the linear schedule, and `OptimizerSpec` (run_glue's
+//! `--optim` / `--optim_args`).
 
 mod adamw;
+mod args;
 mod clip;
-mod device;
-mod gram;
 mod host;
+mod label;
 mod mfac;
 mod schedule;
+mod seam;
+mod sgd;
 pub(crate) mod spec;
 mod state;
-mod window;
+mod util;
 
 pub use adamw::{AdamW, AdamWConfig};
 pub use clip::{clip_grad_norm, grad_norm};
-pub use device::StepProfile;
-pub use gram::GramTiming;
-pub use mfac::{MFac, MFacConfig, MFacStep};
+pub use label::CARD_LR;
+pub use mfac::{GramTiming, MFac, MFacConfig, MFacStep, StepProfile};
 pub use schedule::LinearSchedule;
-pub use spec::{OptimizerSpec, ADAMW_KEYS, CARD_LR, MFAC_KEYS, OPTIM_NAMES};
+pub use seam::{Optim, OptimConfig};
+pub use sgd::{Sgd, SgdConfig};
+pub use spec::{OptimKind, OptimizerSpec, ADAMW_KEYS, MFAC_KEYS, SGD_KEYS};

@@ -1,31 +1,84 @@
-//! `OptimizerSpec`: which optimizer a run uses, parsed from run_glue's `--optim` / `--optim_args`.
+//! `OptimizerSpec`: which optimizer a run uses — a kind with its config, and an optional
+//! label — parsed from run_glue's `--optim` / `--optim_args`. The registry below is the one
+//! place that lists the kinds.
 
-use candle_core::DType;
+use candle_core::Var;
 
 use crate::error::{Error, Result};
-use crate::optim::{AdamWConfig, MFacConfig};
+use crate::optim::args::{option_err, sets_lr};
+use crate::optim::label::{num, CARD_LR};
+use crate::optim::seam::{parse_config, DynConfig, Optim, OptimConfig};
+use crate::optim::{AdamWConfig, MFacConfig, SgdConfig};
 
 /// Keys M-FAC accepts in `--optim_args`.
-pub const MFAC_KEYS: [&str; 6] = [
-    "lr",
-    "num_grads",
-    "damp",
-    "momentum",
-    "weight_decay",
-    "window_dtype",
-];
+pub const MFAC_KEYS: &[&str] = MFacConfig::KEYS;
 /// Keys AdamW accepts in `--optim_args`.
-pub const ADAMW_KEYS: [&str; 5] = ["lr", "beta1", "beta2", "eps", "weight_decay"];
-/// Optimizer names `--optim` accepts.
-pub const OPTIM_NAMES: [&str; 5] = [
-    "MFAC",
-    "adamw_torch",
-    "adamw_torch_fused",
-    "adamw_hf",
-    "adamw",
-];
+pub const ADAMW_KEYS: &[&str] = AdamWConfig::KEYS;
+/// Keys SGD accepts in `--optim_args`.
+pub const SGD_KEYS: &[&str] = SgdConfig::KEYS;
 
-/// The optimizer of a run.
+/// Declares the optimizer kinds: the [`OptimKind`] enum, its dispatch to each config's
+/// [`OptimConfig`] and the `--optim` name lookup. One line per optimizer.
+macro_rules! registry {
+    ($($(#[$doc:meta])* $variant:ident($cfg:ty)),+ $(,)?) => {
+        /// An optimizer kind with its config (see [`OptimizerSpec`]).
+        #[derive(Debug, Clone, PartialEq)]
+        pub enum OptimKind {
+            $($(#[$doc])* $variant($cfg),)+
+        }
+
+        impl OptimKind {
+            pub(crate) fn config(&self) -> &dyn DynConfig {
+                match self {
+                    $(OptimKind::$variant(c) => c,)+
+                }
+            }
+
+            pub(crate) fn config_mut(&mut self) -> &mut dyn DynConfig {
+                match self {
+                    $(OptimKind::$variant(c) => c,)+
+                }
+            }
+
+            /// The kind `--optim NAME` selects, from ARGS; `None` for a name no kind has.
+            fn parse(name: &str, args: &str) -> Option<Result<Self>> {
+                let name = name.trim();
+                $(
+                    if <$cfg as OptimConfig>::NAMES.iter().any(|n| n.eq_ignore_ascii_case(name)) {
+                        return Some(parse_config::<$cfg>(args).map(OptimKind::$variant));
+                    }
+                )+
+                None
+            }
+
+            /// Every `--optim` name, kind by kind.
+            pub fn names() -> Vec<&'static str> {
+                let mut v = vec![];
+                $(v.extend_from_slice(<$cfg as OptimConfig>::NAMES);)+
+                v
+            }
+        }
+
+        $(
+            impl From<$cfg> for OptimKind {
+                fn from(c: $cfg) -> Self {
+                    OptimKind::$variant(c)
+                }
+            }
+        )+
+    };
+}
+
+registry! {
+    /// torch AdamW (HF Trainer's default optimizer).
+    AdamW(AdamWConfig),
+    /// M-FAC.
+    MFac(MFacConfig),
+    /// torch SGD (HF's `--optim sgd`).
+    Sgd(SgdConfig),
+}
+
+/// The optimizer of a run: a kind with its config, and an optional label.
 ///
 /// ```
 /// use mfac_lab::optim::{OptimizerSpec, MFacConfig};
@@ -39,175 +92,51 @@ pub const OPTIM_NAMES: [&str; 5] = [
 /// Every spec has a label that tells it apart in comparisons (tables, legends, run folders):
 /// derived from its settings ([`OptimizerSpec::display_name`], [`OptimizerSpec::labels`]) or
 /// given by hand ([`OptimizerSpec::label`]).
-#[derive(Debug, Clone, PartialEq)]
-pub enum OptimizerSpec {
-    /// torch AdamW (HF Trainer's default optimizer).
-    AdamW(AdamWConfig),
-    /// M-FAC.
-    MFac(MFacConfig),
-    /// A spec named by hand (see [`OptimizerSpec::label`]); it trains like the spec inside.
-    Labeled(Box<OptimizerSpec>, String),
+#[derive(Clone, PartialEq)]
+pub struct OptimizerSpec {
+    kind: OptimKind,
+    label: Option<String>,
 }
 
-/// The learning rate of the model card's recipe (`--learning_rate 1e-4`): labels show `lr` only
-/// when a spec's differs.
-pub const CARD_LR: f64 = 1e-4;
-
-/// A number in a label: up to 4 significant digits, trailing zeros dropped (`3.2e-3`, `1e-4`,
-/// `2.56e-2`, `0.9`); `full` keeps every digit (to tell apart values that only differ further down).
-fn num(x: f64, full: bool) -> String {
-    if x == 0.0 {
-        return "0".into();
-    }
-    let e = if full {
-        format!("{x:e}")
-    } else {
-        format!("{x:.3e}")
-    };
-    let (mant, exp) = e.split_once('e').unwrap_or((e.as_str(), "0"));
-    let mant = if mant.contains('.') {
-        mant.trim_end_matches('0').trim_end_matches('.')
-    } else {
-        mant
-    };
-    let exp: i32 = exp.parse().unwrap_or(0);
-    if (-1..=3).contains(&exp) {
-        // Plain decimals for values near 1 (0.9, 0.999, 32); learning rates stay scientific.
-        let v: f64 = format!("{mant}e{exp}").parse().unwrap_or(x);
-        format!("{v}")
-    } else {
-        format!("{mant}e{exp}")
-    }
-}
-
-fn dtype_name(d: DType) -> &'static str {
-    match d {
-        DType::F32 => "f32",
-        DType::BF16 => "bf16",
-        DType::F64 => "f64",
-        DType::F16 => "f16",
-        _ => "other",
-    }
-}
-
-/// The (key, value) fields of a spec that may tell it apart, in label order, with `lr` first.
-fn fields(spec: &OptimizerSpec, full: bool) -> Vec<(&'static str, String)> {
-    match spec.base() {
-        OptimizerSpec::AdamW(c) => vec![
-            ("lr", num(c.lr, full)),
-            ("beta1", num(c.beta1, full)),
-            ("beta2", num(c.beta2, full)),
-            ("eps", num(c.eps, full)),
-            ("weight_decay", num(c.weight_decay, full)),
-        ],
-        OptimizerSpec::MFac(c) => vec![
-            ("lr", num(c.lr, full)),
-            ("damp", num(c.damp, full)),
-            ("momentum", num(c.momentum, full)),
-            ("weight_decay", num(c.weight_decay, full)),
-            ("window_dtype", dtype_name(c.window_dtype).into()),
-        ],
-        OptimizerSpec::Labeled(..) => unreachable!("base() unwraps labels"),
-    }
-}
-
-/// A label from a kind's head (`AdamW`, `M-FAC m=32`) and the extra `key value` fields.
-fn compose(spec: &OptimizerSpec, extras: &[String]) -> String {
-    match spec.base() {
-        OptimizerSpec::MFac(c) => {
-            let head = format!("M-FAC m={}", c.num_grads);
-            if extras.is_empty() {
-                head
-            } else {
-                format!("{head} ({})", extras.join(", "))
-            }
-        }
-        _ => {
-            if extras.is_empty() {
-                "AdamW".into()
-            } else {
-                format!("AdamW {}", extras.join(", "))
-            }
+/// The same text as before the spec had its own type (`AdamW(AdamWConfig { .. })`,
+/// `Labeled(.., "text")`): checkpoints' fingerprints hold it, so older checkpoints still resume.
+impl std::fmt::Debug for OptimizerSpec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.label {
+            None => self.kind.fmt(f),
+            Some(text) => f
+                .debug_tuple("Labeled")
+                .field(&self.kind)
+                .field(text)
+                .finish(),
         }
     }
 }
 
-fn option_err(key: &str, message: impl Into<String>, valid: &[&str]) -> Error {
-    Error::OptimizerOption {
-        key: key.into(),
-        message: message.into(),
-        valid: valid.join(", "),
-    }
-}
-
-/// Splits `a: 1, b: 2` / `a=1,b=2` / a JSON object into (key, value text) pairs.
-fn pairs(args: &str, valid: &[&str]) -> Result<Vec<(String, String)>> {
-    let t = args.trim();
-    if t.is_empty() {
-        return Ok(vec![]);
-    }
-    if t.starts_with('{') || t.starts_with('[') {
-        let v: serde_json::Value = serde_json::from_str(t)
-            .map_err(|e| option_err("<json>", format!("not valid JSON: {e}"), valid))?;
-        let obj = v
-            .as_object()
-            .ok_or_else(|| option_err("<json>", "expected a JSON object", valid))?;
-        return Ok(obj
-            .iter()
-            .map(|(k, v)| {
-                (
-                    k.clone(),
-                    v.as_str()
-                        .map(str::to_string)
-                        .unwrap_or_else(|| v.to_string()),
-                )
-            })
-            .collect());
-    }
-    t.split(',')
-        .filter(|p| !p.trim().is_empty())
-        .map(|p| {
-            let (k, v) = p
-                .split_once(':')
-                .or_else(|| p.split_once('='))
-                .ok_or_else(|| {
-                    option_err(p.trim(), "expected `key: value` or `key=value`", valid)
-                })?;
-            Ok((
-                k.trim().to_string(),
-                v.trim().trim_matches(['"', '\'']).to_string(),
-            ))
-        })
-        .collect()
-}
-
-fn number(key: &str, v: &str, valid: &[&str]) -> Result<f64> {
-    let x: f64 = v
-        .parse()
-        .map_err(|_| option_err(key, format!("{v:?} is not a number"), valid))?;
-    if !x.is_finite() {
-        return Err(option_err(key, format!("{v:?} is not finite"), valid));
-    }
-    Ok(x)
-}
-
-fn dtype(key: &str, v: &str) -> Result<DType> {
-    match v.to_ascii_lowercase().as_str() {
-        "f32" | "float32" | "fp32" => Ok(DType::F32),
-        "bf16" | "bfloat16" => Ok(DType::BF16),
-        "f64" | "float64" | "fp64" => Ok(DType::F64),
-        _ => Err(option_err(
-            key,
-            format!("{v:?} is not a window dtype (f32, bf16, f64)"),
-            &MFAC_KEYS,
-        )),
+impl<K: Into<OptimKind>> From<K> for OptimizerSpec {
+    fn from(kind: K) -> Self {
+        OptimizerSpec {
+            kind: kind.into(),
+            label: None,
+        }
     }
 }
 
 impl OptimizerSpec {
+    /// A spec of this kind (any optimizer's config), without a label.
+    ///
+    /// ```
+    /// use mfac_lab::optim::{OptimizerSpec, SgdConfig};
+    /// let spec = OptimizerSpec::new(SgdConfig { lr: 1e-2, momentum: 0.9, ..Default::default() });
+    /// assert_eq!(spec, OptimizerSpec::parse("sgd", "lr: 1e-2, momentum: 0.9").unwrap());
+    /// ```
+    pub fn new(kind: impl Into<OptimKind>) -> Self {
+        kind.into().into()
+    }
+
     /// AdamW with HF Trainer's defaults and this learning rate.
     pub fn adamw(lr: f64) -> Self {
-        OptimizerSpec::AdamW(AdamWConfig {
+        Self::new(AdamWConfig {
             lr,
             ..Default::default()
         })
@@ -215,7 +144,28 @@ impl OptimizerSpec {
 
     /// M-FAC with this config.
     pub fn mfac(cfg: MFacConfig) -> Self {
-        OptimizerSpec::MFac(cfg)
+        Self::new(cfg)
+    }
+
+    /// torch SGD with this config.
+    pub fn sgd(cfg: SgdConfig) -> Self {
+        Self::new(cfg)
+    }
+
+    /// The kind with its config.
+    ///
+    /// ```
+    /// use mfac_lab::optim::{MFacConfig, OptimKind, OptimizerSpec};
+    /// let spec = OptimizerSpec::mfac(MFacConfig::model_card()).label("card");
+    /// assert!(matches!(spec.kind(), OptimKind::MFac(c) if c.num_grads == 1024));
+    /// ```
+    pub fn kind(&self) -> &OptimKind {
+        &self.kind
+    }
+
+    /// The kind with its config, mutable.
+    pub fn kind_mut(&mut self) -> &mut OptimKind {
+        &mut self.kind
     }
 
     /// The same spec, named `text` in comparisons (tables, legends, run folders) instead of
@@ -226,14 +176,27 @@ impl OptimizerSpec {
     /// let spec = OptimizerSpec::mfac(MFacConfig::model_card()).label("M-FAC (card)");
     /// assert_eq!(spec.display_name(), "M-FAC (card)");
     /// assert_eq!((spec.name(), spec.lr()), ("mfac", 1e-4));
-    /// assert_eq!(spec.base(), &OptimizerSpec::mfac(MFacConfig::model_card()));
+    /// assert_eq!(spec.unlabeled(), OptimizerSpec::mfac(MFacConfig::model_card()));
     /// ```
     pub fn label(self, text: impl Into<String>) -> Self {
-        let base = match self {
-            OptimizerSpec::Labeled(inner, _) => *inner,
-            other => other,
-        };
-        OptimizerSpec::Labeled(Box::new(base), text.into())
+        OptimizerSpec {
+            label: Some(text.into()),
+            ..self
+        }
+    }
+
+    /// The hand-given label, if any.
+    pub fn given_label(&self) -> Option<&str> {
+        self.label.as_deref()
+    }
+
+    /// The same spec without its hand-given label.
+    pub fn unlabeled(&self) -> Self {
+        self.kind.clone().into()
+    }
+
+    fn config(&self) -> &dyn DynConfig {
+        self.kind.config()
     }
 
     /// Checks every field of the config (finite, in range); the error names the key.
@@ -244,25 +207,19 @@ impl OptimizerSpec {
     /// assert!(OptimizerSpec::adamw(1e-4).validate().is_ok());
     /// ```
     pub fn validate(&self) -> Result<()> {
-        match self.base() {
-            OptimizerSpec::AdamW(c) => c.validate(),
-            OptimizerSpec::MFac(c) => c.validate(),
-            OptimizerSpec::Labeled(..) => unreachable!("base() unwraps labels"),
-        }
+        self.config().validate()
     }
 
-    /// The spec without its hand-given label (itself when it has none): always `AdamW` or `MFac`.
-    pub fn base(&self) -> &OptimizerSpec {
-        match self {
-            OptimizerSpec::Labeled(inner, _) => inner.base(),
-            other => other,
-        }
+    /// The optimizer over named parameters (as `BertClassifier::named_vars` gives them),
+    /// behind the seam every kind shares.
+    pub fn build(&self, vars: &[(String, Var)]) -> Result<Box<dyn Optim>> {
+        self.config().build(vars)
     }
 
     /// The spec's label on its own: the hand-given one, else derived from its settings —
     /// M-FAC always shows m and shows lr when it differs from the card's 1e-4
-    /// ([`CARD_LR`]); AdamW shows its lr when it differs. Specs compared together may need more
-    /// fields to tell them apart: [`OptimizerSpec::labels`] adds them.
+    /// ([`CARD_LR`]); AdamW and SGD show their lr when it differs. Specs compared together may
+    /// need more fields to tell them apart: [`OptimizerSpec::labels`] adds them.
     ///
     /// ```
     /// use mfac_lab::optim::{MFacConfig, OptimizerSpec};
@@ -275,16 +232,10 @@ impl OptimizerSpec {
     /// );
     /// ```
     pub fn display_name(&self) -> String {
-        if let OptimizerSpec::Labeled(_, text) = self {
-            return text.clone();
+        match &self.label {
+            Some(text) => text.clone(),
+            None => self.config().label(),
         }
-        let lr = self.lr();
-        let extras = if num(lr, false) == num(CARD_LR, false) {
-            vec![]
-        } else {
-            vec![format!("lr {}", num(lr, false))]
-        };
-        compose(self, &extras)
     }
 
     /// The labels of specs compared together, one per spec, all different. Each starts as
@@ -309,7 +260,8 @@ impl OptimizerSpec {
     /// ```
     pub fn labels(specs: &[OptimizerSpec]) -> Result<Vec<String>> {
         let mut out: Vec<String> = specs.iter().map(|s| s.display_name()).collect();
-        let derived = |i: usize| !matches!(specs[i], OptimizerSpec::Labeled(..));
+        let derived = |i: usize| specs[i].label.is_none();
+        let fields = |i: usize, full: bool| specs[i].config().fields(full);
         // Derived labels that collide: add the fields that differ within the group (rounded
         // first, then with every digit if rounding hides the difference).
         for full in [false, true] {
@@ -326,19 +278,18 @@ impl OptimizerSpec {
                 }
                 // lr stays when the label showed it (it differs from the card's).
                 let lr_shown = num(specs[i].lr(), false) != num(CARD_LR, false);
-                let mine = fields(&specs[i], full);
-                let extras: Vec<String> = mine
+                let extras: Vec<String> = fields(i, full)
                     .iter()
                     .enumerate()
                     .filter(|(f, (key, value))| {
                         let differs = group
                             .iter()
-                            .any(|&k| fields(&specs[k], full).get(*f).map(|x| &x.1) != Some(value));
+                            .any(|&k| fields(k, full).get(*f).map(|x| &x.1) != Some(value));
                         differs || (*key == "lr" && lr_shown)
                     })
                     .map(|(_, (key, value))| format!("{key} {value}"))
                     .collect();
-                out[i] = compose(&specs[i], &extras);
+                out[i] = specs[i].config().compose(&extras);
             }
         }
         for i in 0..out.len() {
@@ -356,21 +307,35 @@ impl OptimizerSpec {
         Ok(out)
     }
 
-    /// A short name of the kind: `adamw` or `mfac` (also for a labelled spec).
+    /// A short name of the kind: `adamw`, `mfac` or `sgd` (also for a labelled spec).
     pub fn name(&self) -> &'static str {
-        match self.base() {
-            OptimizerSpec::MFac(_) => "mfac",
-            _ => "adamw",
-        }
+        self.config().kind()
     }
 
     /// The (peak) learning rate.
     pub fn lr(&self) -> f64 {
-        match self.base() {
-            OptimizerSpec::MFac(c) => c.lr,
-            OptimizerSpec::AdamW(c) => c.lr,
-            OptimizerSpec::Labeled(..) => unreachable!("base() unwraps labels"),
-        }
+        self.config().lr()
+    }
+
+    /// Sets the (peak) learning rate.
+    pub fn set_lr(&mut self, lr: f64) {
+        self.kind.config_mut().set_lr(lr)
+    }
+
+    /// run_glue's `--weight_decay`: HF Trainer's decoupled decay for AdamW and SGD (their
+    /// parameter groups: none on biases and LayerNorm); M-FAC keeps its own `weight_decay` key.
+    pub fn set_hf_weight_decay(&mut self, wd: f64) {
+        self.kind.config_mut().set_hf_weight_decay(wd)
+    }
+
+    /// Every name `--optim` accepts.
+    ///
+    /// ```
+    /// let names = mfac_lab::optim::OptimizerSpec::known_names();
+    /// assert!(names.contains(&"MFAC") && names.contains(&"adamw_torch") && names.contains(&"sgd"));
+    /// ```
+    pub fn known_names() -> Vec<&'static str> {
+        OptimKind::names()
     }
 
     /// Like [`OptimizerSpec::parse`], with `lr` (run_glue's `--learning_rate`) used unless ARGS
@@ -383,26 +348,15 @@ impl OptimizerSpec {
     /// ```
     pub fn parse_with_lr(name: &str, args: &str, lr: f64) -> Result<Self> {
         let mut spec = Self::parse(name, args)?;
-        let valid: &[&str] = if matches!(spec, OptimizerSpec::MFac(_)) {
-            &MFAC_KEYS
-        } else {
-            &ADAMW_KEYS
-        };
-        let sets_lr = pairs(args, valid)?
-            .iter()
-            .any(|(k, _)| k == "lr" || k == "learning_rate");
-        if !sets_lr {
-            match &mut spec {
-                OptimizerSpec::AdamW(c) => c.lr = lr,
-                OptimizerSpec::MFac(c) => c.lr = lr,
-                OptimizerSpec::Labeled(..) => unreachable!("parse gives no label"),
-            }
+        if !sets_lr(args, spec.config().keys())? {
+            spec.set_lr(lr);
+            spec.validate()?;
         }
         Ok(spec)
     }
 
-    /// Like [`OptimizerSpec::parse`] for `compare`: unless ARGS sets `lr`, AdamW gets the
-    /// card's lr 1e-4 and M-FAC gets it scaled to its window,
+    /// Like [`OptimizerSpec::parse`] for `compare`: unless ARGS sets `lr`, every kind gets the
+    /// card's lr 1e-4, and M-FAC gets it scaled to its window,
     /// [`MFacConfig::model_card_with`]`(num_grads).lr` = 1e-4 × 1024 / num_grads (M-FAC's step
     /// length grows with num_grads; docs/MFAC_LR.md).
     ///
@@ -414,80 +368,67 @@ impl OptimizerSpec {
     /// assert_eq!(OptimizerSpec::parse_scaled_lr("adamw_torch", "").unwrap().lr(), 1e-4);
     /// ```
     pub fn parse_scaled_lr(name: &str, args: &str) -> Result<Self> {
-        let mut spec = Self::parse_with_lr(name, args, CARD_LR)?;
-        let sets_lr = match &spec {
-            OptimizerSpec::MFac(_) => pairs(args, &MFAC_KEYS)?
-                .iter()
-                .any(|(k, _)| k == "lr" || k == "learning_rate"),
-            _ => true,
-        };
-        if let (OptimizerSpec::MFac(c), false) = (&mut spec, sets_lr) {
-            c.lr = MFacConfig::model_card_with(c.num_grads).lr;
+        let mut spec = Self::parse(name, args)?;
+        if !sets_lr(args, spec.config().keys())? {
+            let lr = spec.config().compare_lr();
+            spec.set_lr(lr);
+            spec.validate()?;
         }
         Ok(spec)
     }
 
     /// Parses run_glue's `--optim NAME --optim_args ARGS`. ARGS is `key: value, …`,
     /// `key=value,…` or a JSON object; missing keys keep the defaults (AdamW: HF Trainer's;
-    /// M-FAC: the authors'). An unknown key, a bad number or an out-of-range value is an error
-    /// naming the key and listing the valid ones.
+    /// M-FAC: the authors'; SGD: torch's). An unknown key, a bad number or an out-of-range
+    /// value is an error naming the key and listing the valid ones; an unknown NAME lists the
+    /// known names.
+    ///
+    /// ```
+    /// use mfac_lab::optim::OptimizerSpec;
+    /// let e = OptimizerSpec::parse("lion", "").unwrap_err().to_string();
+    /// assert!(e.contains("lion") && e.contains("MFAC") && e.contains("sgd"), "{e}");
+    /// ```
     pub fn parse(name: &str, args: &str) -> Result<Self> {
-        let lname = name.trim().to_ascii_lowercase();
-        match lname.as_str() {
-            "mfac" | "m-fac" => {
-                let mut c = MFacConfig::default();
-                for (k, v) in pairs(args, &MFAC_KEYS)? {
-                    match k.as_str() {
-                        "lr" => c.lr = number(&k, &v, &MFAC_KEYS)?,
-                        "num_grads" | "ngrads" => {
-                            let n = number(&k, &v, &MFAC_KEYS)?;
-                            if n < 1.0 || n.fract() != 0.0 || n > u32::MAX as f64 {
-                                return Err(option_err(
-                                    &k,
-                                    format!("{v:?} must be a whole number ≥ 1"),
-                                    &MFAC_KEYS,
-                                ));
-                            }
-                            c.num_grads = n as usize;
-                        }
-                        "damp" => c.damp = number(&k, &v, &MFAC_KEYS)?,
-                        "momentum" => c.momentum = number(&k, &v, &MFAC_KEYS)?,
-                        "weight_decay" => c.weight_decay = number(&k, &v, &MFAC_KEYS)?,
-                        "window_dtype" => c.window_dtype = dtype(&k, &v)?,
-                        _ => return Err(option_err(&k, "unknown key for MFAC", &MFAC_KEYS)),
-                    }
-                }
-                c.validate()?;
-                Ok(OptimizerSpec::MFac(c))
-            }
-            "adamw_torch" | "adamw_torch_fused" | "adamw_hf" | "adamw" => {
-                let mut c = AdamWConfig::default();
-                for (k, v) in pairs(args, &ADAMW_KEYS)? {
-                    let x = number(&k, &v, &ADAMW_KEYS)?;
-                    match k.as_str() {
-                        "lr" | "learning_rate" => c.lr = x,
-                        "beta1" | "adam_beta1" => c.beta1 = x,
-                        "beta2" | "adam_beta2" => c.beta2 = x,
-                        "eps" | "adam_epsilon" => c.eps = x,
-                        "weight_decay" => c.weight_decay = x,
-                        _ => return Err(option_err(&k, "unknown key for AdamW", &ADAMW_KEYS)),
-                    }
-                }
-                let check = |key: &str, ok: bool, msg: &str| {
-                    if ok {
-                        Ok(())
-                    } else {
-                        Err(option_err(key, msg, &ADAMW_KEYS))
-                    }
-                };
-                check("lr", c.lr >= 0.0, "must be ≥ 0")?;
-                check("beta1", (0.0..1.0).contains(&c.beta1), "must be in [0, 1)")?;
-                check("beta2", (0.0..1.0).contains(&c.beta2), "must be in [0, 1)")?;
-                check("eps", c.eps > 0.0, "must be > 0")?;
-                check("weight_decay", c.weight_decay >= 0.0, "must be ≥ 0")?;
-                Ok(OptimizerSpec::AdamW(c))
-            }
-            _ => Err(option_err(name, "unknown optimizer", &OPTIM_NAMES)),
+        match OptimKind::parse(name, args) {
+            Some(kind) => Ok(kind?.into()),
+            None => Err(option_err(name, "unknown optimizer", &OptimKind::names())),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn debug_text_is_the_fingerprint_of_older_checkpoints() {
+        // Checkpoints before the seam stored `format!("{:?}", spec)` of the old enum.
+        let a = OptimizerSpec::adamw(1e-4);
+        assert!(format!("{a:?}").starts_with("AdamW(AdamWConfig { lr: 0.0001, "));
+        let m = OptimizerSpec::mfac(MFacConfig::model_card()).label("card");
+        let t = format!("{m:?}");
+        assert!(
+            t.starts_with("Labeled(MFac(MFacConfig { lr: 0.0001, num_grads: 1024"),
+            "{t}"
+        );
+        assert!(t.ends_with(", \"card\")"), "{t}");
+    }
+
+    #[test]
+    fn every_name_is_parsed_to_its_kind_and_unknown_names_list_them_all() {
+        for name in OptimKind::names() {
+            let spec = OptimizerSpec::parse(name, "").unwrap();
+            assert!(spec.config().kind().len() > 2, "{name}");
+            assert_eq!(
+                OptimizerSpec::parse(&name.to_uppercase(), "").unwrap(),
+                spec
+            );
+        }
+        let e = OptimizerSpec::parse("adafactor", "").unwrap_err();
+        let msg = e.to_string();
+        for name in OptimKind::names() {
+            assert!(msg.contains(name), "{msg}");
+        }
+        assert!(matches!(e, Error::OptimizerOption { key, .. } if key == "adafactor"));
     }
 }

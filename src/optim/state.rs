@@ -14,7 +14,7 @@ use std::path::Path;
 use safetensors::tensor::{Dtype, Metadata, View};
 
 use crate::error::{Error, Result};
-use crate::optim::window::Elem;
+use crate::optim::util::Elem;
 
 fn bytes_of<T: Elem>(v: &[T]) -> &[u8] {
     // SAFETY: T is f32, f64, bf16 or f16: no padding, every bit pattern valid; the byte view

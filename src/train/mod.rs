@@ -14,5 +14,5 @@ pub use config::{Schedule, TrainConfig};
 pub use history::{EvalRecord, RunHistory, TrainRecord};
 pub use metrics::{accuracy, f1, matthews, pearson, spearman};
 pub use progress::Progress;
-pub use step::{scalar, Optim, StepRecord, Stepper};
+pub use step::{scalar, StepRecord, Stepper};
 pub use trainer::Trainer;

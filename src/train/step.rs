@@ -2,47 +2,11 @@
 //! scheduled learning rate. The Trainer's loop and the trajectory replay both use this code.
 
 use candle_core::Tensor;
-use candle_nn::Optimizer as _;
 
 use crate::error::{Error, Result};
 use crate::model::{Batch, BertClassifier};
-use crate::optim::{clip_grad_norm, AdamW, LinearSchedule, MFac, OptimizerSpec};
+use crate::optim::{clip_grad_norm, LinearSchedule, Optim, OptimizerSpec};
 use crate::train::config::{Schedule, TrainConfig};
-
-/// The optimizer of a run, built from an [`OptimizerSpec`].
-pub enum Optim {
-    /// torch AdamW with HF's grouping (no decay on biases and LayerNorm).
-    AdamW(AdamW),
-    /// M-FAC over all parameters.
-    MFac(Box<MFac>),
-}
-
-impl Optim {
-    /// Builds the optimizer for `model`'s parameters.
-    pub fn new(spec: &OptimizerSpec, model: &BertClassifier) -> Result<Self> {
-        Ok(match spec.base() {
-            OptimizerSpec::AdamW(c) => Optim::AdamW(AdamW::new_named(model.named_vars(), *c)?),
-            OptimizerSpec::MFac(c) => {
-                Optim::MFac(Box::new(MFac::new_named(model.named_vars(), *c)?))
-            }
-            OptimizerSpec::Labeled(..) => unreachable!("base() unwraps labels"),
-        })
-    }
-
-    fn set_lr(&mut self, lr: f64) {
-        match self {
-            Optim::AdamW(o) => o.set_learning_rate(lr),
-            Optim::MFac(o) => o.set_learning_rate(lr),
-        }
-    }
-
-    fn step(&mut self, grads: &candle_core::backprop::GradStore) -> Result<()> {
-        match self {
-            Optim::AdamW(o) => Ok(o.step(grads)?),
-            Optim::MFac(o) => o.try_step(grads).map(|_| ()),
-        }
-    }
-}
 
 /// What one step measured.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -59,7 +23,7 @@ pub struct StepRecord {
 pub struct Stepper {
     cfg: TrainConfig,
     schedule: LinearSchedule,
-    optim: Optim,
+    optim: Box<dyn Optim>,
     peak_lr: f64,
 }
 
@@ -75,7 +39,7 @@ impl Stepper {
         Ok(Stepper {
             cfg: cfg.clone(),
             schedule: LinearSchedule::new(peak_lr, total_steps),
-            optim: Optim::new(spec, model)?,
+            optim: spec.build(model.named_vars())?,
             peak_lr,
         })
     }
@@ -88,14 +52,14 @@ impl Stepper {
         }
     }
 
-    /// The optimizer (e.g. to inspect M-FAC).
-    pub fn optimizer(&self) -> &Optim {
-        &self.optim
+    /// The optimizer (e.g. to inspect M-FAC: `optimizer().downcast_ref::<MFac>()`).
+    pub fn optimizer(&self) -> &dyn Optim {
+        self.optim.as_ref()
     }
 
     /// The optimizer, mutable (e.g. to load a checkpoint's state).
-    pub fn optimizer_mut(&mut self) -> &mut Optim {
-        &mut self.optim
+    pub fn optimizer_mut(&mut self) -> &mut dyn Optim {
+        self.optim.as_mut()
     }
 
     /// Update `step`: loss of `batch` (dropout per config), backward, clip (HF order: clip,
@@ -136,8 +100,8 @@ impl Stepper {
             _ => crate::optim::grad_norm(&grads, &vars)?,
         };
         let lr = self.lr_at(step);
-        self.optim.set_lr(lr);
-        self.optim.step(&grads)?;
+        self.optim.set_learning_rate(lr);
+        self.optim.try_step(&grads)?;
         Ok(StepRecord {
             loss: loss_value,
             lr,

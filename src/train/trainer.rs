@@ -22,7 +22,7 @@ use crate::train::config::TrainConfig;
 use crate::train::history::{EvalRecord, RunHistory, TrainRecord};
 use crate::train::metrics::{accuracy, f1, matthews, pearson, spearman};
 use crate::train::progress::Progress;
-use crate::train::step::{scalar, Optim, Stepper};
+use crate::train::step::{scalar, Stepper};
 
 /// Trains a [`BertClassifier`] on GLUE data with HF Trainer's semantics.
 ///
@@ -297,6 +297,57 @@ impl Trainer {
     /// file atomically. A non-finite loss stops training with [`Error::NonFiniteLoss`], naming
     /// the last good checkpoint; a stop request with [`Error::Interrupted`], after writing one.
     pub fn fit(&mut self, data: &GlueData) -> Result<RunHistory> {
+        let mut run = self.begin(data)?;
+        let cfg = self.cfg.clone();
+        let pad_to = cfg.pad_to_max_length.then_some(cfg.max_seq_length);
+        while run.step < run.total {
+            // Epoch e's batches depend only on (seed, e): a resumed run skips the ones done.
+            let epoch = (run.step / run.per_epoch) as u64;
+            let skip = run.step % run.per_epoch;
+            for rows in epoch_batches(run.train.len(), cfg.batch_size, cfg.seed, epoch, true)
+                .into_iter()
+                .skip(skip)
+            {
+                if run.step >= run.total {
+                    break;
+                }
+                let batch = run.train.collate(&rows, pad_to, self.model.device())?;
+                let rec = match run.stepper.step(&self.model, &batch, run.step) {
+                    Ok(r) => r,
+                    Err(Error::NonFiniteLoss { step, loss, .. }) => {
+                        run.progress.finish();
+                        let saved = self.last_good_checkpoint(&run);
+                        return Err(Error::NonFiniteLoss { step, loss, saved });
+                    }
+                    Err(e) => return Err(e),
+                };
+                run.record(&rec, cfg.logging_steps);
+                let step = run.step;
+                let mut save = cfg.save_steps.is_some_and(|n| step % n == 0);
+                let epoch_end = step % run.per_epoch == 0 || step == run.total;
+                if cfg.eval_steps.is_some_and(|n| step % n == 0) || epoch_end {
+                    // A checkpoint at each evaluation whose losses are finite: what a later
+                    // non-finite loss falls back to.
+                    save |= self.evaluate_now(&mut run, true)? && rec.loss.is_finite();
+                }
+                let stop = self.stop.load(Ordering::SeqCst) || self.stop_at == Some(step);
+                let stop = stop && step < run.total;
+                if let (Some(dir), true) = (&self.output_dir, save || stop) {
+                    self.write_checkpoint(dir, &run)?;
+                    run.last_checkpoint = Some(step);
+                }
+                if stop {
+                    run.progress.finish();
+                    return Err(self.interrupted(step, run.total));
+                }
+            }
+        }
+        self.finish(run)
+    }
+
+    /// Everything before the first step: checks, encoding, the output folder, the optimizer,
+    /// the dropout stream and, when resuming, the checkpoint's state.
+    fn begin(&mut self, data: &GlueData) -> Result<Run> {
         let task = data.task;
         self.cfg.validate()?;
         if self.model.num_labels() != task.num_labels() {
@@ -314,7 +365,7 @@ impl Trainer {
         let cfg = self.cfg.clone();
         let total = cfg.total_steps(train.len());
         let per_epoch = train.len().div_ceil(cfg.batch_size.max(1));
-        let fp = fingerprint(&cfg, &self.model, task, train.len(), total);
+        let fingerprint = fingerprint(&cfg, &self.model, task, train.len(), total);
         if let Some(dir) = &self.output_dir {
             checkpoint::prepare_output_dir(dir, cfg.overwrite_output_dir, self.resume.is_some())?;
         }
@@ -324,151 +375,109 @@ impl Trainer {
         let mut stepper = Stepper::new(&self.model, &cfg.optimizer, &cfg, total)?;
         self.model.set_dropout_seed(cfg.seed);
         let resumed = match self.resume.clone() {
-            Some(dir) => Some(self.restore(&dir, &mut stepper, &fp)?),
+            Some(dir) => Some(self.restore(&dir, &mut stepper, &fingerprint)?),
             None => None,
         };
-        let (start_step, mut records, mut eval_records, mut last_eval, offset) = match resumed {
-            Some(r) => (r.step, r.records, r.evals, r.last_eval, r.elapsed),
-            None => (0, vec![], vec![], None, 0.0),
-        };
-        let pad_to = cfg.pad_to_max_length.then_some(cfg.max_seq_length);
         let label = format!("{} {}", cfg.optimizer.name(), task.name());
-        let mut progress = Progress::new(&label, total, cfg.quiet);
-        let start = Instant::now();
-        let elapsed = || offset + start.elapsed().as_secs_f64();
-        let mut last_checkpoint: Option<usize> = self.resume.as_ref().map(|_| start_step);
-        let mut step = start_step;
-        if step > 0 {
-            progress.update(step, "resumed");
+        let mut run = Run {
+            task,
+            train,
+            evals,
+            total,
+            per_epoch,
+            fingerprint,
+            stepper,
+            step: 0,
+            records: vec![],
+            eval_records: vec![],
+            last_eval: None,
+            last_checkpoint: None,
+            offset: 0.0,
+            start: Instant::now(),
+            progress: Progress::new(&label, total, cfg.quiet),
+        };
+        if let Some(r) = resumed {
+            (run.step, run.records, run.eval_records) = (r.step, r.records, r.evals);
+            (run.last_eval, run.offset) = (r.last_eval, r.elapsed);
+            run.last_checkpoint = Some(r.step);
+            if r.step > 0 {
+                run.progress.update(r.step, "resumed");
+            }
         }
-        while step < total {
-            // Epoch e's batches depend only on (seed, e): a resumed run skips the ones done.
-            let epoch = (step / per_epoch) as u64;
-            let skip = step % per_epoch;
-            for rows in epoch_batches(train.len(), cfg.batch_size, cfg.seed, epoch, true)
-                .into_iter()
-                .skip(skip)
-            {
-                if step >= total {
-                    break;
-                }
-                let batch = train.collate(&rows, pad_to, self.model.device())?;
-                let rec = match stepper.step(&self.model, &batch, step) {
-                    Ok(r) => r,
-                    Err(Error::NonFiniteLoss { step, loss, .. }) => {
-                        let saved = match (&self.output_dir, last_checkpoint) {
-                            (Some(dir), Some(at)) => format!(
-                                "; the last good checkpoint (step {at}) is {} (an HF model folder: start a new run from it, e.g. with a lower learning rate)",
-                                checkpoint::checkpoint_dir(dir, at).display()
-                            ),
-                            (Some(_), None) => {
-                                "; no checkpoint was written yet (one is written at each evaluation with a finite loss)".into()
-                            }
-                            (None, _) => "; set an output folder to keep checkpoints".into(),
-                        };
-                        progress.finish();
-                        return Err(Error::NonFiniteLoss { step, loss, saved });
-                    }
-                    Err(e) => return Err(e),
-                };
-                step += 1;
-                let ep = step as f64 / per_epoch as f64;
-                records.push(TrainRecord {
-                    step,
-                    epoch: ep,
-                    loss: rec.loss,
-                    lr: rec.lr,
-                    grad_norm: rec.grad_norm,
-                    elapsed: elapsed(),
-                });
-                progress.update(step, &format!("loss {:.4} · lr {:.2e}", rec.loss, rec.lr));
-                if cfg.logging_steps.is_some_and(|n| step % n == 0) {
-                    // HF's log line.
-                    progress.println(&format!(
-                        "{{'loss': {:.4}, 'grad_norm': {:.4}, 'learning_rate': {:.3e}, 'epoch': {ep:.2}}}",
-                        rec.loss, rec.grad_norm, rec.lr
-                    ));
-                }
-                let epoch_end = step % per_epoch == 0 || step == total;
-                let mut save = cfg.save_steps.is_some_and(|n| step % n == 0);
-                if cfg.eval_steps.is_some_and(|n| step % n == 0) || epoch_end {
-                    for (name, s) in &evals {
-                        let r = self.eval_split(task, name, s, step, ep, elapsed())?;
-                        progress.println(&format!(
-                            "step {step} (epoch {ep:.2}) {name}: loss {:.4}, {}",
-                            r.loss,
-                            r.metrics
-                                .iter()
-                                .map(|(m, v)| format!("{m} {v:.4}"))
-                                .collect::<Vec<_>>()
-                                .join(", ")
-                        ));
-                        eval_records.push(r);
-                    }
-                    last_eval = Some(step);
-                    // A checkpoint at each evaluation whose losses are finite: what a later
-                    // non-finite loss falls back to.
-                    save |= eval_records
+        Ok(run)
+    }
+
+    /// Evaluates every eval split at the current step (printing the results when `log`);
+    /// whether every loss was finite.
+    fn evaluate_now(&self, run: &mut Run, log: bool) -> Result<bool> {
+        let (step, ep) = (run.step, run.epoch());
+        let mut finite = true;
+        for (name, s) in &run.evals {
+            let r = self.eval_split(run.task, name, s, step, ep, run.elapsed())?;
+            if log {
+                run.progress.println(&format!(
+                    "step {step} (epoch {ep:.2}) {name}: loss {:.4}, {}",
+                    r.loss,
+                    r.metrics
                         .iter()
-                        .rev()
-                        .take(evals.len())
-                        .all(|e| e.loss.is_finite())
-                        && rec.loss.is_finite();
-                }
-                let stop = self.stop.load(Ordering::SeqCst) || self.stop_at == Some(step);
-                if let (Some(dir), true) = (&self.output_dir, save || (stop && step < total)) {
-                    let state = ResumeState {
-                        fingerprint: &fp,
-                        step,
-                        total,
-                        per_epoch,
-                        records: &records,
-                        evals: &eval_records,
-                        last_eval,
-                        elapsed: elapsed(),
-                    };
-                    self.write_checkpoint(dir, &stepper, &state)?;
-                    last_checkpoint = Some(step);
-                }
-                if stop && step < total {
-                    progress.finish();
-                    let checkpoint = self
-                        .output_dir
-                        .as_ref()
-                        .map(|d| checkpoint::checkpoint_dir(d, step));
-                    let resume = match &checkpoint {
-                        Some(c) => format!(
-                            "; checkpoint written to {}: continue with `--resume_from_checkpoint {}` (Trainer::resume_from)",
-                            c.display(),
-                            c.display()
-                        ),
-                        None => "; no output folder was set, so nothing was saved".into(),
-                    };
-                    return Err(Error::Interrupted {
-                        step,
-                        total,
-                        checkpoint,
-                        resume,
-                    });
-                }
+                        .map(|(m, v)| format!("{m} {v:.4}"))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ));
             }
+            finite &= r.loss.is_finite();
+            run.eval_records.push(r);
         }
-        if last_eval != Some(step) {
-            for (name, s) in &evals {
-                eval_records.push(self.eval_split(
-                    task,
-                    name,
-                    s,
-                    step,
-                    step as f64 / per_epoch as f64,
-                    elapsed(),
-                )?);
+        run.last_eval = Some(step);
+        Ok(finite)
+    }
+
+    /// The tail of a non-finite-loss error: where the last good checkpoint is, if any.
+    fn last_good_checkpoint(&self, run: &Run) -> String {
+        match (&self.output_dir, run.last_checkpoint) {
+            (Some(dir), Some(at)) => format!(
+                "; the last good checkpoint (step {at}) is {} (an HF model folder: start a new run from it, e.g. with a lower learning rate)",
+                checkpoint::checkpoint_dir(dir, at).display()
+            ),
+            (Some(_), None) => {
+                "; no checkpoint was written yet (one is written at each evaluation with a finite loss)".into()
             }
+            (None, _) => "; set an output folder to keep checkpoints".into(),
         }
-        progress.finish();
-        let history = RunHistory::build(cfg.optimizer.name(), records, eval_records)?;
+    }
+
+    /// The error of a run stopped at `step`, saying how to continue it.
+    fn interrupted(&self, step: usize, total: usize) -> Error {
+        let checkpoint = self
+            .output_dir
+            .as_ref()
+            .map(|d| checkpoint::checkpoint_dir(d, step));
+        let resume = match &checkpoint {
+            Some(c) => format!(
+                "; checkpoint written to {}: continue with `--resume_from_checkpoint {}` (Trainer::resume_from)",
+                c.display(),
+                c.display()
+            ),
+            None => "; no output folder was set, so nothing was saved".into(),
+        };
+        Error::Interrupted {
+            step,
+            total,
+            checkpoint,
+            resume,
+        }
+    }
+
+    /// After the last step: the final evaluation (unless one just ran), the history and the
+    /// output files.
+    fn finish(&mut self, mut run: Run) -> Result<RunHistory> {
+        if run.last_eval != Some(run.step) {
+            self.evaluate_now(&mut run, false)?;
+        }
+        run.progress.finish();
+        let history = RunHistory::build(self.cfg.optimizer.name(), run.records, run.eval_records)?;
         if let Some(dir) = self.output_dir.clone() {
-            self.write_outputs(&dir, task, &history, total, per_epoch)?;
+            self.write_outputs(&dir, run.task, &history, run.total, run.per_epoch)?;
         }
         Ok(history)
     }
@@ -529,10 +538,9 @@ impl Trainer {
             )));
         }
         load_weights(&self.model, dir)?;
-        match stepper.optimizer_mut() {
-            Optim::AdamW(o) => o.load_state(&dir.join(OPTIMIZER_FILE))?,
-            Optim::MFac(o) => o.load_state(&dir.join(OPTIMIZER_FILE))?,
-        }
+        stepper
+            .optimizer_mut()
+            .load_state(&dir.join(OPTIMIZER_FILE))?;
         let rng_path = dir.join(RNG_FILE);
         let rng_text =
             std::fs::read_to_string(&rng_path).map_err(|e| Error::io("reading", &rng_path, e))?;
@@ -552,32 +560,32 @@ impl Trainer {
         })
     }
 
-    fn write_checkpoint(&self, dir: &Path, stepper: &Stepper, st: &ResumeState) -> Result<()> {
-        checkpoint::write_checkpoint(dir, st.step, |tmp| {
+    fn write_checkpoint(&self, dir: &Path, run: &Run) -> Result<()> {
+        let elapsed = run.elapsed();
+        checkpoint::write_checkpoint(dir, run.step, |tmp| {
             crate::model::save_model_files(&self.model, tmp)?;
-            match stepper.optimizer() {
-                Optim::AdamW(o) => o.save_state(&tmp.join(OPTIMIZER_FILE))?,
-                Optim::MFac(o) => o.save_state(&tmp.join(OPTIMIZER_FILE))?,
-            }
+            run.stepper
+                .optimizer()
+                .save_state(&tmp.join(OPTIMIZER_FILE))?;
             write_json_atomic(
                 &tmp.join(RNG_FILE),
                 &self.model.dropout_rng_state()?.to_json(),
             )?;
             let mut state = trainer_state(
                 &self.cfg,
-                st.records,
-                st.evals,
-                st.total,
-                st.per_epoch,
-                st.step,
+                &run.records,
+                &run.eval_records,
+                run.total,
+                run.per_epoch,
+                run.step,
             );
             state[RESUME_KEY] = serde_json::json!({
-                "fingerprint": st.fingerprint,
-                "step": st.step,
-                "records": st.records,
-                "evals": st.evals,
-                "last_eval": st.last_eval,
-                "elapsed": st.elapsed,
+                "fingerprint": run.fingerprint,
+                "step": run.step,
+                "records": run.records,
+                "evals": run.eval_records,
+                "last_eval": run.last_eval,
+                "elapsed": elapsed,
             });
             write_json_atomic(&tmp.join(STATE_FILE), &state)
         })?;
@@ -624,15 +632,62 @@ impl Trainer {
 }
 
 /// What a checkpoint's trainer_state.json records for resuming.
-struct ResumeState<'a> {
-    fingerprint: &'a serde_json::Value,
-    step: usize,
+/// One call of [`Trainer::fit`] in progress: its data, its sizes, its optimizer and what it has
+/// recorded so far.
+struct Run {
+    task: GlueTask,
+    train: EncodedSplit,
+    evals: Vec<(String, EncodedSplit)>,
     total: usize,
     per_epoch: usize,
-    records: &'a [TrainRecord],
-    evals: &'a [EvalRecord],
+    /// What a resumed run must agree on (see `fingerprint`).
+    fingerprint: serde_json::Value,
+    stepper: Stepper,
+    /// Steps done.
+    step: usize,
+    records: Vec<TrainRecord>,
+    eval_records: Vec<EvalRecord>,
     last_eval: Option<usize>,
-    elapsed: f64,
+    last_checkpoint: Option<usize>,
+    /// Training seconds of the run before it was resumed.
+    offset: f64,
+    start: Instant,
+    progress: Progress,
+}
+
+impl Run {
+    /// Seconds since the run's start (across resumes).
+    fn elapsed(&self) -> f64 {
+        self.offset + self.start.elapsed().as_secs_f64()
+    }
+
+    /// Epochs done, fractional.
+    fn epoch(&self) -> f64 {
+        self.step as f64 / self.per_epoch as f64
+    }
+
+    /// Counts a finished step: its record, the progress line and, every `logging_steps`,
+    /// HF's log line.
+    fn record(&mut self, rec: &crate::train::StepRecord, logging_steps: Option<usize>) {
+        self.step += 1;
+        let (step, ep) = (self.step, self.epoch());
+        self.records.push(TrainRecord {
+            step,
+            epoch: ep,
+            loss: rec.loss,
+            lr: rec.lr,
+            grad_norm: rec.grad_norm,
+            elapsed: self.elapsed(),
+        });
+        self.progress
+            .update(step, &format!("loss {:.4} · lr {:.2e}", rec.loss, rec.lr));
+        if logging_steps.is_some_and(|n| step % n == 0) {
+            self.progress.println(&format!(
+                "{{'loss': {:.4}, 'grad_norm': {:.4}, 'learning_rate': {:.3e}, 'epoch': {ep:.2}}}",
+                rec.loss, rec.grad_norm, rec.lr
+            ));
+        }
+    }
 }
 
 /// HF's trainer_state.json: global step, epoch, log history.

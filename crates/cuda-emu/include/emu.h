@@ -33,6 +33,7 @@ struct alignas(16) uint4 { unsigned x, y, z, w; };
 struct alignas(16) float4 { float x, y, z, w; };
 struct alignas(16) double2 { double x, y; };
 struct alignas(8) float2 { float x, y; };
+inline double2 make_double2(double x, double y) { return double2{x, y}; }
 
 extern thread_local uint3 emu_threadIdx;
 extern thread_local uint3 emu_blockIdx;

@@ -1,6 +1,6 @@
 //! Test-only: runs mfac-lab's CUDA C kernels on the CPU.
 //!
-//! build.rs compiles `src/optim/device/kernels/mfac.cu` and
+//! build.rs compiles `src/optim/mfac/window/device/kernels/mfac.cu` and
 //! `src/model/engine/cuda/kernels/pass.cu` — the files nvcc compiles, unchanged — as C++ with
 //! `include/emu.h` force-included. Every CUDA thread is a fiber; a block's fibers run on the
 //! calling OS thread and switch only at yield points (`__syncthreads`, `__syncwarp`, warp

@@ -12,11 +12,21 @@ use candle_core::{DType, Tensor, D};
 
 use crate::error::Result;
 use crate::model::batch::Batch;
-use crate::model::classifier::{BertClassifier, ClassifierOutput};
 use crate::model::config::HiddenAct;
+use crate::model::engine::sites::Site;
+use crate::model::engine::ModelView;
 use crate::model::engine::{dtype_min, TokenIds};
 use crate::model::params::{DenseNorm, Embeddings, Layer, LayerNorm, Linear};
 use crate::rng::SeededRng;
+
+/// Everything a forward pass computes.
+#[derive(Debug, Clone)]
+pub struct ClassifierOutput {
+    /// The encoder's outputs (hidden states per layer, pooled `[CLS]`).
+    pub bert: BertOutput,
+    /// `[B, num_labels]`.
+    pub logits: Tensor,
+}
 
 /// Everything the encoder computes.
 #[derive(Debug, Clone)]
@@ -96,7 +106,7 @@ fn dropout(x: &Tensor, p: f64, rng: &mut Option<&mut SeededRng>) -> Result<Tenso
 fn embeddings(
     e: &Embeddings<Tensor>,
     batch: &Batch,
-    model: &BertClassifier,
+    model: &ModelView<'_>,
     rng: &mut Option<&mut SeededRng>,
 ) -> Result<Tensor> {
     let cfg = model.config();
@@ -128,7 +138,7 @@ fn embeddings(
         .reshape((b, t, h))?;
     let x = words.broadcast_add(&positions)?.add(&types)?;
     let x = layer_norm(&e.layer_norm, &x, cfg.layer_norm_eps)?;
-    dropout(&x, cfg.hidden_dropout_prob, rng)
+    dropout(&x, Site::Embeddings.p(cfg), rng)
 }
 
 /// `BertSelfOutput` / `BertOutput` ([`#L465-L475`](https://github.com/huggingface/transformers/blob/v4.46.3/src/transformers/models/bert/modeling_bert.py#L465-L475),
@@ -149,7 +159,8 @@ fn dense_norm(
 /// attention), `BertSelfOutput`, `BertIntermediate` ([`#L538-L541`](https://github.com/huggingface/transformers/blob/v4.46.3/src/transformers/models/bert/modeling_bert.py#L538-L541)), `BertOutput`.
 fn layer(
     l: &Layer<Tensor>,
-    model: &BertClassifier,
+    index: usize,
+    model: &ModelView<'_>,
     x: &Tensor,
     mask: &Tensor,
     rng: &mut Option<&mut SeededRng>,
@@ -167,12 +178,13 @@ fn layer(
     let scale = (d as f64).powf(-0.5);
     let scores = (q.matmul(&k.t()?)? * scale)?.broadcast_add(mask)?;
     let probs = candle_nn::ops::softmax(&scores, D::Minus1)?;
-    let probs = dropout(&probs, cfg.attention_probs_dropout_prob, rng)?;
+    let probs = dropout(&probs, Site::AttentionProbs(index).p(cfg), rng)?;
     let ctx = probs.matmul(&v)?.transpose(1, 2)?.reshape((b, t, h))?;
-    let (p, eps) = (cfg.hidden_dropout_prob, cfg.layer_norm_eps);
+    let eps = cfg.layer_norm_eps;
+    let p = Site::AttentionOutput(index).p(cfg);
     let a = dense_norm(&l.attention_output, &ctx, x, p, eps, rng)?;
     let f = activation(&linear(&l.intermediate, &a)?, cfg.activation())?;
-    dense_norm(&l.output, &f, &a, p, eps, rng)
+    dense_norm(&l.output, &f, &a, Site::Output(index).p(cfg), eps, rng)
 }
 
 /// `BertForSequenceClassification.forward` up to the logits
@@ -180,7 +192,7 @@ fn layer(
 /// [`#L1007-L1176`](https://github.com/huggingface/transformers/blob/v4.46.3/src/transformers/models/bert/modeling_bert.py#L1007-L1176): the extended mask, embeddings, layers, `BertPooler`
 /// [`#L743-L749`](https://github.com/huggingface/transformers/blob/v4.46.3/src/transformers/models/bert/modeling_bert.py#L743-L749)), dropout and the classifier.
 pub(crate) fn forward(
-    model: &BertClassifier,
+    model: &ModelView<'_>,
     batch: &Batch,
     mut rng: Option<&mut SeededRng>,
 ) -> Result<ClassifierOutput> {
@@ -192,13 +204,13 @@ pub(crate) fn forward(
     let mask = ((keep - 1.0)? * (-dtype_min(dtype)))?.reshape((b, 1, 1, t))?;
     let mut x = embeddings(&p.bert.embeddings, batch, model, &mut rng)?;
     let mut hidden_states = vec![x.clone()];
-    for l in &p.bert.layers {
-        x = layer(l, model, &x, &mask, &mut rng)?;
+    for (i, l) in p.bert.layers.iter().enumerate() {
+        x = layer(l, i, model, &x, &mask, &mut rng)?;
         hidden_states.push(x.clone());
     }
     let cls = x.narrow(1, 0, 1)?.squeeze(1)?;
     let pooled = linear(&p.bert.pooler, &cls)?.tanh()?;
-    let head_in = dropout(&pooled, model.config().classifier_dropout_prob(), &mut rng)?;
+    let head_in = dropout(&pooled, Site::Classifier.p(model.config()), &mut rng)?;
     let logits = linear(&p.classifier, &head_in)?;
     Ok(ClassifierOutput {
         bert: BertOutput {
@@ -212,12 +224,12 @@ pub(crate) fn forward(
 /// Mean loss and every gradient through the graph (`loss.backward()`), for a batch whose
 /// labels are checked ([`crate::model::engine::Targets`]).
 pub(crate) fn loss_and_grads(
-    model: &BertClassifier,
+    model: &ModelView<'_>,
     batch: &Batch,
     labels: &Tensor,
     rng: Option<&mut SeededRng>,
 ) -> Result<(f64, GradStore)> {
-    let loss = BertClassifier::loss(&forward(model, batch, rng)?.logits, labels)?;
+    let loss = crate::model::engine::loss::mean(&forward(model, batch, rng)?.logits, labels)?;
     let value = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
     Ok((value, loss.backward()?))
 }

@@ -1,4 +1,5 @@
-//! The ways to run the model. A [`BertClassifier`] is its typed parameters, config and tokenizer;
+//! The ways to run the model. A [`BertClassifier`](crate::model::BertClassifier) is its typed
+//! parameters, config and tokenizer;
 //! an [`Engine`] computes with them:
 //!
 //! | engine | where | what it does |
@@ -8,25 +9,31 @@
 //! | `Engine::CudaPass` (`cuda`, `cuda` feature) | CUDA, f32, exact GELU | the same on the GPU: cuBLAS products and our kernels over buffers allocated once, no graph |
 //!
 //! [`Engine::runs`] says what each engine covers, in one `match`; [`Engine::for_model`] takes
-//! the first that runs a model; [`BertClassifier::loss_and_grads`] and
-//! [`BertClassifier::logits`] run the chosen one. A new engine is one more variant, one arm in
+//! the first that runs a model; `BertClassifier::loss_and_grads` and
+//! `BertClassifier::logits` run the chosen one (through a [`ModelView`]: the engines never see
+//! the classifier itself). A new engine is one more variant, one arm in
 //! `runs` and in the two dispatching matches below, and a module beside these.
 
 pub(crate) mod cpu;
 #[cfg(feature = "cuda")]
 pub(crate) mod cuda;
+mod dims;
 #[cfg(test)]
 mod emu_tests;
 pub(crate) mod graph;
 pub(crate) mod launch;
+pub(crate) mod loss;
+pub(crate) mod sites;
+mod view;
 
-pub use graph::BertOutput;
+pub(crate) use dims::Dims;
+pub use graph::{BertOutput, ClassifierOutput};
+pub(crate) use view::ModelView;
 
 use candle_core::{DType, Device, Tensor};
 
 use crate::error::{Error, Result};
 use crate::model::batch::Batch;
-use crate::model::classifier::BertClassifier;
 use crate::model::config::{BertConfig, HiddenAct};
 use crate::model::math::Real;
 use crate::rng::SeededRng;
@@ -100,7 +107,7 @@ impl Engine {
     }
 
     /// An error naming what `self` covers, if it cannot run `model`.
-    pub(crate) fn check(self, model: &BertClassifier) -> Result<()> {
+    pub(crate) fn check(self, model: &ModelView<'_>) -> Result<()> {
         if self.runs(model.device(), model.dtype(), model.config()) {
             return Ok(());
         }
@@ -124,7 +131,7 @@ impl Engine {
     /// Mean loss and every gradient of a labelled batch (dropout from `rng` when given).
     pub(crate) fn loss_and_grads(
         self,
-        model: &BertClassifier,
+        model: &ModelView<'_>,
         batch: &Batch,
         rng: Option<&mut SeededRng>,
     ) -> Result<(f64, candle_core::backprop::GradStore)> {
@@ -140,7 +147,7 @@ impl Engine {
     }
 
     /// Evaluation-mode logits `[B, C]`, without a graph.
-    pub(crate) fn logits(self, model: &BertClassifier, batch: &Batch) -> Result<Tensor> {
+    pub(crate) fn logits(self, model: &ModelView<'_>, batch: &Batch) -> Result<Tensor> {
         match self {
             Engine::CpuPass => cpu::logits(model, batch),
             #[cfg(feature = "cuda")]

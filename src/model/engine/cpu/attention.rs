@@ -7,24 +7,8 @@ use rayon::prelude::*;
 use crate::model::engine::cpu::buf::Buf;
 use crate::model::engine::cpu::dropout::Mask;
 use crate::model::engine::cpu::gemm::{matmul, View};
+use crate::model::engine::Dims;
 use crate::model::math::Real;
-
-/// Sizes of one pass.
-#[derive(Debug, Clone, Copy)]
-pub(crate) struct Dims {
-    pub(crate) b: usize,
-    pub(crate) t: usize,
-    pub(crate) h: usize,
-    pub(crate) nh: usize,
-    pub(crate) d: usize,
-    pub(crate) inter: usize,
-}
-
-impl Dims {
-    pub(crate) fn n(&self) -> usize {
-        self.b * self.t
-    }
-}
 
 /// Attention over `qkv` `[B·T, 3H]` (Q | K | V, heads side by side): returns the context
 /// `[B·T, H]` and the probabilities before dropout `[B, nh, T, T]`. One task per batch row.

@@ -32,19 +32,19 @@ use candle_core::{DType, Device, Storage, Tensor};
 
 use crate::error::{Error, Result};
 use crate::model::batch::Batch;
-use crate::model::classifier::BertClassifier;
+use crate::model::engine::ModelView;
 use crate::model::engine::{additive_mask, Targets, TokenIds};
 use crate::model::math::Real;
 use crate::model::params::Classifier;
 use crate::rng::SeededRng;
 
-use attention::Dims;
+use crate::model::engine::Dims;
 use pass::{Inputs, Qkv};
 
 /// Mean loss of a labelled `batch` (its `targets` checked) and the gradient of every
 /// parameter. Dropout draws from `rng` when given.
 pub(crate) fn loss_and_grads(
-    model: &BertClassifier,
+    model: &ModelView<'_>,
     batch: &Batch,
     targets: &Targets,
     rng: Option<&mut SeededRng>,
@@ -59,7 +59,7 @@ pub(crate) fn loss_and_grads(
 }
 
 /// The logits `[B, C]` of `batch` in evaluation mode (no dropout, nothing kept).
-pub(crate) fn logits(model: &BertClassifier, batch: &Batch) -> Result<Tensor> {
+pub(crate) fn logits(model: &ModelView<'_>, batch: &Batch) -> Result<Tensor> {
     match model.dtype() {
         DType::F32 => eval::<f32>(model, batch),
         DType::F64 => eval::<f64>(model, batch),
@@ -72,7 +72,7 @@ pub(crate) fn logits(model: &BertClassifier, batch: &Batch) -> Result<Tensor> {
 /// Runs `f` on host views of the model's parameters, a typed tree of slices (read guards held
 /// for the call).
 fn with_params<T: Real, R>(
-    model: &BertClassifier,
+    model: &ModelView<'_>,
     f: impl FnOnce(&Classifier<&[T]>) -> Result<R>,
 ) -> Result<R> {
     let guards = model.params().map(&mut |t| t.storage_and_layout());
@@ -93,23 +93,14 @@ fn with_params<T: Real, R>(
 }
 
 /// The sizes of a pass over `ids`.
-fn dims(model: &BertClassifier, ids: &TokenIds) -> Dims {
-    let cfg = model.config();
-    let (h, nh) = (cfg.hidden_size, cfg.num_attention_heads);
-    Dims {
-        b: ids.batch,
-        t: ids.seq_len,
-        h,
-        nh,
-        d: h / nh,
-        inter: cfg.intermediate_size,
-    }
+fn dims(model: &ModelView<'_>, ids: &TokenIds) -> Dims {
+    Dims::new(model.config(), model.num_labels(), ids.batch, ids.seq_len)
 }
 
 /// Runs `f` with everything a pass over `batch` reads: the parameters' host views, each layer's
 /// stacked Q|K|V, and the batch's ids, mask and sizes.
 fn with_pass<T: Real, R>(
-    model: &BertClassifier,
+    model: &ModelView<'_>,
     batch: &Batch,
     f: impl FnOnce(&Classifier<&[T]>, &[Qkv<T>], &Inputs<T>) -> Result<R>,
 ) -> Result<R> {
@@ -133,7 +124,7 @@ fn with_pass<T: Real, R>(
 }
 
 fn train<T: Real>(
-    model: &BertClassifier,
+    model: &ModelView<'_>,
     batch: &Batch,
     targets: &Targets,
     rng: Option<&mut SeededRng>,
@@ -157,7 +148,7 @@ fn train<T: Real>(
     Ok((loss, store))
 }
 
-fn eval<T: Real>(model: &BertClassifier, batch: &Batch) -> Result<Tensor> {
+fn eval<T: Real>(model: &ModelView<'_>, batch: &Batch) -> Result<Tensor> {
     let logits = with_pass::<T, _>(model, batch, |p, qkv, inp| {
         Ok(pass::forward(p, qkv, inp, None, false).0.to_vec())
     })?;

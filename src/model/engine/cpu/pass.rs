@@ -1,16 +1,17 @@
 //! The pass itself: the forward of `BertForSequenceClassification` over host views of the
 //! parameters, keeping what the backward needs, and the backward into a typed gradient tree.
-//! The order of the dropout draws is the graph's: embeddings, then per layer attention
-//! probabilities, attention output, feed-forward output; then the classifier's input.
+//! The dropout draws follow the graph's order, the sites of engine/sites.rs.
 
 use crate::model::config::BertConfig;
-use crate::model::engine::cpu::attention::{attention, attention_bwd, Dims};
+use crate::model::engine::cpu::attention::{attention, attention_bwd};
 use crate::model::engine::cpu::buf::Buf;
 use crate::model::engine::cpu::dropout::{draw, dropped, Mask};
 use crate::model::engine::cpu::embeddings::{embed, embed_bwd};
 use crate::model::engine::cpu::gelu::{gelu, gelu_bwd};
 use crate::model::engine::cpu::gemm::{linear, linear_bwd};
 use crate::model::engine::cpu::norm::{add_norm, add_norm_bwd, NormSaved};
+use crate::model::engine::sites::Site;
+use crate::model::engine::Dims;
 use crate::model::engine::TokenIds;
 use crate::model::math::Real;
 use crate::model::params::{
@@ -100,26 +101,26 @@ pub(crate) fn forward<T: Real>(
     let dm = inp.dims;
     let (b, t, h, n) = (dm.b, dm.t, dm.h, dm.n());
     let eps = cfg.layer_norm_eps;
-    let (p_hid, p_attn) = (cfg.hidden_dropout_prob, cfg.attention_probs_dropout_prob);
     let scale = (dm.d as f64).powf(-0.5);
     let bert = &p.bert;
 
     let emb = embed(&bert.embeddings, inp.ids, h);
     let ln0 = &bert.embeddings.layer_norm;
-    let drop0 = draw::<T>(&mut rng, n * h, p_hid);
+    // Dropout in the graph's order (engine/sites.rs).
+    let drop0 = draw::<T>(&mut rng, n * h, Site::Embeddings.p(cfg));
     let (x0, norm0) = add_norm(&emb, &None, None, ln0.weight, ln0.bias, eps, &drop0, h);
     drop(emb);
 
     let mut xs: Vec<Buf<T>> = vec![x0];
     let mut layers = Vec::with_capacity(if keep { bert.layers.len() } else { 0 });
-    for (lw, qkv_w) in bert.layers.iter().zip(qkv) {
+    for (l, (lw, qkv_w)) in bert.layers.iter().zip(qkv).enumerate() {
         let x = xs.last().expect("the embeddings' output");
         let qkv = linear(x, &qkv_w.w, &qkv_w.b, n, h);
-        let attn_drop = draw::<T>(&mut rng, b * dm.nh * t * t, p_attn);
+        let attn_drop = draw::<T>(&mut rng, dm.tt(), Site::AttentionProbs(l).p(cfg));
         let (ctx, probs) = attention(&qkv, inp.mask_add, &attn_drop, scale, dm);
         let ao = &lw.attention_output;
         let a = linear(&ctx, ao.dense.weight, ao.dense.bias, n, h);
-        let drop1 = draw::<T>(&mut rng, n * h, p_hid);
+        let drop1 = draw::<T>(&mut rng, n * h, Site::AttentionOutput(l).p(cfg));
         let ln1 = &ao.layer_norm;
         let (y1, norm1) = add_norm(&a, &drop1, Some(x), ln1.weight, ln1.bias, eps, &None, h);
         let it = &lw.intermediate;
@@ -127,7 +128,7 @@ pub(crate) fn forward<T: Real>(
         let (g, phi) = gelu(&f);
         let out = &lw.output;
         let o = linear(&g, out.dense.weight, out.dense.bias, n, dm.inter);
-        let drop2 = draw::<T>(&mut rng, n * h, p_hid);
+        let drop2 = draw::<T>(&mut rng, n * h, Site::Output(l).p(cfg));
         let ln2 = &out.layer_norm;
         let (y2, norm2) = add_norm(&o, &drop2, Some(&y1), ln2.weight, ln2.bias, eps, &None, h);
         if keep {
@@ -162,7 +163,7 @@ pub(crate) fn forward<T: Real>(
         .iter()
         .map(|z| T::from_f64(z.to_f64().tanh()))
         .collect();
-    let drop_c = draw::<T>(&mut rng, b * h, cfg.classifier_dropout_prob());
+    let drop_c = draw::<T>(&mut rng, b * h, Site::Classifier.p(cfg));
     let head_in: Vec<T> = (0..b * h).map(|i| dropped(pooled[i], &drop_c, i)).collect();
     let head = &p.classifier;
     let logits = linear(&head_in, head.weight, head.bias, b, h);

@@ -40,8 +40,8 @@ use candle_core::{DType, Device, Tensor};
 
 use crate::error::{Error, Result};
 use crate::model::batch::Batch;
-use crate::model::classifier::BertClassifier;
 use crate::model::config::{BertConfig, HiddenAct};
+use crate::model::engine::{Dims, ModelView};
 use crate::model::params::{
     Bert, Classifier, DenseNorm, Embeddings, Layer, LayerNorm, Linear, SelfAttention,
 };
@@ -84,41 +84,6 @@ pub(crate) fn supports(cfg: &BertConfig) -> bool {
         && h % 4 == 0
         && cfg.num_attention_heads > 0
         && h % cfg.num_attention_heads == 0
-}
-
-/// The sizes of one pass.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub(crate) struct Dims {
-    pub b: usize,
-    pub t: usize,
-    pub h: usize,
-    pub nh: usize,
-    pub d: usize,
-    pub inter: usize,
-    pub layers: usize,
-    pub c: usize,
-}
-
-impl Dims {
-    fn new(cfg: &BertConfig, c: usize, b: usize, t: usize) -> Self {
-        let (h, nh) = (cfg.hidden_size, cfg.num_attention_heads);
-        Dims {
-            b,
-            t,
-            h,
-            nh,
-            d: h / nh,
-            inter: cfg.intermediate_size,
-            layers: cfg.num_hidden_layers,
-            c,
-        }
-    }
-    pub(crate) fn n(&self) -> usize {
-        self.b * self.t
-    }
-    pub(crate) fn tt(&self) -> usize {
-        self.b * self.nh * self.t * self.t
-    }
 }
 
 /// Capacities the buffers were allocated for (they grow, never shrink).
@@ -337,7 +302,7 @@ pub(crate) fn with_state<R>(
 }
 
 /// The model's CUDA device.
-fn cuda_device(model: &BertClassifier) -> Result<CudaDevice> {
+fn cuda_device(model: &ModelView<'_>) -> Result<CudaDevice> {
     match model.device() {
         Device::Cuda(d) => Ok(d.clone()),
         other => Err(Error::InvalidArgument(format!(
@@ -346,7 +311,7 @@ fn cuda_device(model: &BertClassifier) -> Result<CudaDevice> {
     }
 }
 
-fn check_model(model: &BertClassifier) -> Result<()> {
+fn check_model(model: &ModelView<'_>) -> Result<()> {
     if model.dtype() != DType::F32 {
         return Err(Error::InvalidArgument(format!(
             "the CUDA pass runs f32 models, not {:?}: use Engine::Graph",
@@ -493,7 +458,7 @@ pub(crate) fn grad_layout(sizes: &Classifier<usize>) -> (Classifier<usize>, usiz
 }
 
 /// Device addresses of the model's parameters, as a tree.
-fn param_ptrs(model: &BertClassifier, stream: &Arc<CudaStream>) -> Result<Classifier<u64>> {
+fn param_ptrs(model: &ModelView<'_>, stream: &Arc<CudaStream>) -> Result<Classifier<u64>> {
     model
         .params()
         .try_map(&mut |t| tensor_ptr(t, stream, "a parameter of the model"))
@@ -502,7 +467,7 @@ fn param_ptrs(model: &BertClassifier, stream: &Arc<CudaStream>) -> Result<Classi
 /// Mean loss of a labelled `batch` and the gradient of every parameter. Dropout draws its
 /// step key from `rng` when given.
 pub(crate) fn loss_and_grads(
-    model: &BertClassifier,
+    model: &ModelView<'_>,
     batch: &Batch,
     rng: Option<&mut SeededRng>,
 ) -> Result<(f64, GradStore)> {
@@ -546,7 +511,7 @@ pub(crate) fn loss_and_grads(
 }
 
 /// The logits `[B, C]` of `batch` in evaluation mode (no dropout), through the pass's forward.
-pub(crate) fn logits(model: &BertClassifier, batch: &Batch) -> Result<Tensor> {
+pub(crate) fn logits(model: &ModelView<'_>, batch: &Batch) -> Result<Tensor> {
     check_model(model)?;
     let dev = cuda_device(model)?;
     let device = model.device().clone();

@@ -2,9 +2,7 @@
 //! (keeping what the backward needs in the workspace), the loss, and the backward into the flat
 //! gradient buffer. Everything is queued on candle's stream; nothing here waits for the device.
 //!
-//! Dropout sites (keys `site_key(step_key, site)`): 0 the embeddings' output; per layer l,
-//! 1 + 3l the attention probabilities, 2 + 3l the attention output, 3 + 3l the feed-forward
-//! output; 1 + 3L the classifier's input.
+//! Dropout sites: engine/sites.rs's list, each keyed `site_key(step_key, site.index(L))`.
 
 use crate::error::Result;
 use crate::model::config::BertConfig;
@@ -12,8 +10,10 @@ use crate::model::engine::cuda::blas::{gemm, Mat};
 use crate::model::engine::cuda::device::{
     elementwise, launch, per_row, site_key, zero_bytes, DropSite, LN_ROWS,
 };
-use crate::model::engine::cuda::{tensor_ptr, Buffers, DeviceBatch, Dims, State};
+use crate::model::engine::cuda::{tensor_ptr, Buffers, DeviceBatch, State};
 use crate::model::engine::launch as shape;
+use crate::model::engine::sites::Site;
+use crate::model::engine::Dims;
 use crate::model::params::Classifier;
 
 /// One pass over one batch: the state, the buffers, the sizes and the batch's addresses.
@@ -44,18 +44,13 @@ impl<'a> Run<'a> {
         step_key: Option<u64>,
     ) -> Result<Self> {
         let s = &st.stream;
-        let site = |i: usize, p: f64| match step_key {
-            Some(k) => DropSite::new(site_key(k, i as u64), p),
-            None => DropSite::OFF,
-        };
-        let (ph, pa) = (cfg.hidden_dropout_prob, cfg.attention_probs_dropout_prob);
-        let mut drops = vec![site(0, ph)];
-        for l in 0..dm.layers {
-            drops.push(site(1 + 3 * l, pa));
-            drops.push(site(2 + 3 * l, ph));
-            drops.push(site(3 + 3 * l, ph));
-        }
-        drops.push(site(1 + 3 * dm.layers, cfg.classifier_dropout_prob()));
+        let drops = Site::all(dm.layers)
+            .into_iter()
+            .map(|site| match step_key {
+                Some(k) => DropSite::new(site_key(k, site.index(dm.layers) as u64), site.p(cfg)),
+                None => DropSite::OFF,
+            })
+            .collect();
         let labels = match &batch.labels {
             Some(l) => tensor_ptr(l, s, "the labels")?,
             None => 0,
@@ -78,20 +73,23 @@ impl<'a> Run<'a> {
         })
     }
 
+    fn drop_at(&self, site: Site) -> DropSite {
+        self.drops[site.index(self.dm.layers)]
+    }
     fn emb_drop(&self) -> DropSite {
-        self.drops[0]
+        self.drop_at(Site::Embeddings)
     }
     fn attn_drop(&self, l: usize) -> DropSite {
-        self.drops[1 + 3 * l]
+        self.drop_at(Site::AttentionProbs(l))
     }
     fn out1_drop(&self, l: usize) -> DropSite {
-        self.drops[2 + 3 * l]
+        self.drop_at(Site::AttentionOutput(l))
     }
     fn out2_drop(&self, l: usize) -> DropSite {
-        self.drops[3 + 3 * l]
+        self.drop_at(Site::Output(l))
     }
     fn head_drop(&self) -> DropSite {
-        self.drops[1 + 3 * self.dm.layers]
+        self.drop_at(Site::Classifier)
     }
 
     /// `C = op(A)·op(B) (+ C when acc)`.

@@ -48,6 +48,21 @@ __device__ __forceinline__ float warp_max_f(float v) {
     return v;
 }
 
+// ---- LayerNorm's row statistics ---------------------------------------------------------------
+// One warp's row yr[0, h) whose lane sums are s: the mean over the row, then the inverse standard
+// deviation 1/sqrt(var + eps) with the biased variance (two passes over the row, in f64, as the
+// CPU pass); lane 0 stores it in *inv (f32: what the backward reads). Returns (mean, inv std).
+__device__ __forceinline__ double2 ln_row_stats(const float* yr, double s, int h, float eps,
+                                                int lane, float* inv) {
+    double mean = warp_sum_d(s) / h;
+    double v = 0.0;
+    for (int c = lane; c < h; c += 32) { double dlt = yr[c] - mean; v += dlt * dlt; }
+    double var = warp_sum_d(v) / h;
+    double is = 1.0 / sqrt(var + (double)eps);
+    if (lane == 0) *inv = (float)is;
+    return make_double2(mean, is);
+}
+
 // ---- BertEmbeddings: word[id] + position[t] + token_type[type] → LayerNorm → dropout ----------
 // One warp per token row. Ids out of range set a bit of *flag (1: word, 2: type) and read row 0,
 // so a bad id is an error on the host, never a device fault.
@@ -74,12 +89,8 @@ extern "C" __global__ void embed_ln_fwd(
         yr[c] = e;
         s += e;
     }
-    double mean = warp_sum_d(s) / h;
-    double v = 0.0;
-    for (int c = lane; c < h; c += 32) { double dlt = yr[c] - mean; v += dlt * dlt; }
-    double var = warp_sum_d(v) / h;
-    double is = 1.0 / sqrt(var + (double)eps);
-    if (lane == 0) inv[warp] = (float)is;
+    const double2 st = ln_row_stats(yr, s, h, eps, lane, inv + warp);
+    const double mean = st.x, is = st.y;
     for (int c = lane; c < h; c += 32) {
         double xh = (yr[c] - mean) * is;
         xr[c] = (float)xh;
@@ -105,12 +116,8 @@ extern "C" __global__ void add_ln_fwd(
         yr[c] = r;
         s += r;
     }
-    double mean = warp_sum_d(s) / h;
-    double v = 0.0;
-    for (int c = lane; c < h; c += 32) { double dlt = yr[c] - mean; v += dlt * dlt; }
-    double var = warp_sum_d(v) / h;
-    double is = 1.0 / sqrt(var + (double)eps);
-    if (lane == 0) inv[warp] = (float)is;
+    const double2 st = ln_row_stats(yr, s, h, eps, lane, inv + warp);
+    const double mean = st.x, is = st.y;
     for (int c = lane; c < h; c += 32) {
         double xh = (yr[c] - mean) * is;
         xhat[base + c] = (float)xh;

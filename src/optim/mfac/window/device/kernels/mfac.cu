@@ -1,4 +1,4 @@
-// M-FAC's window on the GPU: the kernels of one step (see src/optim/device/mod.rs).
+// M-FAC's window on the GPU: the kernels of one step (see src/optim/mfac/window/device/mod.rs).
 //
 // Layout: the window G is m rows of `ld` elements (ld = d rounded up to a multiple of 512, the
 // padding is zero and stays zero), so every row starts 16-byte aligned and every 16-byte load is
@@ -153,6 +153,30 @@ __device__ void gather(const u64* __restrict__ table, int n, i64 d, i64 ld, doub
   }
 }
 
+// ---- the passes' row loads --------------------------------------------------------------------
+
+// Loads this lane's vectors of the unit at column `col` from ROWS_AT_ONCE rows of G (rows i0,
+// i0 + WARPS, …: the warp's next rows) into x; rows at or past `rows` read as zero. Both passes
+// stream G through this (the streaming, non-caching `__ldcs` of Win<T>::load).
+template <typename T>
+__device__ __forceinline__ void load_rows(const T* G, i64 ld, int rows, int i0, i64 col, int lane,
+                                          typename Win<T>::X (&x)[ROWS_AT_ONCE][Win<T>::U][Win<T>::VEC]) {
+  typedef Win<T> Wt;
+#pragma unroll
+  for (int r = 0; r < ROWS_AT_ONCE; ++r) {
+    const int i = i0 + r * WARPS;
+#pragma unroll
+    for (int q = 0; q < Wt::U; ++q) {
+      if (i < rows) {
+        Wt::load(G + (i64)i * ld + col + (i64)(q * 32 + lane) * Wt::VEC, x[r][q]);
+      } else {
+#pragma unroll
+        for (int v = 0; v < Wt::VEC; ++v) x[r][q][v] = (typename Wt::X)0;
+      }
+    }
+  }
+}
+
 // ---- pass 1: write row j, partial Gram row ---------------------------------------------------
 
 template <typename T>
@@ -184,19 +208,7 @@ __device__ void pass1(const T* __restrict__ g, T* G, i64 ld, int rows, int j,
     for (int i0 = warp; i0 < rows; i0 += WARPS * R) {
       X s[R];
       X x[R][U][VEC];
-#pragma unroll
-      for (int r = 0; r < R; ++r) {
-        const int i = i0 + r * WARPS;
-#pragma unroll
-        for (int q = 0; q < U; ++q) {
-          if (i < rows) {
-            Wt::load(G + (i64)i * ld + col + (i64)(q * 32 + lane) * VEC, x[r][q]);
-          } else {
-#pragma unroll
-            for (int v = 0; v < VEC; ++v) x[r][q][v] = (X)0;
-          }
-        }
-      }
+      load_rows<T>(G, ld, rows, i0, col, lane, x);
 #pragma unroll
       for (int r = 0; r < R; ++r) {
         s[r] = (X)0;
@@ -246,19 +258,7 @@ __device__ void pass2(const T* __restrict__ G, i64 ld, int rows, const double* _
       for (int e = 0; e < VEC; ++e) acc[q][e] = 0.0;
     for (int i0 = warp; i0 < rows; i0 += WARPS * R) {
       typename Wt::X x[R][U][VEC];
-#pragma unroll
-      for (int r = 0; r < R; ++r) {
-        const int i = i0 + r * WARPS;
-#pragma unroll
-        for (int q = 0; q < U; ++q) {
-          if (i < rows) {
-            Wt::load(G + (i64)i * ld + col + (i64)(q * 32 + lane) * VEC, x[r][q]);
-          } else {
-#pragma unroll
-            for (int e = 0; e < VEC; ++e) x[r][q][e] = 0;
-          }
-        }
-      }
+      load_rows<T>(G, ld, rows, i0, col, lane, x);
       // bf16: the R rows are summed in f32 first (one f32→f64 conversion per R products).
       typename Wt::X t[U][VEC];
 #pragma unroll

@@ -6,7 +6,7 @@
 //! [`LD_ALIGN`]; the padding columns are zero in G and in g, so they add nothing to G·g or
 //! Gᵀc, and every row starts on a 16-byte boundary (each load of the kernels is one aligned
 //! 16-byte vector). A step reads G twice (pass 1: G·g, pass 2: Gᵀc), the m×m work stays on the
-//! host in f64 ([`crate::optim::gram`]), exactly as on the CPU.
+//! host in f64 (`crate::optim::mfac::gram`), exactly as on the CPU.
 //!
 //! Memory on the device: the window m·ld·s bytes, the gradient row ld·s, the momentum d·8 (when
 //! momentum > 0), the recorded u d·8 (only when asked for), and O(blocks·m) f64 of partial sums.
@@ -22,15 +22,11 @@ pub(crate) mod launch;
 #[cfg(feature = "cuda")]
 pub(crate) use cuda::DeviceWindow;
 
-/// Wall-clock milliseconds since `t` (the profile's host parts).
-pub(crate) fn cuda_ms_since(t: std::time::Instant) -> f64 {
-    t.elapsed().as_secs_f64() * 1e3
-}
-
 use candle_core::DType;
 
 use crate::error::{Error, Result};
-use crate::optim::window::HostWindow;
+use crate::optim::mfac::window::HostWindow;
+use crate::optim::util::human;
 
 /// Device time of the parts of the last step, in ms (CUDA events), when profiling is on.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
@@ -151,7 +147,7 @@ impl DevicePlan {
                     "{} is more than the CUDA window takes ({MAX_DEVICE_GRADS}); use num_grads ≤ {MAX_DEVICE_GRADS} or keep the model on the CPU",
                     self.m
                 ),
-                valid: crate::optim::spec::MFAC_KEYS.join(", "),
+                valid: <crate::optim::MFacConfig as crate::optim::OptimConfig>::KEYS.join(", "),
             });
         }
         let needed = self.needed();
@@ -167,7 +163,7 @@ impl DevicePlan {
             if bf16.needed() + HEADROOM <= free {
                 fix.push(format!(
                     "a bf16 window (window_dtype: bf16) needs {} and fits",
-                    crate::optim::mfac::human(bf16.needed())
+                    human(bf16.needed())
                 ));
             } else {
                 let m = self.largest_m(free, DType::BF16);
@@ -194,8 +190,8 @@ impl DevicePlan {
                 self.dtype.size_in_bytes(),
                 self.dtype
             ),
-            needed: format!("{} (+ {} headroom)", crate::optim::mfac::human(needed), crate::optim::mfac::human(HEADROOM)),
-            available: format!("{} free on the GPU", crate::optim::mfac::human(free)),
+            needed: format!("{} (+ {} headroom)", human(needed), human(HEADROOM)),
+            available: format!("{} free on the GPU", human(free)),
             fix: fix.join("; or "),
         })
     }
@@ -346,15 +342,20 @@ mod tests {
         assert!(a <= 48 * 1024 && b <= 48 * 1024);
     }
 
+    fn f32s(w: &HostWindow) -> &[f32] {
+        match w {
+            HostWindow::F32(v) => v,
+            other => panic!("an f32 window stays f32, got {other:?}"),
+        }
+    }
+
     #[test]
     fn padded_rows_round_trip_through_the_host() {
         let (m, d, ld) = (3, 5, 8);
         let data: Vec<f32> = (0..m * d).map(|x| x as f32 + 0.5).collect();
         let mut w = HostWindow::F32(data.clone());
         expand_rows(&mut w, m, d, ld).unwrap();
-        let HostWindow::F32(v) = &w else {
-            unreachable!()
-        };
+        let v = f32s(&w);
         assert_eq!(v.len(), m * ld);
         for i in 0..m {
             assert_eq!(&v[i * ld..i * ld + d], &data[i * d..(i + 1) * d]);
@@ -362,10 +363,7 @@ mod tests {
         }
         assert_eq!(host_bytes(&w).len(), m * ld * 4);
         compact_rows(&mut w, m, ld, d);
-        let HostWindow::F32(v) = &w else {
-            unreachable!()
-        };
-        assert_eq!(v, &data);
+        assert_eq!(f32s(&w), &data);
         let mut b = HostWindow::BF16(vec![half::bf16::ONE; 4]);
         assert_eq!(host_bytes_mut(&mut b).len(), 8);
     }

@@ -18,7 +18,8 @@ use half::bf16;
 
 use super::launch::{self, Launch};
 use super::DevicePlan;
-use crate::optim::window::{bf16_from_f64, HostWindow};
+use crate::optim::mfac::window::HostWindow;
+use crate::optim::util::bf16_from_f64;
 
 /// The element types as the kernels see them: bf16 travels as its bits (u16).
 trait Raw: Copy + PartialEq + std::fmt::Debug + 'static {
@@ -508,7 +509,7 @@ fn the_floor_reads_every_vector_once() {
 
 #[test]
 fn the_harness_rounds_f64_to_bf16_as_the_host_window_does() {
-    // The device gather's __double2bfloat16 (one rounding) against window.rs's bf16_from_f64,
+    // The device gather's __double2bfloat16 (one rounding) against util.rs's bf16_from_f64,
     // on random values over the whole range (subnormals, overflow) and on exact ties ± 1 ulp.
     let mut r = 0x1234u64;
     for i in 0..200_000u64 {

@@ -20,7 +20,7 @@ use super::{
     THREADS,
 };
 use crate::error::{Error, Result};
-use crate::optim::window::HostWindow;
+use crate::optim::mfac::window::HostWindow;
 
 /// The kernels: sm_90a machine code (no JIT at the first step on an H100/H200) + compute_90 PTX.
 static FATBIN: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/mfac.fatbin"));

@@ -112,6 +112,9 @@ pub(crate) struct GramSolver {
     k: Vec<f64>,
     /// B, packed lower triangle, current once `pending` is applied.
     inv: Vec<f64>,
+    /// B's diagonal, current (pending change included): the guard's bound on y's cancellation
+    /// reads it every step, and gathering it from the packed rows costs m cache misses.
+    diag: Vec<f64>,
     /// The last step's rank-2 change on the indices other than its j (row and column j of
     /// `inv` already hold their new values; b and q are zero at j).
     pending: Option<Pending>,
@@ -136,6 +139,7 @@ impl GramSolver {
             m,
             shift,
             k: vec![0.0; tri(m)],
+            diag: vec![1.0 / shift; m],
             inv,
             pending: None,
             kernels: Kernels::detect(),
@@ -217,7 +221,7 @@ impl GramSolver {
         // positive definite, so |Bᵢₗ| ≤ √(Bᵢᵢ Bₗₗ)): an O(m) bound from B's diagonal. Without
         // it a window of nearly collinear gradients loses every digit of y unseen (the guard's
         // test: κ of s and cb 4e3, y's 1e13, c's backward error 9e-5).
-        let sd: Vec<f64> = (0..m).map(|l| self.inv[tri(l) + l].max(0.0).sqrt()).collect();
+        let sd: Vec<f64> = self.diag.iter().map(|x| x.max(0.0).sqrt()).collect();
         let terms_y = sd.iter().fold(0.0f64, |x, v| x.max(*v))
             * sd.iter().zip(&a0).map(|(s, a)| s * a.abs()).sum::<f64>();
         let max_y = y.iter().fold(0.0f64, |x, v| x.max(v.abs()));
@@ -230,12 +234,19 @@ impl GramSolver {
         c[j] = inv_s;
         b[j] = 0.0;
         let inv_bjj = 1.0 / bjj;
+        let f: Vec<f64> = b.iter().map(|x| x * inv_bjj).collect();
+        let g: Vec<f64> = q.iter().map(|x| x * inv_s).collect();
+        // The diagonal after the change, as the sweep will apply it (b, q are zero at j).
+        for (l, x) in self.diag.iter_mut().enumerate() {
+            *x = (*x - f[l] * b[l]) + g[l] * q[l];
+        }
+        self.diag[j] = c[j];
         self.pending = Some(Pending {
             j,
             c: c.clone(),
-            f: b.iter().map(|x| x * inv_bjj).collect(),
+            f,
             b,
-            g: q.iter().map(|x| x * inv_s).collect(),
+            g,
             q,
         });
         Some((c, kappa))
@@ -262,6 +273,7 @@ impl GramSolver {
     fn rebuild(&mut self) {
         let t0 = Instant::now();
         self.inv = rebuild::inverse(&self.k, self.m, self.shift);
+        self.diag = (0..self.m).map(|l| self.inv[tri(l) + l]).collect();
         self.pending = None;
         self.since_refresh = 0;
         self.refreshes += 1;
@@ -296,6 +308,7 @@ impl GramSolver {
     pub fn restore(&mut self, k: &[f64], inv: &[f64], since_refresh: usize, refreshes: usize) {
         self.k = pack(k, self.m);
         self.inv = pack(inv, self.m);
+        self.diag = (0..self.m).map(|l| self.inv[tri(l) + l]).collect();
         self.pending = None;
         self.since_refresh = since_refresh;
         self.refreshes = refreshes;
@@ -393,6 +406,15 @@ mod tests {
             let c = s.replace(j, &k);
             assert!(rel(&c, &s.solve_from_scratch(j)) <= 1e-12);
             assert!(backward_error(&s, j, &c) <= RESIDUAL_TOL);
+            // The diagonal kept beside B is B's (pending change applied), bit for bit.
+            let full = s.inverse();
+            for l in 0..m {
+                assert_eq!(
+                    s.diag[l].to_bits(),
+                    full[l * m + l].to_bits(),
+                    "step {j}, {l}"
+                );
+            }
         }
         assert_eq!(
             (s.refreshes(), s.repairs()),

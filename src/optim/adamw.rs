@@ -424,12 +424,6 @@ impl Optim for AdamW {
     fn load_state(&mut self, path: &Path) -> Result<()> {
         AdamW::load_state(self, path)
     }
-    fn as_any(&self) -> &dyn std::any::Any {
-        self
-    }
-    fn as_any_mut(&mut self) -> &mut dyn std::any::Any {
-        self
-    }
 }
 
 impl candle_nn::Optimizer for AdamW {

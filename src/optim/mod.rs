@@ -20,6 +20,6 @@ pub use clip::{clip_grad_norm, grad_norm};
 pub use label::CARD_LR;
 pub use mfac::{GramTiming, MFac, MFacConfig, MFacStep, StepProfile};
 pub use schedule::LinearSchedule;
-pub use seam::{Optim, OptimConfig};
+pub use seam::{AsAny, Optim, OptimConfig};
 pub use sgd::{Sgd, SgdConfig};
 pub use spec::{OptimKind, OptimizerSpec, ADAMW_KEYS, MFAC_KEYS, SGD_KEYS};

@@ -31,7 +31,7 @@ use crate::optim::label::{num, CARD_LR};
 /// assert_eq!((opt.kind(), opt.label().as_str()), ("sgd", "SGD lr 0.5"));
 /// # Ok::<(), mfac_lab::Error>(())
 /// ```
-pub trait Optim {
+pub trait Optim: AsAny {
     /// The kind's short name: `adamw`, `mfac` or `sgd` (also in checkpoints and histories).
     fn kind(&self) -> &'static str;
     /// A label derived from its settings (as [`crate::optim::OptimizerSpec::display_name`]).
@@ -48,10 +48,24 @@ pub trait Optim {
     /// Restores a state written by [`Optim::save_state`]; an error names the mismatch when the
     /// file was written by another kind, other settings or other parameters.
     fn load_state(&mut self, path: &Path) -> Result<()>;
-    /// The optimizer itself, to inspect it (see `<dyn Optim>::downcast_ref`).
+}
+
+/// A value as `dyn Any`, for every `'static` type: what lets a `dyn Optim` be downcast to the
+/// optimizer it is (`<dyn Optim>::downcast_ref`).
+pub trait AsAny: Any {
+    /// The value itself.
     fn as_any(&self) -> &dyn Any;
-    /// The optimizer itself, mutable.
+    /// The value itself, mutable.
     fn as_any_mut(&mut self) -> &mut dyn Any;
+}
+
+impl<T: Any> AsAny for T {
+    fn as_any(&self) -> &dyn Any {
+        self
+    }
+    fn as_any_mut(&mut self) -> &mut dyn Any {
+        self
+    }
 }
 
 impl dyn Optim {

@@ -337,12 +337,6 @@ impl Optim for Sgd {
     fn load_state(&mut self, path: &Path) -> Result<()> {
         Sgd::load_state(self, path)
     }
-    fn as_any(&self) -> &dyn std::any::Any {
-        self
-    }
-    fn as_any_mut(&mut self) -> &mut dyn std::any::Any {
-        self
-    }
 }
 
 impl candle_nn::Optimizer for Sgd {

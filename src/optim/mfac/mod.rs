@@ -354,12 +354,6 @@ impl Optim for MFac {
     fn load_state(&mut self, path: &std::path::Path) -> Result<()> {
         MFac::load_state(self, path)
     }
-    fn as_any(&self) -> &dyn std::any::Any {
-        self
-    }
-    fn as_any_mut(&mut self) -> &mut dyn std::any::Any {
-        self
-    }
 }
 
 impl candle_nn::Optimizer for MFac {

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use candle_core::{DType, Device};
 use polars::prelude::*;
 
-use crate::data::GlueData;
+use crate::data::{GlueData, GlueTask};
 use crate::error::{Error, Result};
 use crate::io::write_bytes_atomic;
 use crate::model::{BertClassifier, BertConfig, LoadOptions, PairTokenizer, BERT_TINY_REPO};
@@ -67,14 +67,37 @@ impl ModelSource {
         }
     }
 
-    /// A short description for logs and summaries.
+    /// A short description for logs, summaries and plot titles: the hub id, or a local
+    /// folder's name (not its whole path).
+    ///
+    /// ```
+    /// use mfac_lab::compare::ModelSource;
+    /// assert_eq!(ModelSource::bert_tiny().describe(), "prajjwal1/bert-tiny");
+    /// let dir = tempfile::tempdir().unwrap();
+    /// let folder = dir.path().join("my-minilm");
+    /// std::fs::create_dir(&folder).unwrap();
+    /// let src = ModelSource::Pretrained(folder.display().to_string());
+    /// assert_eq!(src.describe(), "my-minilm");
+    /// ```
     pub fn describe(&self) -> String {
         match self {
-            ModelSource::Pretrained(r) => r.clone(),
-            ModelSource::Random(_) => "randomly initialised BERT (seeded)".into(),
+            ModelSource::Pretrained(r) => {
+                let path = Path::new(r);
+                match path.file_name() {
+                    Some(name) if path.is_dir() => name.to_string_lossy().into_owned(),
+                    _ => r.clone(),
+                }
+            }
+            ModelSource::Random(_) => RANDOM_SOURCE.into(),
         }
     }
 }
+
+/// How [`ModelSource::describe`] names a randomly initialised model.
+const RANDOM_SOURCE: &str = "randomly initialised BERT (seeded)";
+
+/// What a comparison of randomly initialised models shows (printed under its table).
+pub const RANDOM_NOTE: &str = "With random weights both optimizers stay at the majority class (the training loss stays near ln 3): these numbers show the pipeline, not which optimizer is better. For real numbers run `mfac-lab compare --task mnli`.";
 
 /// The offline demo's M-FAC window (`mfac-lab compare` with no flags, notebook 02): bert-tiny's
 /// window of 1024 gradients takes 18 GB in f32; 32 take 0.56 GB.
@@ -257,6 +280,9 @@ pub struct Comparison {
     pub metric: String,
     /// Where the models came from.
     pub source: String,
+    /// The task, when known: with [`Comparison::source`] it picks the model card shown beside
+    /// the results ([`crate::cards::card_for`]).
+    pub task: Option<GlueTask>,
 }
 
 fn df_err(e: PolarsError) -> Error {
@@ -316,6 +342,7 @@ pub fn compare_optimizers(
         failures: vec![],
         metric: data.task.metrics()[0].name().to_string(),
         source: source.describe(),
+        task: Some(data.task),
     };
     let total = cfg.seeds.len() * specs.len();
     let mut k = 0;
@@ -361,15 +388,34 @@ pub fn compare_optimizers(
     Ok(cmp)
 }
 
-fn mean_std(v: &[f64]) -> (f64, f64) {
+/// Mean and sample standard deviation over seeds, as model cards report "mean ± std"; no std
+/// for a single run (a spread of one value is not 0, it is unknown).
+fn mean_std(v: &[f64]) -> (f64, Option<f64>) {
     let n = v.len() as f64;
     let mean = v.iter().sum::<f64>() / n;
     if v.len() < 2 {
-        return (mean, 0.0);
+        return (mean, None);
     }
-    // Sample standard deviation over seeds, as model cards report "mean ± std".
     let var = v.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / (n - 1.0);
-    (mean, var.sqrt())
+    (mean, Some(var.sqrt()))
+}
+
+/// The best of the runs (every GLUE metric is better when higher), as the cards' "best run".
+fn best(v: &[f64]) -> f64 {
+    v.iter().copied().fold(f64::NEG_INFINITY, f64::max)
+}
+
+/// A summary cell in percent: `68.47` for one run, `68.28 ± 3.29 (best 69.55)` for several.
+fn cell(v: &[f64]) -> String {
+    match mean_std(v) {
+        (m, None) => format!("{:.2}", 100.0 * m),
+        (m, Some(sd)) => format!(
+            "{:.2} ± {:.2} (best {:.2})",
+            100.0 * m,
+            100.0 * sd,
+            100.0 * best(v)
+        ),
+    }
 }
 
 impl Comparison {
@@ -379,6 +425,7 @@ impl Comparison {
     /// ```
     /// let cmp = mfac_lab::compare::Comparison {
     ///     runs: vec![], failures: vec![], metric: "accuracy".into(), source: "demo".into(),
+    ///     task: None,
     /// };
     /// assert!(cmp.check().is_ok());
     /// ```
@@ -394,6 +441,12 @@ impl Comparison {
                 .collect(),
             total: self.runs.len() + self.failures.len(),
         })
+    }
+
+    /// The authors' model card for this task and model, when there is one (never for a
+    /// random or local model): [`Comparison::to_markdown`] shows it under the results.
+    pub fn card(&self) -> Option<crate::cards::Card> {
+        crate::cards::card_for(self.task?, &self.source)
     }
 
     fn optimizers(&self) -> Vec<String> {
@@ -450,10 +503,11 @@ impl Comparison {
     }
 
     /// The final value of each metric per optimizer and eval split: mean and std over seeds
-    /// (sample std; 0 with one seed), and the number of runs.
+    /// (sample std; null with one seed), the best run's value, and the number of runs.
     pub fn summary(&self) -> Result<DataFrame> {
         let (mut opt, mut split, mut metric, mut mean, mut std, mut runs) =
             (vec![], vec![], vec![], vec![], vec![], vec![]);
+        let mut top = vec![];
         for o in self.optimizers() {
             for s in self.splits() {
                 let mut names: Vec<String> = vec![];
@@ -477,6 +531,7 @@ impl Comparison {
                     metric.push(m);
                     mean.push(mu);
                     std.push(sd);
+                    top.push(best(&vals));
                     runs.push(vals.len() as u32);
                 }
             }
@@ -487,13 +542,15 @@ impl Comparison {
             Column::new("metric".into(), metric),
             Column::new("mean".into(), mean),
             Column::new("std".into(), std),
+            Column::new("best".into(), top),
             Column::new("runs".into(), runs),
         ])
         .map_err(df_err)
     }
 
     /// The summary as a Markdown table in the model card's layout: one row per optimizer, one
-    /// column per eval split, the headline metric in percent as `mean ± std`.
+    /// column per eval split, the headline metric in percent as `mean ± std (best b)` over
+    /// several seeds, the value alone for one.
     pub fn to_markdown(&self) -> String {
         let splits = self.splits();
         let mut s = format!(
@@ -512,8 +569,7 @@ impl Comparison {
                 cells.push(if vals.is_empty() {
                     "–".to_string()
                 } else {
-                    let (m, sd) = mean_std(&vals);
-                    format!("{:.2} ± {:.2}", 100.0 * m, 100.0 * sd)
+                    cell(&vals)
                 });
             }
             let n = self.runs.iter().filter(|r| r.optimizer == o).count();
@@ -522,6 +578,12 @@ impl Comparison {
                 if n == 1 { "" } else { "s" },
                 cells.join(" | ")
             );
+        }
+        if self.source == RANDOM_SOURCE {
+            s += &format!("\n{RANDOM_NOTE}\n");
+        }
+        if let Some(card) = self.card() {
+            s += &format!("\n{}", crate::cards::card_markdown(&card));
         }
         if !self.failures.is_empty() {
             s += &format!(
@@ -627,7 +689,8 @@ impl Comparison {
                     group: sp.clone(),
                     name: o.clone(),
                     value: m,
-                    err: sd,
+                    // One run: no error bar (its spread is unknown, not 0).
+                    err: sd.unwrap_or(0.0),
                     color: self.color(&o),
                 });
             }

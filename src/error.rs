@@ -35,6 +35,13 @@ pub enum Error {
     #[error("model folder {} does not exist", .0.display())]
     MissingDir(PathBuf),
 
+    /// The data folder (`--data_dir`, `load_glue_dir`) does not exist.
+    #[error(
+        "data folder {} does not exist: give --data_dir a folder with the task's parquet or TSV files (e.g. train.tsv, validation_matched.tsv), or leave it out to load the task from the hub",
+        .0.display()
+    )]
+    MissingDataDir(PathBuf),
+
     /// A required file is not in the model folder.
     #[error("{} has no {file}{hint}", dir.display())]
     MissingFile {

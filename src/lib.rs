@@ -13,6 +13,7 @@
 //! # Ok::<(), mfac_lab::Error>(())
 //! ```
 
+pub mod cards;
 pub mod cli;
 pub mod compare;
 pub mod data;

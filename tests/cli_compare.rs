@@ -22,6 +22,8 @@ fn compare_with_no_arguments_runs_the_offline_demo() {
         out.status
     );
     assert!(stdout.contains("Offline demo"), "{stdout}");
+    // It says plainly what random weights can show (issue 23).
+    assert!(stdout.contains("majority class"), "{stdout}");
     assert!(stdout.contains("--task mnli"), "{stdout}");
     // Each optimizer by its label: the demo's M-FAC keeps 32 gradients with the lr scaled to
     // its window (1e-4 × 1024 / 32).

@@ -86,7 +86,7 @@ fn two_optimizers_two_seeds_history_summary_and_determinism() {
             assert!(n > 4, "({o}, {s}) has {n} history rows");
         }
     }
-    // Two seeds: a spread; the same metric with one seed has std 0.
+    // Two seeds: a spread; the same metric with one seed has no std (null, not 0).
     let summary = cmp.summary().unwrap();
     let std = summary.column("std").unwrap().f64().unwrap().clone();
     let runs = summary.column("runs").unwrap().u32().unwrap().clone();
@@ -103,7 +103,9 @@ fn two_optimizers_two_seeds_history_summary_and_determinism() {
         .f64()
         .unwrap()
         .iter()
-        .all(|s| s == Some(0.0)));
+        .all(|s| s.is_none()));
+    let md1 = one.to_markdown();
+    assert!(md1.contains("(1 seed)") && !md1.contains("±"), "{md1}");
     // Same seed, same optimizer: the same run (everything but wall-clock time).
     for (a, b) in one.runs.iter().zip(cmp.runs.iter().filter(|r| r.seed == 1)) {
         assert_eq!(a.optimizer, b.optimizer);
@@ -404,4 +406,117 @@ fn two_specs_with_one_label_are_refused_before_any_run() {
             "Adam (HF defaults)"
         ]
     );
+}
+
+/// A run whose only evaluation ends with `acc` on both MNLI splits.
+fn finished(optimizer: &str, seed: u64, acc: f64) -> mfac_lab::compare::Run {
+    use mfac_lab::train::{EvalRecord, RunHistory};
+    let evals = ["validation_matched", "validation_mismatched"]
+        .iter()
+        .map(|split| EvalRecord {
+            step: 10,
+            epoch: 1.0,
+            split: split.to_string(),
+            loss: 1.0,
+            metrics: vec![("accuracy".into(), acc)],
+            elapsed: 1.0,
+        })
+        .collect();
+    mfac_lab::compare::Run {
+        optimizer: optimizer.into(),
+        seed,
+        history: RunHistory::build("adamw", vec![], evals).unwrap(),
+    }
+}
+
+#[test]
+fn the_summary_gives_mean_std_and_the_best_run_on_known_numbers() {
+    use mfac_lab::compare::Comparison;
+    let cmp = Comparison {
+        runs: vec![
+            finished("M-FAC m=1024", 1, 0.60),
+            finished("M-FAC m=1024", 2, 0.70),
+            finished("M-FAC m=1024", 3, 0.65),
+            finished("AdamW", 1, 0.6536),
+        ],
+        failures: vec![],
+        metric: "accuracy".into(),
+        source: "prajjwal1/bert-tiny".into(),
+        task: None,
+    };
+    let summary = cmp.summary().unwrap();
+    let f = |c: &str| -> Vec<Option<f64>> {
+        summary.column(c).unwrap().f64().unwrap().iter().collect()
+    };
+    // Rows: M-FAC on both splits, then AdamW on both.
+    let (mean, std, best) = (f("mean"), f("std"), f("best"));
+    assert!((mean[0].unwrap() - 0.65).abs() < 1e-12);
+    assert!(
+        (std[0].unwrap() - 0.05).abs() < 1e-12,
+        "sample std of .60 .70 .65"
+    );
+    assert_eq!(best[0], Some(0.70));
+    assert_eq!(
+        (mean[2], std[2], best[2]),
+        (Some(0.6536), None, Some(0.6536))
+    );
+    let md = cmp.to_markdown();
+    assert!(
+        md.contains("| M-FAC m=1024 (3 seeds) | 65.00 ± 5.00 (best 70.00) |"),
+        "{md}"
+    );
+    assert!(md.contains("| AdamW (1 seed) | 65.36 | 65.36 |"), "{md}");
+    assert!(
+        !md.contains("majority class"),
+        "a real model gets no random-weights note"
+    );
+    let random = Comparison {
+        source: mfac_lab::compare::ModelSource::random_bert_tiny().describe(),
+        ..cmp
+    };
+    assert!(random
+        .to_markdown()
+        .contains(mfac_lab::compare::RANDOM_NOTE));
+}
+
+#[test]
+fn the_model_card_shows_exactly_when_task_and_model_match() {
+    use mfac_lab::compare::{Comparison, ModelSource};
+    use mfac_lab::data::GlueTask;
+    let with = |task: Option<GlueTask>, source: &str| Comparison {
+        runs: vec![finished("AdamW", 1, 0.65)],
+        failures: vec![],
+        metric: "accuracy".into(),
+        source: source.into(),
+        task,
+    };
+    let md = with(Some(GlueTask::Mnli), "prajjwal1/bert-tiny").to_markdown();
+    assert!(
+        md.contains("Model card (prajjwal1/bert-tiny on mnli, M-FAC num_grads 1024"),
+        "{md}"
+    );
+    assert!(
+        md.contains("| AdamW (card) | 65.36 ± 0.13 | 66.78 ± 0.15 |"),
+        "{md}"
+    );
+    assert!(
+        md.contains("| M-FAC (card) | 68.28 ± 3.29 | 68.98 ± 3.05 |"),
+        "{md}"
+    );
+    let mini = with(Some(GlueTask::Mrpc), "prajjwal1/bert-mini").to_markdown();
+    // A number the card gives without a ± shows without one.
+    assert!(mini.contains("| AdamW (card) | 84.57 | 76.57 |"), "{mini}");
+    for (task, source) in [
+        (
+            Some(GlueTask::Mnli),
+            ModelSource::random_bert_tiny().describe(),
+        ),
+        (Some(GlueTask::Sst2), "prajjwal1/bert-tiny".to_string()),
+        (Some(GlueTask::Cola), "prajjwal1/bert-mini".to_string()),
+        (Some(GlueTask::Mnli), "my-minilm".to_string()),
+        (None, "prajjwal1/bert-tiny".to_string()),
+    ] {
+        let md = with(task, &source).to_markdown();
+        assert!(!md.contains("Model card"), "{task:?} {source}: {md}");
+    }
 }

@@ -38,6 +38,31 @@ fn missing_folder() {
 }
 
 #[test]
+fn a_missing_data_folder_is_named_as_the_data_folder() {
+    let e = mfac_lab::data::load_glue_dir(mfac_lab::data::GlueTask::Mnli, "/nonexistent/glue")
+        .unwrap_err();
+    assert!(matches!(e, Error::MissingDataDir(_)), "{e}");
+    let msg = e.to_string();
+    assert!(
+        msg.starts_with("data folder /nonexistent/glue does not exist"),
+        "{msg}"
+    );
+    assert!(!msg.contains("model folder"), "{msg}");
+    // The command line says the same, before any training.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_mfac-lab"))
+        .args(["compare", "--data_dir", "/nonexistent", "--quiet"])
+        .env("HF_HUB_OFFLINE", "1")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains("data folder /nonexistent does not exist"),
+        "{stderr}"
+    );
+}
+
+#[test]
 fn missing_config() {
     let tmp = copy_micro();
     std::fs::remove_file(tmp.path().join("config.json")).unwrap();

@@ -225,7 +225,7 @@ pub fn load_mnli() -> Result<GlueData> {
 pub fn load_glue_dir(task: GlueTask, dir: impl AsRef<Path>) -> Result<GlueData> {
     let dir = dir.as_ref();
     if !dir.is_dir() {
-        return Err(Error::MissingDir(dir.to_path_buf()));
+        return Err(Error::MissingDataDir(dir.to_path_buf()));
     }
     let find = |split: &str| -> Option<PathBuf> {
         [dir.to_path_buf(), dir.join(task.name())]

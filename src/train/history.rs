@@ -43,7 +43,7 @@ pub struct EvalRecord {
 /// What a run produced, with its history as a polars DataFrame.
 #[derive(Debug, Clone)]
 pub struct RunHistory {
-    /// `adamw` or `mfac`.
+    /// The optimizer's kind: `adamw`, `mfac` or `sgd`.
     pub optimizer: String,
     /// Every training step.
     pub train: Vec<TrainRecord>,
@@ -55,11 +55,18 @@ pub struct RunHistory {
 }
 
 impl RunHistory {
-    pub(crate) fn build(
-        optimizer: &str,
-        train: Vec<TrainRecord>,
-        evals: Vec<EvalRecord>,
-    ) -> Result<Self> {
+    /// A history from its records (what [`crate::train::Trainer::fit`] returns; also for
+    /// hand-made histories in tests and notebooks): the long-format DataFrame is built from them.
+    ///
+    /// ```
+    /// use mfac_lab::train::{EvalRecord, RunHistory};
+    /// let e = EvalRecord { step: 1, epoch: 1.0, split: "validation".into(), loss: 0.7,
+    ///                      metrics: vec![("accuracy".into(), 0.5)], elapsed: 0.1 };
+    /// let h = RunHistory::build("sgd", vec![], vec![e])?;
+    /// assert_eq!(h.final_metric("validation", "accuracy"), Some(0.5));
+    /// # Ok::<(), mfac_lab::Error>(())
+    /// ```
+    pub fn build(optimizer: &str, train: Vec<TrainRecord>, evals: Vec<EvalRecord>) -> Result<Self> {
         let (mut step, mut epoch, mut kind, mut loss, mut lr, mut gn) =
             (vec![], vec![], vec![], vec![], vec![], vec![]);
         let (mut split, mut metric, mut value, mut elapsed) = (vec![], vec![], vec![], vec![]);

@@ -93,6 +93,33 @@ impl ModelSource {
     }
 }
 
+/// Checks a time-to-target value against the range of `task`'s headline metric (accuracy and
+/// F1 in [0, 1], correlations in [−1, 1]) before anything runs.
+///
+/// ```
+/// use mfac_lab::compare::check_target;
+/// use mfac_lab::data::GlueTask;
+/// assert!(check_target(GlueTask::Mnli, 0.65).is_ok());
+/// let e = check_target(GlueTask::Mnli, 65.0).unwrap_err().to_string();
+/// assert!(e.contains("--target") && e.contains("0.65"), "{e}");
+/// assert!(check_target(GlueTask::Stsb, -0.5).is_ok());
+/// ```
+pub fn check_target(task: GlueTask, target: f64) -> Result<()> {
+    let metric = task.metrics()[0];
+    let (lo, hi) = match metric {
+        crate::data::Metric::Accuracy | crate::data::Metric::F1 => (0.0, 1.0),
+        _ => (-1.0, 1.0),
+    };
+    if (lo..=hi).contains(&target) {
+        return Ok(());
+    }
+    Err(Error::InvalidArgument(format!(
+        "--target {target} is outside the range of {}'s {} ([{lo}, {hi}]): give it as a fraction, e.g. --target 0.65 for 65 %",
+        task.name(),
+        metric.name()
+    )))
+}
+
 /// How [`ModelSource::describe`] names a randomly initialised model.
 const RANDOM_SOURCE: &str = "randomly initialised BERT (seeded)";
 
@@ -233,6 +260,9 @@ pub struct CompareConfig {
     /// being the run's label made file-name safe ([`label_slug`], e.g.
     /// `mfac-m32-lr3.2e-3-seed42`).
     pub output_dir: Option<PathBuf>,
+    /// The value of the task's headline metric to time each optimizer to (0.65 = 65 %
+    /// accuracy); `None`: the first optimizer's final mean. Checked by [`check_target`].
+    pub target: Option<f64>,
 }
 
 impl Default for CompareConfig {
@@ -243,6 +273,7 @@ impl Default for CompareConfig {
             device: Device::Cpu,
             dtype: DType::F32,
             output_dir: None,
+            target: None,
         }
     }
 }
@@ -269,6 +300,57 @@ pub struct RunFailure {
     pub message: String,
 }
 
+/// [`Comparison::time_to_target`]: the target and one row per optimizer.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TimeToTarget {
+    /// The eval split measured (the task's first).
+    pub split: String,
+    /// The metric measured (the task's headline metric).
+    pub metric: String,
+    /// The value to reach (or pass).
+    pub target: f64,
+    /// One row per optimizer, in the comparison's order.
+    pub rows: Vec<TargetRow>,
+}
+
+/// One optimizer's time to the target.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TargetRow {
+    /// The optimizer's label.
+    pub optimizer: String,
+    /// Its finished runs.
+    pub runs: usize,
+    /// How many of them reached the target.
+    pub reached: usize,
+    /// Mean step of the first evaluation at or above the target, over the runs that reached it.
+    pub steps: Option<f64>,
+    /// Mean seconds since the run's start then (evaluation time included), likewise.
+    pub seconds: Option<f64>,
+}
+
+impl TimeToTarget {
+    /// A Markdown table: steps and seconds to the target, "not reached" where no run got there.
+    pub fn to_markdown(&self) -> String {
+        let mut s = format!(
+            "Time to target ({} {} ≥ {:.2} %):\n\n| optimizer | runs that reached it | steps | seconds |\n|---|---|---|---|\n",
+            self.split,
+            self.metric,
+            100.0 * self.target
+        );
+        for r in &self.rows {
+            let (steps, secs) = match (r.steps, r.seconds) {
+                (Some(st), Some(se)) => (format!("{st:.0}"), format!("{se:.1}")),
+                _ => ("not reached".into(), "not reached".into()),
+            };
+            s += &format!(
+                "| {} | {} of {} | {steps} | {secs} |\n",
+                r.optimizer, r.reached, r.runs
+            );
+        }
+        s
+    }
+}
+
 /// What [`compare_optimizers`] produced.
 #[derive(Debug, Clone)]
 pub struct Comparison {
@@ -283,6 +365,8 @@ pub struct Comparison {
     /// The task, when known: with [`Comparison::source`] it picks the model card shown beside
     /// the results ([`crate::cards::card_for`]).
     pub task: Option<GlueTask>,
+    /// The time-to-target value ([`CompareConfig::target`]); `None`: the default.
+    pub target: Option<f64>,
 }
 
 fn df_err(e: PolarsError) -> Error {
@@ -326,6 +410,9 @@ pub fn compare_optimizers(
     for spec in specs {
         spec.validate()?;
     }
+    if let Some(t) = cfg.target {
+        check_target(data.task, t)?;
+    }
     let labels = OptimizerSpec::labels(specs)?;
     let slugs: Vec<String> = labels.iter().map(|l| label_slug(l)).collect();
     for i in 0..slugs.len() {
@@ -343,6 +430,7 @@ pub fn compare_optimizers(
         metric: data.task.metrics()[0].name().to_string(),
         source: source.describe(),
         task: Some(data.task),
+        target: cfg.target,
     };
     let total = cfg.seeds.len() * specs.len();
     let mut k = 0;
@@ -425,7 +513,7 @@ impl Comparison {
     /// ```
     /// let cmp = mfac_lab::compare::Comparison {
     ///     runs: vec![], failures: vec![], metric: "accuracy".into(), source: "demo".into(),
-    ///     task: None,
+    ///     task: None, target: None,
     /// };
     /// assert!(cmp.check().is_ok());
     /// ```
@@ -441,6 +529,72 @@ impl Comparison {
                 .collect(),
             total: self.runs.len() + self.failures.len(),
         })
+    }
+
+    /// How fast each optimizer reached `target` on the headline metric of the first eval split
+    /// (AlgoPerf's question): per optimizer, how many of its runs reached it and, over those,
+    /// the mean step and the mean seconds of the first evaluation at or above it. The target
+    /// defaults to the first optimizer's final mean ([`Comparison::default_target`]).
+    ///
+    /// ```
+    /// use mfac_lab::compare::Comparison;
+    /// use mfac_lab::train::{EvalRecord, RunHistory};
+    /// let run = |name: &str, accs: &[f64]| mfac_lab::compare::Run {
+    ///     optimizer: name.into(), seed: 1,
+    ///     history: RunHistory::build("x", vec![], accs.iter().enumerate().map(|(i, a)| EvalRecord {
+    ///         step: 10 * (i + 1), epoch: 0.0, split: "validation".into(), loss: 0.0,
+    ///         metrics: vec![("accuracy".into(), *a)], elapsed: (i + 1) as f64 }).collect()).unwrap(),
+    /// };
+    /// let cmp = Comparison { runs: vec![run("AdamW", &[0.5, 0.6]), run("M-FAC", &[0.62, 0.7])],
+    ///     failures: vec![], metric: "accuracy".into(), source: "x".into(), task: None,
+    ///     target: None };
+    /// let t = cmp.time_to_target(None).unwrap();
+    /// assert_eq!(t.target, 0.6);
+    /// assert_eq!((t.rows[0].reached, t.rows[0].steps), (1, Some(20.0)));
+    /// assert_eq!((t.rows[1].reached, t.rows[1].steps), (1, Some(10.0)));
+    /// ```
+    pub fn time_to_target(&self, target: Option<f64>) -> Option<TimeToTarget> {
+        let split = self.splits().into_iter().next()?;
+        let target = match target {
+            Some(t) => t,
+            None => self.default_target()?,
+        };
+        let rows = self
+            .optimizers()
+            .into_iter()
+            .map(|o| {
+                let runs: Vec<&Run> = self.runs.iter().filter(|r| r.optimizer == o).collect();
+                let hits: Vec<(usize, f64)> = runs
+                    .iter()
+                    .filter_map(|r| r.history.reached(&split, &self.metric, target))
+                    .collect();
+                let mean = |f: &dyn Fn(&(usize, f64)) -> f64| {
+                    (!hits.is_empty()).then(|| hits.iter().map(f).sum::<f64>() / hits.len() as f64)
+                };
+                TargetRow {
+                    optimizer: o,
+                    runs: runs.len(),
+                    reached: hits.len(),
+                    steps: mean(&|h| h.0 as f64),
+                    seconds: mean(&|h| h.1),
+                }
+            })
+            .collect();
+        Some(TimeToTarget {
+            split,
+            metric: self.metric.clone(),
+            target,
+            rows,
+        })
+    }
+
+    /// The default target of [`Comparison::time_to_target`]: the first optimizer's final mean
+    /// of the headline metric on the first eval split.
+    pub fn default_target(&self) -> Option<f64> {
+        let split = self.splits().into_iter().next()?;
+        let first = self.optimizers().into_iter().next()?;
+        let vals = self.finals(&first, &split, &self.metric);
+        (!vals.is_empty()).then(|| mean_std(&vals).0)
     }
 
     /// The authors' model card for this task and model, when there is one (never for a
@@ -581,6 +735,11 @@ impl Comparison {
         }
         if self.source == RANDOM_SOURCE {
             s += &format!("\n{RANDOM_NOTE}\n");
+        }
+        if self.optimizers().len() > 1 {
+            if let Some(t) = self.time_to_target(self.target) {
+                s += &format!("\n{}", t.to_markdown());
+            }
         }
         if let Some(card) = self.card() {
             s += &format!("\n{}", crate::cards::card_markdown(&card));

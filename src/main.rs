@@ -119,6 +119,9 @@ fn compare(f: CompareFlags) -> Result<()> {
         CompareDefaults::recipe()
     };
     let task = GlueTask::parse(f.task.as_deref().unwrap_or("mnli"))?;
+    if let Some(t) = f.target {
+        mfac_lab::compare::check_target(task, t)?;
+    }
     let mut specs = vec![];
     // Unless --optim_args sets lr: AdamW 1e-4, M-FAC 1e-4 × 1024 / num_grads.
     for (i, o) in f.optim.iter().enumerate() {
@@ -174,6 +177,7 @@ fn compare(f: CompareFlags) -> Result<()> {
         seeds,
         device,
         output_dir: Some(out.join("runs")),
+        target: f.target,
         ..CompareConfig::default()
     };
     // A failed run does not stop the others: what finished is written, then the command exits

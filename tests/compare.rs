@@ -20,6 +20,7 @@ fn small_cfg(seeds: Vec<u64>) -> CompareConfig {
         device: Device::Cpu,
         dtype: DType::F32,
         output_dir: None,
+        target: None,
     }
 }
 
@@ -443,6 +444,7 @@ fn the_summary_gives_mean_std_and_the_best_run_on_known_numbers() {
         metric: "accuracy".into(),
         source: "prajjwal1/bert-tiny".into(),
         task: None,
+        target: None,
     };
     let summary = cmp.summary().unwrap();
     let f = |c: &str| -> Vec<Option<f64>> {
@@ -489,6 +491,7 @@ fn the_model_card_shows_exactly_when_task_and_model_match() {
         metric: "accuracy".into(),
         source: source.into(),
         task,
+        target: None,
     };
     let md = with(Some(GlueTask::Mnli), "prajjwal1/bert-tiny").to_markdown();
     assert!(
@@ -519,4 +522,96 @@ fn the_model_card_shows_exactly_when_task_and_model_match() {
         let md = with(task, &source).to_markdown();
         assert!(!md.contains("Model card"), "{task:?} {source}: {md}");
     }
+}
+
+/// A run with one evaluation per (step, accuracy) on validation_matched, 10 s apart.
+fn curve(optimizer: &str, seed: u64, accs: &[(usize, f64)]) -> mfac_lab::compare::Run {
+    use mfac_lab::train::{EvalRecord, RunHistory};
+    let evals = accs
+        .iter()
+        .enumerate()
+        .map(|(i, &(step, acc))| EvalRecord {
+            step,
+            epoch: 0.0,
+            split: "validation_matched".into(),
+            loss: 1.0,
+            metrics: vec![("accuracy".into(), acc)],
+            elapsed: 10.0 * (i + 1) as f64,
+        })
+        .collect();
+    mfac_lab::compare::Run {
+        optimizer: optimizer.into(),
+        seed,
+        history: RunHistory::build("x", vec![], evals).unwrap(),
+    }
+}
+
+#[test]
+fn time_to_target_on_hand_made_histories() {
+    use mfac_lab::compare::Comparison;
+    let cmp = Comparison {
+        runs: vec![
+            // AdamW ends at 0.60 and 0.64: the default target is their mean, 0.62.
+            curve("AdamW", 1, &[(100, 0.50), (200, 0.60)]),
+            curve("AdamW", 2, &[(100, 0.55), (200, 0.64)]),
+            // M-FAC: one run past it at the first evaluation, one at the second.
+            curve("M-FAC", 1, &[(100, 0.63), (200, 0.70)]),
+            curve("M-FAC", 2, &[(100, 0.58), (200, 0.66)]),
+            // SGD never gets there.
+            curve("SGD", 1, &[(100, 0.40), (200, 0.45)]),
+        ],
+        failures: vec![],
+        metric: "accuracy".into(),
+        source: "x".into(),
+        task: None,
+        target: None,
+    };
+    let t = cmp.time_to_target(None).unwrap();
+    assert_eq!(t.split, "validation_matched");
+    assert!((t.target - 0.62).abs() < 1e-12);
+    let row = |i: usize| {
+        (
+            t.rows[i].reached,
+            t.rows[i].runs,
+            t.rows[i].steps,
+            t.rows[i].seconds,
+        )
+    };
+    // AdamW: only seed 2 reached 0.62 (at step 200, its second evaluation, 20 s).
+    assert_eq!(row(0), (1, 2, Some(200.0), Some(20.0)));
+    // M-FAC: steps 100 (first evaluation) and 200: mean 150 steps, 15 s.
+    assert_eq!(row(1), (2, 2, Some(150.0), Some(15.0)));
+    assert_eq!(row(2), (0, 1, None, None));
+    let md = t.to_markdown();
+    assert!(md.contains("≥ 62.00 %"), "{md}");
+    assert!(
+        md.contains("| SGD | 0 of 1 | not reached | not reached |"),
+        "{md}"
+    );
+    assert!(md.contains("| M-FAC | 2 of 2 | 150 | 15.0 |"), "{md}");
+    // An explicit target, reached by everyone at the first evaluation.
+    let low = cmp.time_to_target(Some(0.3)).unwrap();
+    assert!(low
+        .rows
+        .iter()
+        .all(|r| r.reached == r.runs && r.steps == Some(100.0)));
+    // The printed summary carries the default target's table.
+    assert!(cmp
+        .to_markdown()
+        .contains("Time to target (validation_matched accuracy ≥ 62.00 %)"));
+}
+
+#[test]
+fn a_target_outside_the_metrics_range_is_refused_before_any_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_mfac-lab"))
+        .args(["compare", "--target", "65", "--quiet", "--output_dir"])
+        .arg(dir.path().join("res"))
+        .env("HF_HUB_OFFLINE", "1")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(stderr.contains("--target 65 is outside"), "{stderr}");
+    assert!(!dir.path().join("res").exists(), "nothing may be written");
 }

@@ -128,6 +128,26 @@ impl RunHistory {
             .find(|e| e.split == split)
             .and_then(|e| e.metrics.iter().find(|(m, _)| m == metric).map(|(_, v)| *v))
     }
+
+    /// The first evaluation on `split` whose `metric` is at least `target`: its step and the
+    /// run's seconds then (`EvalRecord::elapsed`); `None` when no evaluation reached it.
+    ///
+    /// ```
+    /// use mfac_lab::train::{EvalRecord, RunHistory};
+    /// let e = |step, acc| EvalRecord { step, epoch: 0.0, split: "validation".into(), loss: 0.0,
+    ///                                  metrics: vec![("accuracy".into(), acc)], elapsed: step as f64 / 10.0 };
+    /// let h = RunHistory::build("adamw", vec![], vec![e(10, 0.5), e(20, 0.7), e(30, 0.6)])?;
+    /// assert_eq!(h.reached("validation", "accuracy", 0.65), Some((20, 2.0)));
+    /// assert_eq!(h.reached("validation", "accuracy", 0.8), None);
+    /// # Ok::<(), mfac_lab::Error>(())
+    /// ```
+    pub fn reached(&self, split: &str, metric: &str, target: f64) -> Option<(usize, f64)> {
+        self.evals
+            .iter()
+            .filter(|e| e.split == split)
+            .find(|e| e.metrics.iter().any(|(m, v)| m == metric && *v >= target))
+            .map(|e| (e.step, e.elapsed))
+    }
 }
 
 impl RunHistory {

@@ -324,7 +324,7 @@ pub struct TargetRow {
     pub reached: usize,
     /// Mean step of the first evaluation at or above the target, over the runs that reached it.
     pub steps: Option<f64>,
-    /// Mean seconds since the run's start then (evaluation time included), likewise.
+    /// Mean training seconds then (evaluation excluded, AlgoPerf's rule), likewise.
     pub seconds: Option<f64>,
 }
 
@@ -543,7 +543,8 @@ impl Comparison {
     ///     optimizer: name.into(), seed: 1,
     ///     history: RunHistory::build("x", vec![], accs.iter().enumerate().map(|(i, a)| EvalRecord {
     ///         step: 10 * (i + 1), epoch: 0.0, split: "validation".into(), loss: 0.0,
-    ///         metrics: vec![("accuracy".into(), *a)], elapsed: (i + 1) as f64 }).collect()).unwrap(),
+    ///         metrics: vec![("accuracy".into(), *a)], elapsed: 0.0, train_seconds: (i + 1) as f64 })
+    ///         .collect()).unwrap(),
     /// };
     /// let cmp = Comparison { runs: vec![run("AdamW", &[0.5, 0.6]), run("M-FAC", &[0.62, 0.7])],
     ///     failures: vec![], metric: "accuracy".into(), source: "x".into(), task: None,

@@ -69,6 +69,7 @@ fn two_optimizers_two_seeds_history_summary_and_determinism() {
         "metric",
         "value",
         "elapsed",
+        "train_seconds",
     ] {
         assert!(
             names.contains(&c.to_string()),
@@ -85,6 +86,27 @@ fn two_optimizers_two_seeds_history_summary_and_determinism() {
                 .filter(|(a, b)| *a == Some(o) && *b == Some(s))
                 .count();
             assert!(n > 4, "({o}, {s}) has {n} history rows");
+        }
+    }
+    // The clocks: training seconds (evaluation excluded) grow with the steps and stay below the
+    // wall clock, which counts the evaluations too; an evaluation sees the training seconds
+    // of the steps before it.
+    for r in &cmp.runs {
+        let t = &r.history.train;
+        assert!(t
+            .windows(2)
+            .all(|w| w[0].train_seconds <= w[1].train_seconds));
+        assert!(t
+            .iter()
+            .all(|x| x.train_seconds > 0.0 && x.train_seconds <= x.elapsed));
+        for e in &r.history.evals {
+            assert!(e.train_seconds <= e.elapsed);
+            let before = t.iter().rev().find(|x| x.step <= e.step).unwrap();
+            assert!(
+                (e.train_seconds - before.train_seconds).abs()
+                    < 0.5 * before.train_seconds.max(1.0) + 1.0
+            );
+            assert!(e.train_seconds >= before.train_seconds);
         }
     }
     // Two seeds: a spread; the same metric with one seed has no std (null, not 0).
@@ -421,6 +443,7 @@ fn finished(optimizer: &str, seed: u64, acc: f64) -> mfac_lab::compare::Run {
             loss: 1.0,
             metrics: vec![("accuracy".into(), acc)],
             elapsed: 1.0,
+            train_seconds: 1.0,
         })
         .collect();
     mfac_lab::compare::Run {
@@ -536,7 +559,9 @@ fn curve(optimizer: &str, seed: u64, accs: &[(usize, f64)]) -> mfac_lab::compare
             split: "validation_matched".into(),
             loss: 1.0,
             metrics: vec![("accuracy".into(), acc)],
-            elapsed: 10.0 * (i + 1) as f64,
+            // Wall clock with evaluations; training seconds without (10 s a stretch).
+            elapsed: 15.0 * (i + 1) as f64,
+            train_seconds: 10.0 * (i + 1) as f64,
         })
         .collect();
     mfac_lab::compare::Run {
@@ -614,4 +639,23 @@ fn a_target_outside_the_metrics_range_is_refused_before_any_run() {
     assert!(!out.status.success());
     assert!(stderr.contains("--target 65 is outside"), "{stderr}");
     assert!(!dir.path().join("res").exists(), "nothing may be written");
+}
+
+#[test]
+fn training_seconds_leave_the_evaluations_out() {
+    // Evaluations every 2 steps: after the first one, the wall clock runs ahead of the
+    // training clock by the time spent evaluating, and the gap only grows.
+    let data = mnli_sample().unwrap();
+    let mut cfg = small_cfg(vec![1]);
+    cfg.train.eval_steps = Some(2);
+    let cmp = compare_optimizers(&micro(), &data, &specs()[..1], &cfg).unwrap();
+    let t = &cmp.runs[0].history.train;
+    assert_eq!(t.len(), 8);
+    let gaps: Vec<f64> = t.iter().map(|x| x.elapsed - x.train_seconds).collect();
+    assert!(
+        gaps[..2].iter().all(|g| g.abs() < 1e-9),
+        "no evaluation yet: {gaps:?}"
+    );
+    assert!(gaps[2..].iter().all(|g| *g > 0.0), "{gaps:?}");
+    assert!(gaps.windows(2).all(|w| w[1] >= w[0] - 1e-12), "{gaps:?}");
 }

@@ -111,7 +111,7 @@ fn a_bad_schema_is_a_clear_error() {
     ));
     assert!(matches!(
         load_glue_dir(GlueTask::Mnli, "/no/such/dir").unwrap_err(),
-        Error::MissingDir(_)
+        Error::MissingDataDir(_)
     ));
 }
 

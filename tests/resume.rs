@@ -58,6 +58,7 @@ fn untimed(t: &[TrainRecord], e: &[EvalRecord]) -> (Vec<TrainRecord>, Vec<EvalRe
         .iter()
         .map(|r| TrainRecord {
             elapsed: 0.0,
+            train_seconds: 0.0,
             ..r.clone()
         })
         .collect();
@@ -65,6 +66,7 @@ fn untimed(t: &[TrainRecord], e: &[EvalRecord]) -> (Vec<TrainRecord>, Vec<EvalRe
         .iter()
         .map(|r| EvalRecord {
             elapsed: 0.0,
+            train_seconds: 0.0,
             ..r.clone()
         })
         .collect();

@@ -21,6 +21,10 @@ pub struct TrainRecord {
     pub grad_norm: f64,
     /// Seconds since training started.
     pub elapsed: f64,
+    /// Training seconds since the start, evaluation excluded (AlgoPerf's clock): what time
+    /// axes and time to target use. 0 in histories written before it existed.
+    #[serde(default)]
+    pub train_seconds: f64,
 }
 
 /// One evaluation of one split.
@@ -38,6 +42,9 @@ pub struct EvalRecord {
     pub metrics: Vec<(String, f64)>,
     /// Seconds since training started.
     pub elapsed: f64,
+    /// Training seconds before this evaluation (evaluation excluded).
+    #[serde(default)]
+    pub train_seconds: f64,
 }
 
 /// What a run produced, with its history as a polars DataFrame.
@@ -61,7 +68,7 @@ impl RunHistory {
     /// ```
     /// use mfac_lab::train::{EvalRecord, RunHistory};
     /// let e = EvalRecord { step: 1, epoch: 1.0, split: "validation".into(), loss: 0.7,
-    ///                      metrics: vec![("accuracy".into(), 0.5)], elapsed: 0.1 };
+    ///                      metrics: vec![("accuracy".into(), 0.5)], elapsed: 0.1, train_seconds: 0.1 };
     /// let h = RunHistory::build("sgd", vec![], vec![e])?;
     /// assert_eq!(h.final_metric("validation", "accuracy"), Some(0.5));
     /// # Ok::<(), mfac_lab::Error>(())
@@ -70,6 +77,7 @@ impl RunHistory {
         let (mut step, mut epoch, mut kind, mut loss, mut lr, mut gn) =
             (vec![], vec![], vec![], vec![], vec![], vec![]);
         let (mut split, mut metric, mut value, mut elapsed) = (vec![], vec![], vec![], vec![]);
+        let mut train_seconds = vec![];
         for r in &train {
             step.push(r.step as u64);
             epoch.push(r.epoch);
@@ -81,6 +89,7 @@ impl RunHistory {
             metric.push(None::<String>);
             value.push(None::<f64>);
             elapsed.push(r.elapsed);
+            train_seconds.push(r.train_seconds);
         }
         for e in &evals {
             for (m, v) in &e.metrics {
@@ -94,6 +103,7 @@ impl RunHistory {
                 metric.push(Some(m.clone()));
                 value.push(Some(*v));
                 elapsed.push(e.elapsed);
+                train_seconds.push(e.train_seconds);
             }
         }
         let df = DataFrame::new_infer_height(vec![
@@ -107,6 +117,7 @@ impl RunHistory {
             Column::new("metric".into(), metric),
             Column::new("value".into(), value),
             Column::new("elapsed".into(), elapsed),
+            Column::new("train_seconds".into(), train_seconds),
         ])
         .map_err(|e| Error::Data {
             source_name: "history".into(),
@@ -130,12 +141,13 @@ impl RunHistory {
     }
 
     /// The first evaluation on `split` whose `metric` is at least `target`: its step and the
-    /// run's seconds then (`EvalRecord::elapsed`); `None` when no evaluation reached it.
+    /// run's training seconds then (`EvalRecord::train_seconds`, evaluation excluded); `None`
+    /// when no evaluation reached it.
     ///
     /// ```
     /// use mfac_lab::train::{EvalRecord, RunHistory};
     /// let e = |step, acc| EvalRecord { step, epoch: 0.0, split: "validation".into(), loss: 0.0,
-    ///                                  metrics: vec![("accuracy".into(), acc)], elapsed: step as f64 / 10.0 };
+    ///     metrics: vec![("accuracy".into(), acc)], elapsed: 0.0, train_seconds: step as f64 / 10.0 };
     /// let h = RunHistory::build("adamw", vec![], vec![e(10, 0.5), e(20, 0.7), e(30, 0.6)])?;
     /// assert_eq!(h.reached("validation", "accuracy", 0.65), Some((20, 2.0)));
     /// assert_eq!(h.reached("validation", "accuracy", 0.8), None);
@@ -146,7 +158,7 @@ impl RunHistory {
             .iter()
             .filter(|e| e.split == split)
             .find(|e| e.metrics.iter().any(|(m, v)| m == metric && *v >= target))
-            .map(|e| (e.step, e.elapsed))
+            .map(|e| (e.step, e.train_seconds))
     }
 }
 

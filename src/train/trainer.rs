@@ -84,6 +84,7 @@ struct Resumed {
     evals: Vec<EvalRecord>,
     last_eval: Option<usize>,
     elapsed: f64,
+    eval_seconds: f64,
 }
 
 /// Copies the weights of `model.safetensors` in `dir` into the model's variables, exactly.
@@ -215,7 +216,7 @@ impl Trainer {
         let (_, evals) = self.encode(data)?;
         evals
             .iter()
-            .map(|(n, s)| self.eval_split(data.task, n, s, 0, 0.0, 0.0))
+            .map(|(n, s)| self.eval_split(data.task, n, s, 0, 0.0, (0.0, 0.0)))
             .collect()
     }
 
@@ -226,7 +227,7 @@ impl Trainer {
         split: &EncodedSplit,
         step: usize,
         epoch: f64,
-        elapsed: f64,
+        (elapsed, train_seconds): (f64, f64),
     ) -> Result<EvalRecord> {
         let (mut preds, mut loss_sum) = (Vec::with_capacity(split.len()), 0.0);
         let mut outputs: Vec<f64> = Vec::with_capacity(split.len());
@@ -288,6 +289,7 @@ impl Trainer {
             loss: loss_sum / split.len().max(1) as f64,
             metrics,
             elapsed,
+            train_seconds,
         })
     }
 
@@ -393,12 +395,14 @@ impl Trainer {
             last_eval: None,
             last_checkpoint: None,
             offset: 0.0,
+            eval_seconds: 0.0,
             start: Instant::now(),
             progress: Progress::new(&label, total, cfg.quiet),
         };
         if let Some(r) = resumed {
             (run.step, run.records, run.eval_records) = (r.step, r.records, r.evals);
             (run.last_eval, run.offset) = (r.last_eval, r.elapsed);
+            run.eval_seconds = r.eval_seconds;
             run.last_checkpoint = Some(r.step);
             if r.step > 0 {
                 run.progress.update(r.step, "resumed");
@@ -412,8 +416,11 @@ impl Trainer {
     fn evaluate_now(&self, run: &mut Run, log: bool) -> Result<bool> {
         let (step, ep) = (run.step, run.epoch());
         let mut finite = true;
+        let t0 = Instant::now();
+        let now = run.elapsed();
+        let clocks = (now, now - run.eval_seconds);
         for (name, s) in &run.evals {
-            let r = self.eval_split(run.task, name, s, step, ep, run.elapsed())?;
+            let r = self.eval_split(run.task, name, s, step, ep, clocks)?;
             if log {
                 run.progress.println(&format!(
                     "step {step} (epoch {ep:.2}) {name}: loss {:.4}, {}",
@@ -429,6 +436,7 @@ impl Trainer {
             run.eval_records.push(r);
         }
         run.last_eval = Some(step);
+        run.eval_seconds += t0.elapsed().as_secs_f64();
         Ok(finite)
     }
 
@@ -531,6 +539,7 @@ impl Trainer {
         let evals: Vec<EvalRecord> = serde_json::from_value(ours["evals"].clone())?;
         let last_eval = ours["last_eval"].as_u64().map(|s| s as usize);
         let elapsed = ours["elapsed"].as_f64().unwrap_or(0.0);
+        let eval_seconds = ours["eval_seconds"].as_f64().unwrap_or(0.0);
         if records.len() != step {
             return Err(bad(format!(
                 "{} step records for step {step}",
@@ -557,6 +566,7 @@ impl Trainer {
             evals,
             last_eval,
             elapsed,
+            eval_seconds,
         })
     }
 
@@ -586,6 +596,7 @@ impl Trainer {
                 "evals": run.eval_records,
                 "last_eval": run.last_eval,
                 "elapsed": elapsed,
+                "eval_seconds": run.eval_seconds,
             });
             write_json_atomic(&tmp.join(STATE_FILE), &state)
         })?;
@@ -649,8 +660,10 @@ struct Run {
     eval_records: Vec<EvalRecord>,
     last_eval: Option<usize>,
     last_checkpoint: Option<usize>,
-    /// Training seconds of the run before it was resumed.
+    /// Seconds of the run before it was resumed.
     offset: f64,
+    /// Seconds spent evaluating so far (across resumes).
+    eval_seconds: f64,
     start: Instant,
     progress: Progress,
 }
@@ -670,14 +683,15 @@ impl Run {
     /// HF's log line.
     fn record(&mut self, rec: &crate::train::StepRecord, logging_steps: Option<usize>) {
         self.step += 1;
-        let (step, ep) = (self.step, self.epoch());
+        let (step, ep, now) = (self.step, self.epoch(), self.elapsed());
         self.records.push(TrainRecord {
             step,
             epoch: ep,
             loss: rec.loss,
             lr: rec.lr,
             grad_norm: rec.grad_norm,
-            elapsed: self.elapsed(),
+            elapsed: now,
+            train_seconds: now - self.eval_seconds,
         });
         self.progress
             .update(step, &format!("loss {:.4} · lr {:.2e}", rec.loss, rec.lr));

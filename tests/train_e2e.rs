@@ -97,7 +97,8 @@ fn run(spec: OptimizerSpec) {
             "split",
             "metric",
             "value",
-            "elapsed"
+            "elapsed",
+            "train_seconds"
         ]
     );
     assert_eq!(h.df.height(), 30 + 6);

@@ -57,7 +57,7 @@ pub struct RunHistory {
     /// Every evaluation.
     pub evals: Vec<EvalRecord>,
     /// Long format: step, epoch, kind ("train" | "eval"), loss, lr, grad_norm, split, metric,
-    /// value, elapsed (nulls where a column does not apply).
+    /// value, elapsed, train_seconds (nulls where a column does not apply).
     pub df: DataFrame,
 }
 

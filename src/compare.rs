@@ -351,6 +351,29 @@ impl TimeToTarget {
     }
 }
 
+/// What the x axis of a curve counts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Axis {
+    Step,
+    TrainSeconds,
+}
+
+impl Axis {
+    fn of(self, step: usize, train_seconds: f64) -> f64 {
+        match self {
+            Axis::Step => step as f64,
+            Axis::TrainSeconds => train_seconds,
+        }
+    }
+
+    fn label(self) -> &'static str {
+        match self {
+            Axis::Step => "step",
+            Axis::TrainSeconds => "training seconds (evaluation excluded)",
+        }
+    }
+}
+
 /// What [`compare_optimizers`] produced.
 #[derive(Debug, Clone)]
 pub struct Comparison {
@@ -769,13 +792,23 @@ impl Comparison {
 
     /// Training loss vs step: each run raw (faint) and smoothed, one colour per optimizer.
     pub fn plot_loss(&self) -> Figure {
+        self.loss_curves(Axis::Step)
+    }
+
+    /// Training loss vs training seconds (evaluation excluded): what a step costs shows here
+    /// (an M-FAC step costs more than an Adam step; a curve per step flatters it).
+    pub fn plot_loss_vs_time(&self) -> Figure {
+        self.loss_curves(Axis::TrainSeconds)
+    }
+
+    fn loss_curves(&self, axis: Axis) -> Figure {
         let mut series = vec![];
         for r in &self.runs {
             let raw: Vec<(f64, f64)> = r
                 .history
                 .train
                 .iter()
-                .map(|t| (t.step as f64, t.loss))
+                .map(|t| (axis.of(t.step, t.train_seconds), t.loss))
                 .collect();
             let c = self.color(&r.optimizer);
             series.push(Series {
@@ -795,7 +828,7 @@ impl Comparison {
         }
         Figure::lines(
             &format!("Training loss ({})", self.source),
-            "step",
+            axis.label(),
             "cross-entropy loss (smoothed, raw faint)",
             series,
         )
@@ -804,22 +837,37 @@ impl Comparison {
     /// Eval metric vs step per optimizer (mean over seeds): solid for the first eval split
     /// (matched), dashed for the second (mismatched).
     pub fn plot_accuracy(&self) -> Figure {
+        self.metric_curves(Axis::Step)
+    }
+
+    /// Eval metric vs training seconds (evaluation excluded; mean over seeds of both the
+    /// metric and the seconds at each evaluation): who gets there first on the clock.
+    pub fn plot_accuracy_vs_time(&self) -> Figure {
+        self.metric_curves(Axis::TrainSeconds)
+    }
+
+    fn metric_curves(&self, axis: Axis) -> Figure {
         let mut series = vec![];
         for o in self.optimizers() {
             for (i, sp) in self.splits().iter().enumerate() {
-                let mut by_step: std::collections::BTreeMap<usize, Vec<f64>> = Default::default();
+                let mut by_step: std::collections::BTreeMap<usize, Vec<(f64, f64)>> =
+                    Default::default();
                 for r in self.runs.iter().filter(|r| r.optimizer == o) {
                     for e in r.history.evals.iter().filter(|e| &e.split == sp) {
                         if let Some((_, v)) = e.metrics.iter().find(|(m, _)| *m == self.metric) {
-                            by_step.entry(e.step).or_default().push(*v);
+                            let x = axis.of(e.step, e.train_seconds);
+                            by_step.entry(e.step).or_default().push((x, *v));
                         }
                     }
                 }
+                let mean = |v: &[(f64, f64)], f: fn(&(f64, f64)) -> f64| {
+                    v.iter().map(f).sum::<f64>() / v.len() as f64
+                };
                 series.push(Series {
                     name: format!("{o} · {sp}"),
                     points: by_step
-                        .iter()
-                        .map(|(s, v)| (*s as f64, v.iter().sum::<f64>() / v.len() as f64))
+                        .values()
+                        .map(|v| (mean(v, |p| p.0), mean(v, |p| p.1)))
                         .collect(),
                     color: self.color(&o),
                     dashed: i % 2 == 1,
@@ -829,7 +877,7 @@ impl Comparison {
         }
         Figure::lines(
             &format!("Eval {} (mean over seeds)", self.metric),
-            "step",
+            axis.label(),
             &self.metric,
             series,
         )
@@ -862,8 +910,9 @@ impl Comparison {
         )
     }
 
-    /// Writes `history.parquet`, `history.csv`, `summary.csv`, `summary.md` and the three plots
-    /// (`loss`, `accuracy`, `final`, each `.png` and `.svg`) into `dir`, each file atomically.
+    /// Writes `history.parquet`, `history.csv`, `summary.csv`, `summary.md` and the plots
+    /// (`loss`, `accuracy` against the step, `loss_time`, `accuracy_time` against the training
+    /// seconds, `final`; each `.png` and `.svg`) into `dir`, each file atomically.
     pub fn save(&self, dir: impl AsRef<Path>) -> Result<()> {
         let dir = dir.as_ref();
         std::fs::create_dir_all(dir).map_err(|e| Error::io("creating", dir, e))?;
@@ -884,6 +933,8 @@ impl Comparison {
         for (name, fig) in [
             ("loss", self.plot_loss()),
             ("accuracy", self.plot_accuracy()),
+            ("loss_time", self.plot_loss_vs_time()),
+            ("accuracy_time", self.plot_accuracy_vs_time()),
             ("final", self.plot_final()),
         ] {
             fig.save(dir.join(format!("{name}.png")))?;

@@ -186,7 +186,7 @@ fn compare(f: CompareFlags) -> Result<()> {
     cmp.save(&out)?;
     println!("\n{}", cmp.to_markdown());
     println!(
-        "Wrote {}: history.parquet/.csv, summary.md/.csv, loss/accuracy/final .png and .svg, runs/",
+        "Wrote {}: history.parquet/.csv, summary.md/.csv, loss/accuracy (per step and per training second)/final .png and .svg, runs/",
         out.display()
     );
     cmp.check()?;

@@ -42,6 +42,10 @@ fn compare_with_no_arguments_runs_the_offline_demo() {
         "loss.svg",
         "accuracy.png",
         "accuracy.svg",
+        "loss_time.png",
+        "loss_time.svg",
+        "accuracy_time.png",
+        "accuracy_time.svg",
         "final.png",
         "final.svg",
     ] {

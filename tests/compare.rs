@@ -620,6 +620,13 @@ fn time_to_target_on_hand_made_histories() {
         .rows
         .iter()
         .all(|r| r.reached == r.runs && r.steps == Some(100.0)));
+    // The time axis: the same curves against the training seconds.
+    let fig = cmp.plot_accuracy_vs_time();
+    assert_eq!(fig.x_label, "training seconds (evaluation excluded)");
+    assert_eq!(cmp.plot_accuracy().x_label, "step");
+    assert_eq!(fig.names(), cmp.plot_accuracy().names());
+    let svg = fig.to_svg().unwrap();
+    assert!(svg.contains("training seconds"), "the axis is labelled");
     // The printed summary carries the default target's table.
     assert!(cmp
         .to_markdown()

@@ -8,6 +8,9 @@
 //! here yet.
 
 use crate::data::GlueTask;
+use crate::error::{Error, Result};
+use crate::optim::{MFacConfig, OptimizerSpec, CARD_LR};
+use crate::train::TrainConfig;
 
 /// prajjwal1/bert-mini: the other model the cards cover.
 pub const BERT_MINI_REPO: &str = "prajjwal1/bert-mini";
@@ -224,6 +227,77 @@ pub fn card_for(task: GlueTask, model: &str) -> Option<Card> {
     all_cards()
         .into_iter()
         .find(|c| c.task == task && c.model == model)
+}
+
+/// The card of `task` (a GLUE task name, or `squad_v2`) for `model` (`bert-tiny`, `bert-mini`
+/// or their hub ids), with an error that names what exists when there is none.
+///
+/// ```
+/// use mfac_lab::cards::find;
+/// assert_eq!(find("mrpc", "bert-mini").unwrap().num_grads, 512);
+/// assert!(find("squad_v2", "bert-tiny").unwrap_err().to_string().contains("not supported yet"));
+/// assert!(find("sst2", "bert-tiny").unwrap_err().to_string().contains("bert-mini"));
+/// ```
+pub fn find(task: &str, model: &str) -> Result<Card> {
+    let t = task.trim().to_ascii_lowercase();
+    if t == "squad_v2" || t == "squad" {
+        return Err(Error::InvalidArgument(
+            concat!(
+                "the cards' SQuAD v2 runs are not supported yet: SQuAD is question answering, ",
+                "not a GLUE task (mfac-lab trains sequence classification); use --task mnli, ",
+                "qqp, qnli, mrpc, stsb or sst2"
+            )
+            .into(),
+        ));
+    }
+    let task = GlueTask::parse(&t)?;
+    let model = match model.trim() {
+        "bert-tiny" => crate::model::BERT_TINY_REPO,
+        "bert-mini" => BERT_MINI_REPO,
+        other => other,
+    };
+    card_for(task, model).ok_or_else(|| {
+        let have: Vec<String> = all_cards()
+            .iter()
+            .filter(|c| c.task == task)
+            .map(|c| c.model.to_string())
+            .collect();
+        Error::InvalidArgument(format!(
+            "the M-FAC authors published no card for {model} on {}{}",
+            task.name(),
+            if have.is_empty() {
+                " (cards exist for mnli, qqp, qnli, mrpc, stsb and sst2)".to_string()
+            } else {
+                format!(": there is one for {}", have.join(", "))
+            }
+        ))
+    })
+}
+
+/// The card's recipe for `compare`: HF's default AdamW at lr 1e-4 and M-FAC at lr 1e-4, damp
+/// 1e-6 with the card's num_grads; run_glue's batch 32, max_seq_length 128, the card's epochs.
+///
+/// ```
+/// use mfac_lab::cards::{find, recipe};
+/// let (specs, train) = recipe(&find("mnli", "bert-tiny").unwrap());
+/// assert_eq!(specs[1].display_name(), "M-FAC m=1024");
+/// assert_eq!((train.batch_size, train.max_seq_length, train.num_train_epochs), (32, 128, 5.0));
+/// ```
+pub fn recipe(card: &Card) -> (Vec<OptimizerSpec>, TrainConfig) {
+    let specs = vec![
+        OptimizerSpec::adamw(CARD_LR),
+        OptimizerSpec::mfac(MFacConfig {
+            lr: CARD_LR,
+            num_grads: card.num_grads,
+            damp: 1e-6,
+            ..MFacConfig::default()
+        }),
+    ];
+    let train = TrainConfig {
+        num_train_epochs: card.epochs,
+        ..TrainConfig::run_glue()
+    };
+    (specs, train)
 }
 
 /// The card as a Markdown table (one row per optimizer, one column per metric), with where it

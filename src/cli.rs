@@ -36,6 +36,9 @@ pub enum Command {
     Compare(CompareFlags),
     /// Train and/or evaluate like HF's run_glue.py (its flag names).
     Glue(GlueFlags),
+    /// Run a model card's experiment (the M-FAC authors' recipe for a task and model) through
+    /// `compare`, and print the card beside the results.
+    Card(CardFlags),
     /// Load a model (local HF folder or hub id) and describe it.
     Info {
         /// Local HF folder or hub id.
@@ -337,6 +340,33 @@ pub struct CompareFlags {
     pub device: String,
     /// Where the summary, history, plots and runs/ go.
     #[arg(long, default_value = "mfac-lab-results")]
+    pub output_dir: PathBuf,
+    /// No progress output.
+    #[arg(long)]
+    pub quiet: bool,
+}
+
+/// `mfac-lab card` flags.
+#[derive(Debug, Clone, Args)]
+#[command(rename_all = "snake_case")]
+pub struct CardFlags {
+    /// The card's task: mnli, qqp, qnli, mrpc, stsb or sst2.
+    #[arg(long, default_value = "mnli")]
+    pub task: String,
+    /// The card's model: bert-tiny or bert-mini (or their hub ids).
+    #[arg(long, default_value = "bert-tiny")]
+    pub model: String,
+    /// Seeds, comma-separated (default: five, 42 to 46, as the cards' 5 runs).
+    #[arg(long, value_delimiter = ',')]
+    pub seeds: Vec<u64>,
+    /// Print the card and its recipe, train nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Where to train.
+    #[arg(long, default_value = "auto", value_parser = ["cpu", "cuda", "auto"])]
+    pub device: String,
+    /// Where the summary, history, plots and runs/ go.
+    #[arg(long, default_value = "mfac-lab-card")]
     pub output_dir: PathBuf,
     /// No progress output.
     #[arg(long)]

@@ -111,6 +111,51 @@ fn glue(a: GlueArgs) -> Result<()> {
     Ok(())
 }
 
+/// `mfac-lab card`: a model card's recipe through `compare`, the card beside the results.
+fn card(f: mfac_lab::cli::CardFlags) -> Result<()> {
+    let card = mfac_lab::cards::find(&f.task, &f.model)?;
+    let (specs, mut train) = mfac_lab::cards::recipe(&card);
+    let seeds = if f.seeds.is_empty() {
+        vec![42, 43, 44, 45, 46]
+    } else {
+        f.seeds.clone()
+    };
+    println!(
+        "{}\nRecipe: {} on {}, {} and {} (damp 1e-6, num_grads {}), lr 1e-4, batch {}, max_seq_length {}, {} epochs, seeds {seeds:?}.",
+        mfac_lab::cards::card_markdown(&card),
+        card.model,
+        card.task.name(),
+        specs[0].display_name(),
+        specs[1].display_name(),
+        card.num_grads,
+        train.batch_size,
+        train.max_seq_length,
+        train.num_train_epochs,
+    );
+    if f.dry_run {
+        return Ok(());
+    }
+    train.quiet = f.quiet;
+    let cfg = CompareConfig {
+        train,
+        seeds,
+        device: select_device(&f.device)?,
+        output_dir: Some(f.output_dir.join("runs")),
+        ..CompareConfig::default()
+    };
+    let data = load_glue(card.task, &Hub::default())?;
+    let cmp = compare_optimizers(
+        &ModelSource::Pretrained(card.model.into()),
+        &data,
+        &specs,
+        &cfg,
+    )?;
+    cmp.save(&f.output_dir)?;
+    println!("\n{}", cmp.to_markdown());
+    cmp.check()?;
+    Ok(())
+}
+
 fn compare(f: CompareFlags) -> Result<()> {
     let demo = f.task.is_none() && f.data_dir.is_none();
     let defaults = if demo {
@@ -234,6 +279,7 @@ fn main() -> Result<()> {
             flags.check()?;
             compare(flags)
         }
+        Some(Command::Card(flags)) => card(flags),
         Some(Command::Info { model }) => {
             let model = BertClassifier::from_pretrained(&model, &LoadOptions::default())?;
             println!("{model:?}");

@@ -347,12 +347,7 @@ impl OptimizerSpec {
     /// assert_eq!(OptimizerSpec::parse_with_lr("MFAC", "lr: 1e-4", 3e-4).unwrap().lr(), 1e-4);
     /// ```
     pub fn parse_with_lr(name: &str, args: &str, lr: f64) -> Result<Self> {
-        let mut spec = Self::parse(name, args)?;
-        if !sets_lr(args, spec.config().keys())? {
-            spec.set_lr(lr);
-            spec.validate()?;
-        }
-        Ok(spec)
+        Self::parse_with_default_lr(name, args, |_| lr)
     }
 
     /// Like [`OptimizerSpec::parse`] for `compare`: unless ARGS sets `lr`, every kind gets the
@@ -368,9 +363,19 @@ impl OptimizerSpec {
     /// assert_eq!(OptimizerSpec::parse_scaled_lr("adamw_torch", "").unwrap().lr(), 1e-4);
     /// ```
     pub fn parse_scaled_lr(name: &str, args: &str) -> Result<Self> {
+        Self::parse_with_default_lr(name, args, |c| c.compare_lr())
+    }
+
+    /// [`OptimizerSpec::parse`], then, unless ARGS sets `lr`, the lr `default` gives for the
+    /// parsed config (validated again).
+    fn parse_with_default_lr(
+        name: &str,
+        args: &str,
+        default: impl FnOnce(&dyn DynConfig) -> f64,
+    ) -> Result<Self> {
         let mut spec = Self::parse(name, args)?;
         if !sets_lr(args, spec.config().keys())? {
-            let lr = spec.config().compare_lr();
+            let lr = default(spec.config());
             spec.set_lr(lr);
             spec.validate()?;
         }

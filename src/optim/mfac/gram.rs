@@ -252,6 +252,11 @@ impl GramSolver {
         Some((c, kappa))
     }
 
+    /// B's diagonal from the stored rows (after a rebuild or a restore: no pending change).
+    fn refresh_diag(&mut self) {
+        self.diag = (0..self.m).map(|l| self.inv[tri(l) + l]).collect();
+    }
+
     /// Column j of B, right after a rebuild (no pending change).
     fn column(&self, j: usize) -> Vec<f64> {
         column(&self.inv, self.m, j)
@@ -273,7 +278,7 @@ impl GramSolver {
     fn rebuild(&mut self) {
         let t0 = Instant::now();
         self.inv = rebuild::inverse(&self.k, self.m, self.shift);
-        self.diag = (0..self.m).map(|l| self.inv[tri(l) + l]).collect();
+        self.refresh_diag();
         self.pending = None;
         self.since_refresh = 0;
         self.refreshes += 1;
@@ -308,7 +313,7 @@ impl GramSolver {
     pub fn restore(&mut self, k: &[f64], inv: &[f64], since_refresh: usize, refreshes: usize) {
         self.k = pack(k, self.m);
         self.inv = pack(inv, self.m);
-        self.diag = (0..self.m).map(|l| self.inv[tri(l) + l]).collect();
+        self.refresh_diag();
         self.pending = None;
         self.since_refresh = since_refresh;
         self.refreshes = refreshes;

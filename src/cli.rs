@@ -10,7 +10,7 @@ use clap::{Args, Parser, Subcommand};
 
 use crate::error::{Error, Result};
 use crate::optim::OptimizerSpec;
-use crate::train::{Schedule, TrainConfig};
+use crate::train::{ReportTo, Schedule, TrainConfig};
 
 /// `mfac-lab`: fine-tune BERT-tiny with M-FAC vs Adam (candle).
 #[derive(Debug, Parser)]
@@ -163,6 +163,10 @@ pub struct GlueFlags {
     /// Pad every batch to --max_seq_length (run_glue's default) instead of the longest pair.
     #[arg(long)]
     pub pad_to_max_length: bool,
+    /// Also write the logs for: `none` or `tensorboard` (event files under the output
+    /// folder's runs/; `tensorboard --logdir <output_dir>`).
+    #[arg(long, default_value = "none")]
+    pub report_to: String,
     /// No progress output.
     #[arg(long)]
     pub quiet: bool,
@@ -273,6 +277,7 @@ impl GlueArgs {
             save_steps: f.save_steps,
             save_total_limit: f.save_total_limit,
             overwrite_output_dir: f.overwrite_output_dir,
+            report_to: ReportTo::parse(&f.report_to)?,
             ..TrainConfig::default()
         };
         train.validate()?;
@@ -341,6 +346,10 @@ pub struct CompareFlags {
     /// Where the summary, history, plots and runs/ go.
     #[arg(long, default_value = "mfac-lab-results")]
     pub output_dir: PathBuf,
+    /// Also write the logs for: `none` or `tensorboard` (event files under the output
+    /// folder's runs/; `tensorboard --logdir <output_dir>`).
+    #[arg(long, default_value = "none")]
+    pub report_to: String,
     /// No progress output.
     #[arg(long)]
     pub quiet: bool,
@@ -368,6 +377,10 @@ pub struct CardFlags {
     /// Where the summary, history, plots and runs/ go.
     #[arg(long, default_value = "mfac-lab-card")]
     pub output_dir: PathBuf,
+    /// Also write the logs for: `none` or `tensorboard` (event files under the output
+    /// folder's runs/; `tensorboard --logdir <output_dir>`).
+    #[arg(long, default_value = "none")]
+    pub report_to: String,
     /// No progress output.
     #[arg(long)]
     pub quiet: bool,
@@ -387,8 +400,10 @@ impl CompareFlags {
         Ok(f)
     }
 
-    /// What clap cannot say: each `--optim_args` pairs with an `--optim`.
+    /// What clap cannot say: each `--optim_args` pairs with an `--optim`; `--report_to` is
+    /// one we write.
     pub fn check(&self) -> Result<()> {
+        ReportTo::parse(&self.report_to)?;
         if self.optim_args.len() > self.optim.len() {
             return Err(bad(
                 "--optim_args",

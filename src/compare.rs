@@ -15,6 +15,9 @@ use crate::optim::{MFacConfig, OptimizerSpec};
 use crate::plot::{smooth, Bar, Figure, Series};
 use crate::train::{RunHistory, TrainConfig, Trainer};
 
+mod costs;
+pub use costs::CostRow;
+
 /// Where each run's model comes from. Every run loads it afresh, seeded by the run's seed (the
 /// classifier head, or all weights for `Random`).
 #[derive(Debug, Clone)]
@@ -681,11 +684,16 @@ impl Comparison {
     }
 
     /// The final value of each metric per optimizer and eval split: mean and std over seeds
-    /// (sample std; null with one seed), the best run's value, and the number of runs.
+    /// (sample std; null with one seed), the best run's value, and the number of runs; then
+    /// the optimizer's cost ([`Comparison::costs`]): seconds per step, the optimizer's share
+    /// of a step, peak resident memory, the optimizer state's bytes and the GPU's peak.
     pub fn summary(&self) -> Result<DataFrame> {
         let (mut opt, mut split, mut metric, mut mean, mut std, mut runs) =
             (vec![], vec![], vec![], vec![], vec![], vec![]);
         let mut top = vec![];
+        let costs = self.costs();
+        let (mut sps, mut share, mut rss, mut state, mut gpu) =
+            (vec![], vec![], vec![], vec![], vec![]);
         for o in self.optimizers() {
             for s in self.splits() {
                 let mut names: Vec<String> = vec![];
@@ -711,6 +719,12 @@ impl Comparison {
                     std.push(sd);
                     top.push(best(&vals));
                     runs.push(vals.len() as u32);
+                    let c = costs.iter().find(|c| c.optimizer == o);
+                    sps.push(c.and_then(|c| c.seconds_per_step));
+                    share.push(c.and_then(|c| c.optimizer_share));
+                    rss.push(c.and_then(|c| c.peak_rss_bytes));
+                    state.push(c.map(|c| c.state_bytes));
+                    gpu.push(c.and_then(|c| c.device_peak_bytes));
                 }
             }
         }
@@ -722,6 +736,11 @@ impl Comparison {
             Column::new("std".into(), std),
             Column::new("best".into(), top),
             Column::new("runs".into(), runs),
+            Column::new("seconds_per_step".into(), sps),
+            Column::new("optimizer_share".into(), share),
+            Column::new("peak_rss_bytes".into(), rss),
+            Column::new("state_bytes".into(), state),
+            Column::new("device_peak_bytes".into(), gpu),
         ])
         .map_err(df_err)
     }
@@ -764,6 +783,9 @@ impl Comparison {
             if let Some(t) = self.time_to_target(self.target) {
                 s += &format!("\n{}", t.to_markdown());
             }
+        }
+        if !self.runs.is_empty() {
+            s += &format!("\n{}", self.costs_markdown());
         }
         if let Some(card) = self.card() {
             s += &format!("\n{}", crate::cards::card_markdown(&card));
@@ -912,7 +934,8 @@ impl Comparison {
 
     /// Writes `history.parquet`, `history.csv`, `summary.csv`, `summary.md` and the plots
     /// (`loss`, `accuracy` against the step, `loss_time`, `accuracy_time` against the training
-    /// seconds, `final`; each `.png` and `.svg`) into `dir`, each file atomically.
+    /// seconds, `final`, `time` (where the time went); each `.png` and `.svg`) into `dir`, each
+    /// file atomically.
     pub fn save(&self, dir: impl AsRef<Path>) -> Result<()> {
         let dir = dir.as_ref();
         std::fs::create_dir_all(dir).map_err(|e| Error::io("creating", dir, e))?;
@@ -936,6 +959,7 @@ impl Comparison {
             ("loss_time", self.plot_loss_vs_time()),
             ("accuracy_time", self.plot_accuracy_vs_time()),
             ("final", self.plot_final()),
+            ("time", self.plot_time_breakdown()),
         ] {
             fig.save(dir.join(format!("{name}.png")))?;
             fig.save(dir.join(format!("{name}.svg")))?;

@@ -31,6 +31,39 @@ pub enum Error {
         source: std::io::Error,
     },
 
+    /// The run's checkpoints and final files would not fit on the output folder's disk
+    /// (checked before the first step; see [`crate::train::DiskPlan`]).
+    #[error("not enough disk space in {} for this run: {detail}", dir.display())]
+    NotEnoughDisk {
+        /// The output folder.
+        dir: PathBuf,
+        /// What it needs at its worst moment and why, what is free, and the fixes.
+        detail: String,
+    },
+
+    /// A file could not be written (e.g. the disk filled up); nothing half-written is left.
+    #[error("cannot write {}: {message}{}", path.display(), free.as_ref().map(|f| format!(" ({f} free on its disk)")).unwrap_or_default())]
+    CannotWrite {
+        /// The file.
+        path: PathBuf,
+        /// What went wrong.
+        message: String,
+        /// Free space left on its disk, when known.
+        free: Option<String>,
+    },
+
+    /// Writing a checkpoint failed; the previous complete checkpoint is untouched.
+    #[error("writing checkpoint {step} failed: {source}; {last}")]
+    CheckpointWrite {
+        /// The step of the checkpoint being written.
+        step: usize,
+        /// Why.
+        #[source]
+        source: Box<Error>,
+        /// Where the last complete checkpoint is (or that there is none yet).
+        last: String,
+    },
+
     /// The model folder does not exist.
     #[error("model folder {} does not exist", .0.display())]
     MissingDir(PathBuf),
@@ -218,6 +251,17 @@ impl Error {
             action,
             path: path.into(),
             source,
+        }
+    }
+
+    /// [`Error::CannotWrite`] for `path`, with the free space of its disk.
+    pub fn cannot_write(path: impl Into<PathBuf>, message: impl std::fmt::Display) -> Self {
+        let path = path.into();
+        let free = crate::train::free_bytes(&path).map(crate::train::human_bytes);
+        Error::CannotWrite {
+            message: message.to_string(),
+            free,
+            path,
         }
     }
 }

@@ -47,6 +47,25 @@ impl From<Launch> for candle_core::cuda_backend::cudarc::driver::LaunchConfig {
     }
 }
 
+/// Bytes in use on `device`'s GPU, the whole device (total − free, after its stream has
+/// finished: memory freed asynchronously counts as free only then); `None` on the CPU or when
+/// the driver does not say.
+///
+/// ```
+/// assert_eq!(mfac_lab::gpu::device_used_bytes(&candle_core::Device::Cpu), None);
+/// ```
+pub fn device_used_bytes(device: &candle_core::Device) -> Option<u64> {
+    #[cfg(feature = "cuda")]
+    if let candle_core::Device::Cuda(d) = device {
+        let stream = d.cuda_stream();
+        stream.synchronize().ok()?;
+        let (free, total) = stream.context().mem_get_info().ok()?;
+        return Some(total.saturating_sub(free) as u64);
+    }
+    let _ = device;
+    None
+}
+
 /// The lowest compute capability our fatbins run on (major, minor).
 pub const KERNEL_CAPABILITY: (i32, i32) = (9, 0);
 

@@ -58,7 +58,7 @@ pub fn write_atomic_with(path: &Path, write: impl FnOnce(&Path) -> Result<()>) -
 /// ```
 pub fn write_bytes_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     write_atomic_with(path, |tmp| {
-        std::fs::write(tmp, bytes).map_err(|e| Error::io("writing", tmp, e))
+        std::fs::write(tmp, bytes).map_err(|e| Error::cannot_write(path, e))
     })
 }
 

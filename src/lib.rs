@@ -46,7 +46,7 @@ pub mod prelude {
         SgdConfig,
     };
     pub use crate::plot::Figure;
-    pub use crate::train::{RunHistory, TrainConfig, Trainer};
+    pub use crate::train::{ReportTo, RunCost, RunHistory, TrainConfig, Trainer};
     pub use candle_core::{DType, Device, Tensor, Var};
     pub use candle_nn::Optimizer;
 }

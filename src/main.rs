@@ -114,6 +114,7 @@ fn glue(a: GlueArgs) -> Result<()> {
 /// `mfac-lab card`: a model card's recipe through `compare`, the card beside the results.
 fn card(f: mfac_lab::cli::CardFlags) -> Result<()> {
     let card = mfac_lab::cards::find(&f.task, &f.model)?;
+    let report_to = ReportTo::parse(&f.report_to)?;
     let (specs, mut train) = mfac_lab::cards::recipe(&card);
     let seeds = if f.seeds.is_empty() {
         vec![42, 43, 44, 45, 46]
@@ -136,6 +137,7 @@ fn card(f: mfac_lab::cli::CardFlags) -> Result<()> {
         return Ok(());
     }
     train.quiet = f.quiet;
+    train.report_to = report_to;
     let cfg = CompareConfig {
         train,
         seeds,
@@ -189,6 +191,7 @@ fn compare(f: CompareFlags) -> Result<()> {
     train.quiet = f.quiet;
     train.num_train_epochs = f.num_train_epochs.unwrap_or(defaults.num_train_epochs);
     train.max_train_samples = f.max_train_samples;
+    train.report_to = ReportTo::parse(&f.report_to)?;
     train.validate()?;
     let device = select_device(&f.device)?;
     let data = if let Some(d) = &f.data_dir {
@@ -231,7 +234,7 @@ fn compare(f: CompareFlags) -> Result<()> {
     cmp.save(&out)?;
     println!("\n{}", cmp.to_markdown());
     println!(
-        "Wrote {}: history.parquet/.csv, summary.md/.csv, loss/accuracy (per step and per training second)/final .png and .svg, runs/",
+        "Wrote {}: history.parquet/.csv, summary.md/.csv, loss/accuracy (per step and per training second)/final/time (where the time went) .png and .svg, runs/",
         out.display()
     );
     cmp.check()?;

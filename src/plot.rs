@@ -318,7 +318,7 @@ impl Figure {
             .map(|b| b.value + b.err)
             .filter(|v| v.is_finite())
             .fold(0.0f64, f64::max)
-            * 1.15;
+            * if names.len() > 2 { 1.6 } else { 1.15 };
         let width = 1.0 / (names.len() as f64 + 1.0);
         let mut chart = ChartBuilder::on(root)
             .caption(&self.title, ("sans-serif", 24))

@@ -70,6 +70,8 @@ fn two_optimizers_two_seeds_history_summary_and_determinism() {
         "value",
         "elapsed",
         "train_seconds",
+        "fwd_bwd_seconds",
+        "optim_seconds",
     ] {
         assert!(
             names.contains(&c.to_string()),
@@ -109,11 +111,77 @@ fn two_optimizers_two_seeds_history_summary_and_determinism() {
             assert!(e.train_seconds >= before.train_seconds);
         }
     }
+    // What each run cost: every step timed in two parts that fit inside the training clock;
+    // the state's bytes are those of the optimizer's buffers.
+    let d = micro()
+        .load(3, 1, &Device::Cpu, DType::F32)
+        .unwrap()
+        .num_parameters() as u64;
+    for r in &cmp.runs {
+        let (t, c) = (&r.history.train, &r.history.cost);
+        assert!(t
+            .iter()
+            .all(|x| x.fwd_bwd_seconds > 0.0 && x.optim_seconds > 0.0));
+        assert_eq!(c.steps, t.len());
+        assert!(c.fwd_bwd_seconds + c.optim_seconds <= c.train_seconds);
+        assert!(c.eval_seconds > 0.0);
+        let last = t.last().unwrap();
+        // Wall clock = training seconds + evaluation seconds (+ the final evaluation's).
+        assert!(last.elapsed - last.train_seconds <= c.eval_seconds + 1e-9);
+        assert!(c.peak_rss_bytes.unwrap() > 1 << 20);
+        assert_eq!(c.device_peak_bytes, None);
+        let m = 4u64;
+        let want = if r.optimizer == ADAM {
+            2 * 4 * d // two f32 moments
+        } else {
+            // f32 window, K and B packed (f64) with B's diagonal, c, and u = F⁻¹g in f64.
+            4 * m * d + 8 * (m * (m + 1) + m) + 8 * m + 8 * d
+        };
+        assert_eq!(c.state_bytes, want, "{}", r.optimizer);
+    }
+    let costs = cmp.costs();
+    assert_eq!(costs.len(), 2);
+    let (a, f) = (&costs[0], &costs[1]);
+    assert_eq!((a.optimizer.as_str(), a.runs), (ADAM, 2));
+    assert!(f.state_bytes > a.state_bytes);
+    assert!(a.seconds_per_step.unwrap() > 0.0 && f.optimizer_share.unwrap() > 0.0);
+    let mean_sps = |o: &str| {
+        let v: Vec<f64> = cmp
+            .runs
+            .iter()
+            .filter(|r| r.optimizer == o)
+            .map(|r| r.history.cost.train_seconds / r.history.cost.steps as f64)
+            .collect();
+        v.iter().sum::<f64>() / v.len() as f64
+    };
+    assert!((f.seconds_per_step.unwrap() - mean_sps(MFAC)).abs() < 1e-12);
     // Two seeds: a spread; the same metric with one seed has no std (null, not 0).
     let summary = cmp.summary().unwrap();
     let std = summary.column("std").unwrap().f64().unwrap().clone();
     let runs = summary.column("runs").unwrap().u32().unwrap().clone();
     assert!(runs.iter().all(|r| r == Some(2)));
+    let state = summary
+        .column("state_bytes")
+        .unwrap()
+        .u64()
+        .unwrap()
+        .clone();
+    let opts = summary.column("optimizer").unwrap().str().unwrap().clone();
+    for (o, b) in opts.iter().zip(state.iter()) {
+        let row = costs
+            .iter()
+            .find(|c| Some(c.optimizer.as_str()) == o)
+            .unwrap();
+        assert_eq!(b, Some(row.state_bytes));
+    }
+    for c in [
+        "seconds_per_step",
+        "optimizer_share",
+        "peak_rss_bytes",
+        "device_peak_bytes",
+    ] {
+        assert!(summary.column(c).is_ok(), "summary lacks {c}");
+    }
     assert!(
         std.iter().flatten().any(|s| s > 0.0),
         "two seeds should not agree exactly: {summary}"
@@ -170,6 +238,11 @@ fn two_optimizers_two_seeds_history_summary_and_determinism() {
         md.contains("| AdamW lr 5e-3 (2 seeds) |") && md.contains("±"),
         "{md}"
     );
+    assert!(
+        md.contains("| optimizer | s/step | optimizer share of a step |"),
+        "{md}"
+    );
+    assert!(md.contains(&format!("| {MFAC} | ")), "{md}");
 }
 
 #[test]
@@ -234,6 +307,9 @@ fn figures_render_as_svg_png_and_evcxr_blocks() {
         ("loss", cmp.plot_loss()),
         ("accuracy", cmp.plot_accuracy()),
         ("final", cmp.plot_final()),
+        ("loss_time", cmp.plot_loss_vs_time()),
+        ("accuracy_time", cmp.plot_accuracy_vs_time()),
+        ("time", cmp.plot_time_breakdown()),
         ("run-loss", cmp.runs[0].history.plot_loss()),
         ("run-acc", cmp.runs[0].history.plot_accuracy()),
     ] {
@@ -291,6 +367,10 @@ fn figures_render_as_svg_png_and_evcxr_blocks() {
         "accuracy.svg",
         "final.png",
         "final.svg",
+        "loss_time.png",
+        "accuracy_time.svg",
+        "time.png",
+        "time.svg",
     ] {
         assert!(dir.path().join("out").join(f).is_file(), "missing {f}");
     }

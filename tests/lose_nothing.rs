@@ -407,3 +407,165 @@ fn logging_steps_prints_hf_log_lines() {
         "{err}"
     );
 }
+
+/// The entries of `dir` whose names hold `part`.
+fn entries_with(dir: &Path, part: &str) -> Vec<String> {
+    std::fs::read_dir(dir)
+        .map(|rd| {
+            rd.filter_map(|e| e.ok())
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|n| n.contains(part))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Waits until `out` holds the temporary folder of checkpoint `step` with the optimizer state
+/// being written in it (the model file already complete), and returns that folder. Panics if
+/// the checkpoint finished first (the state of M-FAC's window takes ~0.2–1 s to write and sync).
+fn wait_for_optimizer_write(out: &Path, step: usize, child: &mut std::process::Child) -> PathBuf {
+    let start = std::time::Instant::now();
+    loop {
+        for tmp in entries_with(out, &format!(".checkpoint-{step}.tmp-")) {
+            let tmp = out.join(tmp);
+            if !entries_with(&tmp, ".optimizer.safetensors.tmp-").is_empty() {
+                return tmp;
+            }
+        }
+        assert!(
+            !out.join(format!("checkpoint-{step}")).exists(),
+            "checkpoint-{step} was complete before its write was seen"
+        );
+        if let Some(status) = child.try_wait().unwrap() {
+            panic!("the run ended ({status}) before checkpoint-{step} was written");
+        }
+        assert!(
+            start.elapsed().as_secs() < 300,
+            "no checkpoint-{step} write seen"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(2));
+    }
+}
+
+/// An M-FAC run whose checkpoints take a while to write: a 64-gradient window over
+/// bert-micro-random's ~1M parameters is 256 MB.
+fn slow_checkpoint_cmd(data: &Path, out: &Path, extra: &[&str]) -> Command {
+    let mut args = vec!["--optim", "MFAC", "--optim_args", "num_grads: 64, lr: 1e-3"];
+    args.extend_from_slice(extra);
+    glue_cmd(data, out, &args)
+}
+
+#[test]
+fn the_disk_plan_refuses_with_numbers_before_the_first_step() {
+    // The defect this guards against: a 300 MB disk, M-FAC keeping its window in every
+    // checkpoint (three epochs, three checkpoints of ~256 MB): the run used to train an epoch,
+    // then fail writing. Now it stops before the first step, with the plan's numbers (logged
+    // with RUST_LOG=info) and the fixes.
+    let tmp = tempfile::tempdir().unwrap();
+    let data = glue_data(tmp.path());
+    let out = tmp.path().join("run");
+    let mut c = slow_checkpoint_cmd(&data, &out, &["--num_train_epochs", "3"]);
+    c.env("MFAC_LAB_FREE_BYTES", "300000000")
+        .env("RUST_LOG", "info");
+    let (ok, text) = run(c);
+    assert!(!ok, "{text}");
+    for want in [
+        "disk plan for",
+        "not enough disk space",
+        "3 checkpoints of",
+        "286.1 MiB is free",
+        "--save_total_limit 1",
+        "window_dtype: bf16",
+        "another --output_dir",
+    ] {
+        assert!(text.contains(want), "{want:?} not in:\n{text}");
+    }
+    assert!(!text.contains("step 1"), "{text}");
+    assert!(entries_with(&out, "checkpoint").is_empty(), "{text}");
+}
+
+#[test]
+fn a_sigkill_during_a_checkpoint_write_leaves_the_previous_one_whole_and_resumable() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = glue_data(tmp.path());
+    let out = tmp.path().join("run");
+    // 4 steps, a checkpoint every 2: killed while checkpoint-4 writes its optimizer state.
+    let flags = ["--save_steps", "2"];
+    let mut child = slow_checkpoint_cmd(&data, &out, &flags)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let half = wait_for_optimizer_write(&out, 4, &mut child);
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+    // The weights of the uninterrupted run at step 4: the killed checkpoint's model file, which
+    // is complete (written and renamed before the optimizer state was begun).
+    let uninterrupted = std::fs::read(half.join("model.safetensors")).unwrap();
+    let listed: Vec<usize> = mfac_lab::train::checkpoints(&out)
+        .unwrap()
+        .iter()
+        .map(|c| c.0)
+        .collect();
+    assert_eq!(listed, [2], "only complete checkpoints are listed");
+    let resumed = mfac_lab::train::latest_checkpoint(&out).unwrap().unwrap();
+    assert_eq!(resumed, out.join("checkpoint-2"));
+    // Resuming picks checkpoint-2, removes the dead process's half-written folder and ends
+    // with the uninterrupted run's weights, bit for bit.
+    let mut c = slow_checkpoint_cmd(&data, &out, &flags);
+    c.arg("--resume_from_checkpoint");
+    let (ok, text) = run(c);
+    assert!(ok, "{text}");
+    assert!(text.contains("Resuming from"), "{text}");
+    assert!(!half.exists(), "the stale temporary folder is removed");
+    assert!(entries_with(&out, ".tmp-").is_empty());
+    let after = std::fs::read(out.join("checkpoint-4/model.safetensors")).unwrap();
+    assert!(
+        after == uninterrupted,
+        "resumed weights differ from the uninterrupted run's"
+    );
+    assert_eq!(std::fs::read(out.join("model.safetensors")).unwrap(), after);
+}
+
+#[test]
+fn ctrl_c_during_a_checkpoint_write_finishes_it_then_stops_cleanly() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = glue_data(tmp.path());
+    let out = tmp.path().join("run");
+    // 8 steps, a checkpoint every 2: Ctrl-C while checkpoint-2 writes.
+    let flags = ["--save_steps", "2", "--num_train_epochs", "2"];
+    let mut child = slow_checkpoint_cmd(&data, &out, &flags)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_for_optimizer_write(&out, 2, &mut child);
+    // SAFETY: sends SIGINT to our own child process.
+    unsafe {
+        libc::kill(child.id() as i32, libc::SIGINT);
+    }
+    let o = child.wait_with_output().unwrap();
+    let text = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success(), "{text}");
+    assert!(text.contains("--resume_from_checkpoint"), "{text}");
+    // Checkpoint-2 was finished, the run stopped after the next step with one more; nothing
+    // half-written is left, and each checkpoint is whole (its optimizer state loads).
+    let listed: Vec<usize> = mfac_lab::train::checkpoints(&out)
+        .unwrap()
+        .iter()
+        .map(|c| c.0)
+        .collect();
+    assert_eq!(listed, [2, 3], "{text}");
+    assert!(entries_with(&out, ".tmp-").is_empty());
+    for s in listed {
+        let st = out.join(format!("checkpoint-{s}/optimizer.safetensors"));
+        let bytes = std::fs::read(&st).unwrap();
+        safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    }
+    let (ok, text) = run({
+        let mut c = slow_checkpoint_cmd(&data, &out, &flags);
+        c.arg("--resume_from_checkpoint");
+        c
+    });
+    assert!(ok, "{text}");
+}

@@ -59,6 +59,8 @@ fn untimed(t: &[TrainRecord], e: &[EvalRecord]) -> (Vec<TrainRecord>, Vec<EvalRe
         .map(|r| TrainRecord {
             elapsed: 0.0,
             train_seconds: 0.0,
+            fwd_bwd_seconds: 0.0,
+            optim_seconds: 0.0,
             ..r.clone()
         })
         .collect();

@@ -98,7 +98,9 @@ fn run(spec: OptimizerSpec) {
             "metric",
             "value",
             "elapsed",
-            "train_seconds"
+            "train_seconds",
+            "fwd_bwd_seconds",
+            "optim_seconds"
         ]
     );
     assert_eq!(h.df.height(), 30 + 6);

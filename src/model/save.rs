@@ -76,10 +76,7 @@ pub(crate) fn write_all(model: &BertClassifier, dir: &Path) -> Result<()> {
             Some(meta),
             tmp,
         )
-        .map_err(|e| Error::Weights {
-            path: path.clone(),
-            message: e.to_string(),
-        })
+        .map_err(|e| Error::cannot_write(&path, format!("writing the model: {e}")))
     })?;
     if let Ok(tok) = model.tokenizer() {
         tok.save(dir)?;

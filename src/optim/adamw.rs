@@ -424,6 +424,19 @@ impl Optim for AdamW {
     fn load_state(&mut self, path: &Path) -> Result<()> {
         AdamW::load_state(self, path)
     }
+    fn state_bytes(&self) -> u64 {
+        self.slots
+            .iter()
+            .map(|s| match &s.moments {
+                Moments::F32 { m, v } => 4 * (m.len() + v.len()) as u64,
+                Moments::F64 { m, v } => 8 * (m.len() + v.len()) as u64,
+                Moments::Device { m, v } => {
+                    let size = m.dtype().size_in_bytes() as u64;
+                    size * (m.elem_count() + v.elem_count()) as u64
+                }
+            })
+            .sum()
+    }
 }
 
 impl candle_nn::Optimizer for AdamW {

@@ -48,6 +48,10 @@ pub trait Optim: AsAny {
     /// Restores a state written by [`Optim::save_state`]; an error names the mismatch when the
     /// file was written by another kind, other settings or other parameters.
     fn load_state(&mut self, path: &Path) -> Result<()>;
+    /// Bytes of the state it keeps between steps (AdamW's two moments; M-FAC's window, its
+    /// m×m matrices and d-sized vectors; SGD's momentum buffers once made): what a comparison
+    /// reports beside the time, and about what a checkpoint's optimizer file weighs.
+    fn state_bytes(&self) -> u64;
 }
 
 /// A value as `dyn Any`, for every `'static` type: what lets a `dyn Optim` be downcast to the

@@ -337,6 +337,13 @@ impl Optim for Sgd {
     fn load_state(&mut self, path: &Path) -> Result<()> {
         Sgd::load_state(self, path)
     }
+    fn state_bytes(&self) -> u64 {
+        self.slots
+            .iter()
+            .filter_map(|s| s.buffer.as_ref())
+            .map(|b| (b.elem_count() * b.dtype().size_in_bytes()) as u64)
+            .sum()
+    }
 }
 
 impl candle_nn::Optimizer for Sgd {

@@ -87,10 +87,7 @@ impl<'a> StateWriter<'a> {
                 Some(meta),
                 tmp,
             )
-            .map_err(|e| Error::Weights {
-                path: path.to_path_buf(),
-                message: format!("writing the optimizer state: {e}"),
-            })
+            .map_err(|e| Error::cannot_write(path, format!("writing the optimizer state: {e}")))
         })
     }
 }

@@ -84,6 +84,55 @@ fn is_ours(dir: &Path, name: &str) -> bool {
         || [STATE_FILE, RESULTS_FILE].contains(&name)
         || (checkpoint_step(name).is_some() && is_our_checkpoint(&dir.join(name)))
         || (name.starts_with('.') && name.contains(".tmp-"))
+        || (name == crate::train::tensorboard::RUNS_DIR && holds_only_event_files(&dir.join(name)))
+}
+
+/// Whether `runs` holds only run folders of TensorBoard event files (`--report_to
+/// tensorboard`). Never removed, even by `--overwrite_output_dir`: a new run adds a folder.
+fn holds_only_event_files(runs: &Path) -> bool {
+    let Ok(entries) = std::fs::read_dir(runs) else {
+        return false;
+    };
+    entries.filter_map(|e| e.ok()).all(|run| {
+        std::fs::read_dir(run.path()).is_ok_and(|files| {
+            files.filter_map(|f| f.ok()).all(|f| {
+                f.path().is_file() && f.file_name().to_string_lossy().contains(".tfevents.")
+            })
+        })
+    })
+}
+
+/// Removes `dir/name` when it is one of our temporary files or folders (`.NAME.tmp-PID-N`, see
+/// `io::temp_sibling`) left by a process that no longer runs (killed while writing, e.g. a
+/// checkpoint: an M-FAC one can weigh gigabytes). Linux only (where a process's liveness is
+/// known); a temporary of a running process, ours included, is left alone.
+fn remove_if_stale(dir: &Path, name: &str) {
+    if !cfg!(target_os = "linux") || !name.starts_with('.') {
+        return;
+    }
+    let Some(pid) = name
+        .rsplit_once(".tmp-")
+        .and_then(|(_, rest)| rest.split('-').next())
+        .and_then(|p| p.parse::<u32>().ok())
+    else {
+        return;
+    };
+    if pid == std::process::id() || Path::new(&format!("/proc/{pid}")).exists() {
+        return;
+    }
+    let path = dir.join(name);
+    let removed = if path.is_dir() {
+        std::fs::remove_dir_all(&path)
+    } else {
+        std::fs::remove_file(&path)
+    };
+    match removed {
+        Ok(()) => log::info!(
+            "removed {}, left by process {pid} (no longer running) while writing",
+            path.display()
+        ),
+        Err(e) => log::warn!("cannot remove {}: {e}", path.display()),
+    }
 }
 
 /// HF's rule for an output folder, before anything is written: a folder holding anything
@@ -117,6 +166,9 @@ pub(crate) fn prepare_output_dir(dir: &Path, overwrite: bool, resuming: bool) ->
             shown.join(", "),
             if foreign.len() > 5 { ", …" } else { "" }
         )));
+    }
+    for name in &entries {
+        remove_if_stale(dir, name);
     }
     let old = checkpoints(dir)?;
     if !old.is_empty() && !resuming {
@@ -161,6 +213,18 @@ pub(crate) fn write_checkpoint(
         return Err(e);
     }
     Ok(dest)
+}
+
+/// Bytes of the files directly in `dir` (a checkpoint folder).
+pub(crate) fn folder_bytes(dir: &Path) -> u64 {
+    std::fs::read_dir(dir)
+        .map(|rd| {
+            rd.filter_map(|e| e.ok()?.metadata().ok())
+                .filter(|m| m.is_file())
+                .map(|m| m.len())
+                .sum()
+        })
+        .unwrap_or(0)
 }
 
 /// Deletes the oldest checkpoints until at most `limit` remain (the newest is always kept).

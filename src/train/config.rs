@@ -12,6 +12,50 @@ pub enum Schedule {
     Constant,
 }
 
+/// Where a run reports its logs besides the history (HF's `--report_to`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ReportTo {
+    /// Only the history and the output files (HF 5's default).
+    #[default]
+    None,
+    /// TensorBoard event files under `<output_dir>/runs/` (see
+    /// [`crate::train::tensorboard`]): `tensorboard --logdir <output_dir>` shows them.
+    TensorBoard,
+}
+
+impl ReportTo {
+    /// The values `--report_to` takes.
+    pub const VALUES: &'static [&'static str] = &["none", "tensorboard"];
+
+    /// Parses HF's `--report_to` value (one integration, or a comma-separated list of them);
+    /// an integration we do not write (e.g. `wandb`) is an error naming the ones we do.
+    ///
+    /// ```
+    /// use mfac_lab::train::ReportTo;
+    /// assert_eq!(ReportTo::parse("tensorboard")?, ReportTo::TensorBoard);
+    /// assert_eq!(ReportTo::parse("none")?, ReportTo::None);
+    /// let e = ReportTo::parse("wandb").unwrap_err().to_string();
+    /// assert!(e.contains("wandb") && e.contains("none, tensorboard"), "{e}");
+    /// # Ok::<(), mfac_lab::Error>(())
+    /// ```
+    pub fn parse(value: &str) -> Result<Self> {
+        let mut out = ReportTo::None;
+        for v in value.split(',').map(str::trim) {
+            match v.to_ascii_lowercase().as_str() {
+                "none" | "" => {}
+                "tensorboard" => out = ReportTo::TensorBoard,
+                other => {
+                    return Err(Error::InvalidArgument(format!(
+                        "--report_to {other:?}: mfac-lab writes only {} (TensorBoard event files under <output_dir>/runs/); other integrations are not supported",
+                        Self::VALUES.join(", ")
+                    )))
+                }
+            }
+        }
+        Ok(out)
+    }
+}
+
 /// run_glue's training arguments (the subset this crate uses).
 ///
 /// ```
@@ -69,6 +113,9 @@ pub struct TrainConfig {
     /// Train into an output folder that holds files other than ours (`--overwrite_output_dir`).
     /// Even then only the files this crate writes are replaced; nothing else is touched.
     pub overwrite_output_dir: bool,
+    /// Where the logs also go (`--report_to none|tensorboard`); TensorBoard needs an output
+    /// folder.
+    pub report_to: ReportTo,
 }
 
 impl Default for TrainConfig {
@@ -94,6 +141,7 @@ impl Default for TrainConfig {
             save_steps: None,
             save_total_limit: None,
             overwrite_output_dir: false,
+            report_to: ReportTo::None,
         }
     }
 }

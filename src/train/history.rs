@@ -5,6 +5,7 @@ use polars::prelude::*;
 
 use crate::error::{Error, Result};
 use crate::plot::{smooth, Figure, Series};
+use crate::train::cost::RunCost;
 
 /// One logged training step.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
@@ -25,6 +26,13 @@ pub struct TrainRecord {
     /// axes and time to target use. 0 in histories written before it existed.
     #[serde(default)]
     pub train_seconds: f64,
+    /// Seconds of this step's forward and backward pass (0 in histories written before).
+    #[serde(default)]
+    pub fwd_bwd_seconds: f64,
+    /// Seconds of this step's update: clipping and the optimizer's step (0 in histories
+    /// written before).
+    #[serde(default)]
+    pub optim_seconds: f64,
 }
 
 /// One evaluation of one split.
@@ -57,8 +65,12 @@ pub struct RunHistory {
     /// Every evaluation.
     pub evals: Vec<EvalRecord>,
     /// Long format: step, epoch, kind ("train" | "eval"), loss, lr, grad_norm, split, metric,
-    /// value, elapsed, train_seconds (nulls where a column does not apply).
+    /// value, elapsed, train_seconds, fwd_bwd_seconds, optim_seconds (nulls where a column
+    /// does not apply).
     pub df: DataFrame,
+    /// What the run cost: time per part, memory. [`RunHistory::build`] sums the steps' times;
+    /// the trainer adds evaluation time and memory.
+    pub cost: RunCost,
 }
 
 impl RunHistory {
@@ -78,6 +90,7 @@ impl RunHistory {
             (vec![], vec![], vec![], vec![], vec![], vec![]);
         let (mut split, mut metric, mut value, mut elapsed) = (vec![], vec![], vec![], vec![]);
         let mut train_seconds = vec![];
+        let (mut fwd_bwd, mut optim) = (vec![], vec![]);
         for r in &train {
             step.push(r.step as u64);
             epoch.push(r.epoch);
@@ -90,6 +103,8 @@ impl RunHistory {
             value.push(None::<f64>);
             elapsed.push(r.elapsed);
             train_seconds.push(r.train_seconds);
+            fwd_bwd.push(Some(r.fwd_bwd_seconds));
+            optim.push(Some(r.optim_seconds));
         }
         for e in &evals {
             for (m, v) in &e.metrics {
@@ -104,6 +119,8 @@ impl RunHistory {
                 value.push(Some(*v));
                 elapsed.push(e.elapsed);
                 train_seconds.push(e.train_seconds);
+                fwd_bwd.push(None::<f64>);
+                optim.push(None::<f64>);
             }
         }
         let df = DataFrame::new_infer_height(vec![
@@ -118,16 +135,26 @@ impl RunHistory {
             Column::new("value".into(), value),
             Column::new("elapsed".into(), elapsed),
             Column::new("train_seconds".into(), train_seconds),
+            Column::new("fwd_bwd_seconds".into(), fwd_bwd),
+            Column::new("optim_seconds".into(), optim),
         ])
         .map_err(|e| Error::Data {
             source_name: "history".into(),
             message: e.to_string(),
         })?;
+        let cost = RunCost {
+            steps: train.last().map_or(0, |r| r.step),
+            train_seconds: train.last().map_or(0.0, |r| r.train_seconds),
+            fwd_bwd_seconds: train.iter().map(|r| r.fwd_bwd_seconds).sum(),
+            optim_seconds: train.iter().map(|r| r.optim_seconds).sum(),
+            ..RunCost::default()
+        };
         Ok(RunHistory {
             optimizer: optimizer.into(),
             train,
             evals,
             df,
+            cost,
         })
     }
 

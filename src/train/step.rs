@@ -1,6 +1,8 @@
 //! One training step with HF Trainer's semantics: loss, backward, clip, optimizer step at the
 //! scheduled learning rate. The Trainer's loop and the trajectory replay both use this code.
 
+use std::time::Instant;
+
 use candle_core::Tensor;
 
 use crate::error::{Error, Result};
@@ -17,6 +19,11 @@ pub struct StepRecord {
     pub lr: f64,
     /// Global gradient norm before clipping.
     pub grad_norm: f64,
+    /// Seconds of the forward and backward pass (the loss and its gradients).
+    pub fwd_bwd_seconds: f64,
+    /// Seconds of the update: gradient clipping and the optimizer's step (on a GPU, until the
+    /// device has finished it).
+    pub optim_seconds: f64,
 }
 
 /// The per-step machinery: config, schedule, optimizer.
@@ -25,6 +32,8 @@ pub struct Stepper {
     schedule: LinearSchedule,
     optim: Box<dyn Optim>,
     peak_lr: f64,
+    /// The most device memory seen in use (GPU only; see [`Stepper::device_peak_bytes`]).
+    device_peak: Option<u64>,
 }
 
 impl Stepper {
@@ -41,6 +50,7 @@ impl Stepper {
             schedule: LinearSchedule::new(peak_lr, total_steps),
             optim: spec.build(model.named_vars())?,
             peak_lr,
+            device_peak: None,
         })
     }
 
@@ -57,6 +67,19 @@ impl Stepper {
         self.optim.as_ref()
     }
 
+    /// The most memory seen in use on the model's GPU (device-wide: total − free), sampled
+    /// after each step's backward pass (gradients alive) and after its update; `None` on the
+    /// CPU. A sample misses what is freed within a pass, so this is a lower bound of the peak.
+    pub fn device_peak_bytes(&self) -> Option<u64> {
+        self.device_peak
+    }
+
+    fn sample_device(&mut self, device: &candle_core::Device) {
+        if let Some(used) = crate::gpu::device_used_bytes(device) {
+            self.device_peak = Some(self.device_peak.map_or(used, |p| p.max(used)));
+        }
+    }
+
     /// The optimizer, mutable (e.g. to load a checkpoint's state).
     pub fn optimizer_mut(&mut self) -> &mut dyn Optim {
         self.optim.as_mut()
@@ -71,7 +94,13 @@ impl Stepper {
         batch: &Batch,
         step: usize,
     ) -> Result<StepRecord> {
+        let device = model.device();
+        let t0 = Instant::now();
         let (loss_value, mut grads) = model.loss_and_grads(batch, self.cfg.dropout)?;
+        // On a GPU the work is asynchronous: wait for it, so that each part's time is its own.
+        device.synchronize()?;
+        let fwd_bwd_seconds = t0.elapsed().as_secs_f64();
+        self.sample_device(device);
         if !loss_value.is_finite() {
             return Err(Error::NonFiniteLoss {
                 step,
@@ -95,6 +124,7 @@ impl Stepper {
                 }
             }
         }
+        let t1 = Instant::now();
         let grad_norm = match self.cfg.max_grad_norm {
             Some(max) if max > 0.0 => clip_grad_norm(&mut grads, &vars, max)?,
             _ => crate::optim::grad_norm(&grads, &vars)?,
@@ -102,10 +132,15 @@ impl Stepper {
         let lr = self.lr_at(step);
         self.optim.set_learning_rate(lr);
         self.optim.try_step(&grads)?;
+        device.synchronize()?;
+        let optim_seconds = t1.elapsed().as_secs_f64();
+        self.sample_device(device);
         Ok(StepRecord {
             loss: loss_value,
             lr,
             grad_norm,
+            fwd_bwd_seconds,
+            optim_seconds,
         })
     }
 }

@@ -13,16 +13,18 @@ use crate::data::{epoch_batches, EncodedSplit, GlueData, GlueTask, Metric};
 use crate::error::{Error, Result};
 use crate::io::write_json_atomic;
 use crate::model::BertClassifier;
-use crate::optim::OptimizerSpec;
+use crate::optim::{OptimKind, OptimizerSpec};
 use crate::rng::RngState;
 use crate::train::checkpoint::{
     self, OPTIMIZER_FILE, RESULTS_FILE, RESUME_KEY, RNG_FILE, STATE_FILE,
 };
-use crate::train::config::TrainConfig;
+use crate::train::config::{ReportTo, TrainConfig};
+use crate::train::disk::{checkpoint_steps, free_bytes, DiskPlan};
 use crate::train::history::{EvalRecord, RunHistory, TrainRecord};
 use crate::train::metrics::{accuracy, f1, matthews, pearson, spearman};
 use crate::train::progress::Progress;
 use crate::train::step::{scalar, Stepper};
+use crate::train::tensorboard::EventWriter;
 
 /// Trains a [`BertClassifier`] on GLUE data with HF Trainer's semantics.
 ///
@@ -85,6 +87,8 @@ struct Resumed {
     last_eval: Option<usize>,
     elapsed: f64,
     eval_seconds: f64,
+    /// The TensorBoard run folder's name (under `<output_dir>/runs/`), when it logged there.
+    tensorboard_run: Option<String>,
 }
 
 /// Copies the weights of `model.safetensors` in `dir` into the model's variables, exactly.
@@ -323,7 +327,7 @@ impl Trainer {
                     }
                     Err(e) => return Err(e),
                 };
-                run.record(&rec, cfg.logging_steps);
+                run.record(&rec, cfg.logging_steps)?;
                 let step = run.step;
                 let mut save = cfg.save_steps.is_some_and(|n| step % n == 0);
                 let epoch_end = step % run.per_epoch == 0 || step == run.total;
@@ -335,7 +339,21 @@ impl Trainer {
                 let stop = self.stop.load(Ordering::SeqCst) || self.stop_at == Some(step);
                 let stop = stop && step < run.total;
                 if let (Some(dir), true) = (&self.output_dir, save || stop) {
-                    self.write_checkpoint(dir, &run)?;
+                    if let Err(e) = self.write_checkpoint(dir, &run) {
+                        run.progress.finish();
+                        let last = match run.last_checkpoint {
+                            Some(at) => format!(
+                                "the last complete checkpoint, {}, is untouched: resume from it (--resume_from_checkpoint) once there is room",
+                                checkpoint::checkpoint_dir(dir, at).display()
+                            ),
+                            None => "no checkpoint was complete before it".into(),
+                        };
+                        return Err(Error::CheckpointWrite {
+                            step,
+                            source: Box::new(e),
+                            last,
+                        });
+                    }
                     run.last_checkpoint = Some(step);
                 }
                 if stop {
@@ -360,6 +378,11 @@ impl Trainer {
                 task.num_labels()
             )));
         }
+        if self.cfg.report_to == ReportTo::TensorBoard && self.output_dir.is_none() {
+            return Err(Error::InvalidArgument(
+                "--report_to tensorboard writes event files under the output folder: set one (--output_dir, Trainer::output_dir)".into(),
+            ));
+        }
         let (train, evals) = self.encode(data)?;
         if train.is_empty() {
             return Err(Error::InvalidArgument("no training rows".into()));
@@ -377,9 +400,23 @@ impl Trainer {
         let mut stepper = Stepper::new(&self.model, &cfg.optimizer, &cfg, total)?;
         self.model.set_dropout_seed(cfg.seed);
         let resumed = match self.resume.clone() {
-            Some(dir) => Some(self.restore(&dir, &mut stepper, &fingerprint)?),
+            Some(dir) => {
+                let t0 = Instant::now();
+                let r = self.restore(&dir, &mut stepper, &fingerprint)?;
+                log::info!(
+                    "resumed from {} (step {}) in {:.2} s",
+                    dir.display(),
+                    r.step,
+                    t0.elapsed().as_secs_f64()
+                );
+                Some(r)
+            }
             None => None,
         };
+        if let Some(dir) = &self.output_dir {
+            let done = resumed.as_ref().map_or(0, |r| r.step);
+            self.check_disk(dir, &stepper, done, total, per_epoch)?;
+        }
         let label = format!("{} {}", cfg.optimizer.name(), task.name());
         let mut run = Run {
             task,
@@ -398,7 +435,26 @@ impl Trainer {
             eval_seconds: 0.0,
             start: Instant::now(),
             progress: Progress::new(&label, total, cfg.quiet),
+            peak_rss: crate::train::reset_peak_rss(),
+            tensorboard: None,
         };
+        let tensorboard_run = resumed.as_ref().and_then(|r| r.tensorboard_run.clone());
+        if let (ReportTo::TensorBoard, Some(dir)) = (cfg.report_to, &self.output_dir) {
+            // A resumed run logs into its first process's folder (one run to TensorBoard).
+            let name = tensorboard_run.unwrap_or_else(|| {
+                let secs = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_secs());
+                format!("{secs}-{}", std::process::id())
+            });
+            let at = resumed.as_ref().map(|r| r.step);
+            let writer = EventWriter::create(
+                &dir.join(crate::train::tensorboard::RUNS_DIR).join(&name),
+                at,
+            )?;
+            log::info!("TensorBoard events: {}", writer.path().display());
+            run.tensorboard = Some((name, writer));
+        }
         if let Some(r) = resumed {
             (run.step, run.records, run.eval_records) = (r.step, r.records, r.evals);
             (run.last_eval, run.offset) = (r.last_eval, r.elapsed);
@@ -409,6 +465,39 @@ impl Trainer {
             }
         }
         Ok(run)
+    }
+
+    /// The disk plan ([`DiskPlan`]): the checkpoints this run will write from step `done` on
+    /// and its final files against the free space of `dir`'s disk; logged, and an error with
+    /// the numbers and the fixes when they do not fit.
+    fn check_disk(
+        &self,
+        dir: &Path,
+        stepper: &Stepper,
+        done: usize,
+        total: usize,
+        per_epoch: usize,
+    ) -> Result<()> {
+        let cfg = &self.cfg;
+        let steps = checkpoint_steps(done, total, per_epoch, cfg.eval_steps, cfg.save_steps);
+        let existing = if self.resume.is_some() {
+            checkpoint::checkpoints(dir)?.len()
+        } else {
+            0
+        };
+        let model_bytes = (self.model.num_parameters() * self.model.dtype().size_in_bytes()) as u64;
+        let plan = DiskPlan::new(
+            model_bytes,
+            stepper.optimizer().state_bytes(),
+            &steps,
+            total,
+            existing,
+            cfg.save_total_limit,
+        );
+        log::info!("disk plan for {}: {}", dir.display(), plan.describe());
+        let bf16_would_help =
+            matches!(cfg.optimizer.kind(), OptimKind::MFac(c) if c.window_dtype != DType::BF16);
+        plan.check(dir, free_bytes(dir), bf16_would_help)
     }
 
     /// Evaluates every eval split at the current step (printing the results when `log`);
@@ -433,6 +522,14 @@ impl Trainer {
                 ));
             }
             finite &= r.loss.is_finite();
+            if let Some((_, tb)) = &mut run.tensorboard {
+                let tags: Vec<(String, f64)> = std::iter::once(("loss".to_string(), r.loss))
+                    .chain(r.metrics.iter().cloned())
+                    .map(|(m, v)| (format!("eval/{name}/{m}"), v))
+                    .collect();
+                let tags: Vec<(&str, f64)> = tags.iter().map(|(t, v)| (t.as_str(), *v)).collect();
+                tb.scalars(step, &tags)?;
+            }
             run.eval_records.push(r);
         }
         run.last_eval = Some(step);
@@ -483,7 +580,12 @@ impl Trainer {
             self.evaluate_now(&mut run, false)?;
         }
         run.progress.finish();
-        let history = RunHistory::build(self.cfg.optimizer.name(), run.records, run.eval_records)?;
+        let mut history =
+            RunHistory::build(self.cfg.optimizer.name(), run.records, run.eval_records)?;
+        history.cost.eval_seconds = run.eval_seconds;
+        history.cost.peak_rss_bytes = run.peak_rss.then(crate::train::peak_rss_bytes).flatten();
+        history.cost.state_bytes = run.stepper.optimizer().state_bytes();
+        history.cost.device_peak_bytes = run.stepper.device_peak_bytes();
         if let Some(dir) = self.output_dir.clone() {
             self.write_outputs(&dir, run.task, &history, run.total, run.per_epoch)?;
         }
@@ -540,6 +642,7 @@ impl Trainer {
         let last_eval = ours["last_eval"].as_u64().map(|s| s as usize);
         let elapsed = ours["elapsed"].as_f64().unwrap_or(0.0);
         let eval_seconds = ours["eval_seconds"].as_f64().unwrap_or(0.0);
+        let tensorboard_run = ours["tensorboard_run"].as_str().map(str::to_string);
         if records.len() != step {
             return Err(bad(format!(
                 "{} step records for step {step}",
@@ -567,12 +670,14 @@ impl Trainer {
             last_eval,
             elapsed,
             eval_seconds,
+            tensorboard_run,
         })
     }
 
     fn write_checkpoint(&self, dir: &Path, run: &Run) -> Result<()> {
         let elapsed = run.elapsed();
-        checkpoint::write_checkpoint(dir, run.step, |tmp| {
+        let t0 = Instant::now();
+        let written = checkpoint::write_checkpoint(dir, run.step, |tmp| {
             crate::model::save_model_files(&self.model, tmp)?;
             run.stepper
                 .optimizer()
@@ -597,9 +702,16 @@ impl Trainer {
                 "last_eval": run.last_eval,
                 "elapsed": elapsed,
                 "eval_seconds": run.eval_seconds,
+                "tensorboard_run": run.tensorboard.as_ref().map(|t| &t.0),
             });
             write_json_atomic(&tmp.join(STATE_FILE), &state)
         })?;
+        log::info!(
+            "{} written in {:.2} s ({} bytes)",
+            written.display(),
+            t0.elapsed().as_secs_f64(),
+            checkpoint::folder_bytes(&written)
+        );
         checkpoint::rotate(dir, self.cfg.save_total_limit)
     }
 
@@ -666,6 +778,10 @@ struct Run {
     eval_seconds: f64,
     start: Instant,
     progress: Progress,
+    /// Whether the process's resident peak was reset at the start (so it is this run's).
+    peak_rss: bool,
+    /// `--report_to tensorboard`: the run folder's name and its event writer.
+    tensorboard: Option<(String, EventWriter)>,
 }
 
 impl Run {
@@ -681,7 +797,11 @@ impl Run {
 
     /// Counts a finished step: its record, the progress line and, every `logging_steps`,
     /// HF's log line.
-    fn record(&mut self, rec: &crate::train::StepRecord, logging_steps: Option<usize>) {
+    fn record(
+        &mut self,
+        rec: &crate::train::StepRecord,
+        logging_steps: Option<usize>,
+    ) -> Result<()> {
         self.step += 1;
         let (step, ep, now) = (self.step, self.epoch(), self.elapsed());
         self.records.push(TrainRecord {
@@ -692,6 +812,8 @@ impl Run {
             grad_norm: rec.grad_norm,
             elapsed: now,
             train_seconds: now - self.eval_seconds,
+            fwd_bwd_seconds: rec.fwd_bwd_seconds,
+            optim_seconds: rec.optim_seconds,
         });
         self.progress
             .update(step, &format!("loss {:.4} · lr {:.2e}", rec.loss, rec.lr));
@@ -701,6 +823,18 @@ impl Run {
                 rec.loss, rec.grad_norm, rec.lr
             ));
         }
+        if let Some((_, tb)) = &mut self.tensorboard {
+            tb.scalars(
+                step,
+                &[
+                    ("train/loss", rec.loss),
+                    ("train/learning_rate", rec.lr),
+                    ("train/grad_norm", rec.grad_norm),
+                    ("train/epoch", ep),
+                ],
+            )?;
+        }
+        Ok(())
     }
 }
 

@@ -334,6 +334,11 @@ impl GramSolver {
         self.repairs
     }
 
+    /// Bytes held: K, B (packed triangles) and B's diagonal, f64.
+    pub fn bytes(&self) -> u64 {
+        8 * (self.k.len() + self.inv.len() + self.diag.len()) as u64
+    }
+
     /// Where the time went.
     pub fn timing(&self) -> GramTiming {
         self.timing

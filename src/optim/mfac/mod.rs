@@ -354,6 +354,13 @@ impl Optim for MFac {
     fn load_state(&mut self, path: &std::path::Path) -> Result<()> {
         MFac::load_state(self, path)
     }
+    /// The window (m × d in its dtype), the m×m side (K, B and B's diagonal, f64) and the
+    /// d-sized f64 vectors of a step (u = F⁻¹g, and the momentum buffer when momentum > 0).
+    fn state_bytes(&self) -> u64 {
+        let vectors = if self.cfg.momentum > 0.0 { 2 } else { 1 };
+        let m_side = self.gram.bytes() + 8 * self.last_c.len() as u64;
+        self.window_bytes() as u64 + m_side + vectors * 8 * self.d as u64
+    }
 }
 
 impl candle_nn::Optimizer for MFac {

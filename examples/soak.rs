@@ -154,6 +154,20 @@ fn main() -> Result<()> {
     if !exe.is_file() {
         bail!("{} is missing: cargo build --release --bins", exe.display());
     }
+    // The folder is the benchmark's own (marked): an existing folder without the mark is the
+    // user's, and nothing in it is removed.
+    let marker = dir.join(".mfac-lab-soak");
+    if dir.exists() && std::fs::read_dir(&dir)?.next().is_some() && !marker.exists() {
+        bail!(
+            "{} exists and was not made by this benchmark: pass another --dir",
+            dir.display()
+        );
+    }
+    std::fs::create_dir_all(&dir)?;
+    std::fs::write(
+        &marker,
+        "made by examples/soak.rs; its subfolders are rewritten each run\n",
+    )?;
     for sub in ["data", "model", "run", "uninterrupted.safetensors"] {
         let p = dir.join(sub);
         if p.is_dir() {

@@ -78,6 +78,7 @@ fn case(dir: &Path, name: &str) -> Result<Case> {
             momentum: num("momentum")?,
             weight_decay: num("weight_decay")?,
             window_dtype: DType::F64,
+            ..Default::default()
         },
         params0: t["params0"].to_vec1()?,
         grads: rows("grads")?,
@@ -342,6 +343,7 @@ fn replay_on(
         momentum: f("momentum")?,
         weight_decay: f("weight_decay")?,
         window_dtype: window,
+        ..Default::default()
     });
     let steps = meta["num_steps"]
         .as_u64()

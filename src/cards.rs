@@ -300,6 +300,59 @@ pub fn recipe(card: &Card) -> (Vec<OptimizerSpec>, TrainConfig) {
     (specs, train)
 }
 
+/// The card's recipe ([`recipe`]) with M-FAC's window made sparse at `density` (`None`: the
+/// card's dense window). The density is checked as `--optim_args` checks it.
+///
+/// ```
+/// use mfac_lab::cards::{find, recipe_with_density};
+/// let card = find("mnli", "bert-tiny").unwrap();
+/// let (specs, _) = recipe_with_density(&card, Some(0.01)).unwrap();
+/// assert_eq!(specs[1].display_name(), "M-FAC m=1024 1%");
+/// assert!(recipe_with_density(&card, Some(0.0)).unwrap_err().to_string().contains("density"));
+/// ```
+pub fn recipe_with_density(
+    card: &Card,
+    density: Option<f64>,
+) -> crate::Result<(Vec<OptimizerSpec>, TrainConfig)> {
+    let (mut specs, train) = recipe(card);
+    if let Some(rho) = density {
+        let cfg = match specs[1].kind() {
+            crate::optim::OptimKind::MFac(c) => c.with_density(rho),
+            _ => unreachable!("the recipe's second optimizer is M-FAC"),
+        };
+        cfg.validate()?;
+        specs[1] = OptimizerSpec::mfac(cfg);
+    }
+    Ok((specs, train))
+}
+
+/// What the card's recipe run with the sparse window says beside the card: which window, and
+/// the memory it needs for bert-tiny against the card's dense one.
+pub fn sparse_note(specs: &[OptimizerSpec]) -> Option<String> {
+    let cfg = specs.iter().find_map(|s| match s.kind() {
+        crate::optim::OptimKind::MFac(c) if c.is_sparse() => Some(*c),
+        _ => None,
+    })?;
+    let d = 4_386_307; // bert-tiny with a 3-way head
+    let dense = MFacConfig {
+        density: 1.0,
+        block_size: None,
+        ..cfg
+    };
+    Some(format!(
+        "Not the card's window: {} keeps the top {} of an error-feedback accumulator in each of its {} rows (Sparse M-FAC, Modoranu et al., ICML 2024), {:.2} GB of optimizer state for bert-tiny where the card's dense window needs {:.1} GB.",
+        specs
+            .iter()
+            .find(|s| matches!(s.kind(), crate::optim::OptimKind::MFac(c) if c.is_sparse()))
+            .map(|s| s.display_name())
+            .unwrap_or_default(),
+        cfg.density_percent(),
+        cfg.num_grads,
+        cfg.host_bytes(d) as f64 / 1e9,
+        dense.host_bytes(d) as f64 / 1e9,
+    ))
+}
+
 /// The card as a Markdown table (one row per optimizer, one column per metric), with where it
 /// comes from.
 pub fn card_markdown(card: &Card) -> String {

@@ -9,6 +9,7 @@ use polars::prelude::*;
 
 use crate::data::{GlueData, GlueTask};
 use crate::error::{Error, Result};
+use crate::hub::Hub;
 use crate::io::write_bytes_atomic;
 use crate::model::{BertClassifier, BertConfig, LoadOptions, PairTokenizer, BERT_TINY_REPO};
 use crate::optim::{MFacConfig, OptimizerSpec};
@@ -94,6 +95,50 @@ impl ModelSource {
             ModelSource::Random(_) => RANDOM_SOURCE.into(),
         }
     }
+
+    /// The offline demo's model: the pretrained prajjwal1/bert-tiny (17.8 MB, cached after the
+    /// first time) when `hub` delivers it within `wait`, else the seeded random bert-tiny; with a
+    /// line saying which and why. An offline hub (`HF_HUB_OFFLINE=1`) makes no request: the
+    /// pretrained model only if it is already cached. A download still running after `wait`
+    /// carries on in the background (a later run finds it cached).
+    ///
+    /// ```
+    /// use mfac_lab::compare::ModelSource;
+    /// use mfac_lab::hub::Hub;
+    /// let cache = tempfile::tempdir().unwrap();
+    /// let hub = Hub::new("http://127.0.0.1:9", cache.path()).offline(true);
+    /// let (source, note) = ModelSource::demo_bert_tiny(&hub, std::time::Duration::from_secs(5));
+    /// assert!(matches!(source, ModelSource::Random(_)));
+    /// assert!(note.contains("randomly initialised"), "{note}");
+    /// ```
+    pub fn demo_bert_tiny(hub: &Hub, wait: std::time::Duration) -> (ModelSource, String) {
+        let opts = LoadOptions::default().num_labels(3).hub(hub.clone());
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let r = BertClassifier::from_pretrained(BERT_TINY_REPO, &opts).map(|_| ());
+            let _ = tx.send(r);
+        });
+        let random = ModelSource::random_bert_tiny();
+        match rx.recv_timeout(wait) {
+            Ok(Ok(())) => (
+                ModelSource::bert_tiny(),
+                format!("Model: the pretrained {BERT_TINY_REPO} (from the hub, cached)."),
+            ),
+            Ok(Err(e)) => (
+                random,
+                format!(
+                    "Model: a randomly initialised bert-tiny (seeded): the pretrained {BERT_TINY_REPO} could not be loaded ({e})."
+                ),
+            ),
+            Err(_) => (
+                random,
+                format!(
+                    "Model: a randomly initialised bert-tiny (seeded): the hub did not deliver {BERT_TINY_REPO} within {} s (HF_HUB_OFFLINE=1 skips the try).",
+                    wait.as_secs_f64()
+                ),
+            ),
+        }
+    }
 }
 
 /// Checks a time-to-target value against the range of `task`'s headline metric (accuracy and
@@ -127,7 +172,7 @@ pub fn check_target(task: GlueTask, target: f64) -> Result<()> {
 const RANDOM_SOURCE: &str = "randomly initialised BERT (seeded)";
 
 /// What a comparison of randomly initialised models shows (printed under its table).
-pub const RANDOM_NOTE: &str = "With random weights both optimizers stay at the majority class (the training loss stays near ln 3): these numbers show the pipeline, not which optimizer is better. For real numbers run `mfac-lab compare --task mnli`.";
+pub const RANDOM_NOTE: &str = "With random weights every optimizer stays at the majority class (the training loss stays near ln 3): these numbers show the pipeline, not which optimizer is better. For real numbers run `mfac-lab compare --task mnli`.";
 
 /// The offline demo's M-FAC window (`mfac-lab compare` with no flags, notebook 02): bert-tiny's
 /// window of 1024 gradients takes 18 GB in f32; 32 take 0.56 GB.
@@ -153,14 +198,19 @@ pub fn default_specs(num_grads: usize) -> Vec<OptimizerSpec> {
     ]
 }
 
+/// The sparse window's density in the offline demo: the card's M-FAC (m = 1024, lr 1e-4,
+/// damp 1e-6) with each row the top 1 % of an error-feedback accumulator.
+pub const DEMO_DENSITY: f64 = 0.01;
+
 /// The defaults of a comparison, in one place: what `mfac-lab compare` runs when its flags do
-/// not say otherwise — the recipe's for real data, a smaller window, two seeds and two epochs for
-/// the offline demo.
+/// not say otherwise — the recipe's for real data; for the offline demo a smaller dense window
+/// beside the card's window made sparse, two seeds and two epochs.
 ///
 /// ```
 /// use mfac_lab::compare::CompareDefaults;
 /// let d = CompareDefaults::demo();
 /// assert_eq!((d.num_grads, d.seeds.as_slice(), d.num_train_epochs), (32, &[42u64, 43][..], 2.0));
+/// assert_eq!(d.sparse_density, Some(0.01));
 /// assert_eq!(CompareDefaults::recipe().num_grads, 1024);
 /// ```
 #[derive(Debug, Clone, PartialEq)]
@@ -171,15 +221,19 @@ pub struct CompareDefaults {
     pub seeds: Vec<u64>,
     /// Epochs per run.
     pub num_train_epochs: f64,
+    /// Also compare the card's M-FAC with the sparse window at this density.
+    pub sparse_density: Option<f64>,
 }
 
 impl CompareDefaults {
-    /// The offline demo: M-FAC m = [`DEMO_NUM_GRADS`], seeds 42 and 43, 2 epochs.
+    /// The offline demo: dense M-FAC m = [`DEMO_NUM_GRADS`] and the card's M-FAC with the sparse
+    /// window at [`DEMO_DENSITY`], seeds 42 and 43, 2 epochs.
     pub fn demo() -> Self {
         CompareDefaults {
             num_grads: DEMO_NUM_GRADS,
             seeds: vec![42, 43],
             num_train_epochs: 2.0,
+            sparse_density: Some(DEMO_DENSITY),
         }
     }
 
@@ -189,19 +243,33 @@ impl CompareDefaults {
             num_grads: 1024,
             seeds: vec![42],
             num_train_epochs: TrainConfig::run_glue().num_train_epochs,
+            sparse_density: None,
         }
     }
 
-    /// The optimizers compared: [`default_specs`]`(num_grads)`.
+    /// The optimizers compared: [`default_specs`]`(num_grads)`, then the card's M-FAC with the
+    /// sparse window when `sparse_density` is set.
     pub fn specs(&self) -> Vec<OptimizerSpec> {
-        default_specs(self.num_grads)
+        let mut specs = default_specs(self.num_grads);
+        if let Some(rho) = self.sparse_density {
+            specs.push(OptimizerSpec::mfac(
+                MFacConfig::model_card().with_density(rho),
+            ));
+        }
+        specs
     }
 }
 
-/// The offline demo's specs: [`default_specs`]`(`[`DEMO_NUM_GRADS`]`)`, i.e. AdamW vs
-/// `M-FAC m=32 (lr 3.2e-3)`.
+/// The offline demo's specs ([`CompareDefaults::demo`]): AdamW, `M-FAC m=32 (lr 3.2e-3)` and
+/// the card's window made sparse, `M-FAC m=1024 1%`.
+///
+/// ```
+/// use mfac_lab::optim::OptimizerSpec;
+/// let labels = OptimizerSpec::labels(&mfac_lab::compare::demo_specs()).unwrap();
+/// assert_eq!(labels, ["AdamW", "M-FAC m=32 (lr 3.2e-3)", "M-FAC m=1024 1%"]);
+/// ```
 pub fn demo_specs() -> Vec<OptimizerSpec> {
-    default_specs(DEMO_NUM_GRADS)
+    CompareDefaults::demo().specs()
 }
 
 /// A file-name-safe form of a run label, for run folders: lower case, `M-FAC` → `mfac`, a value
@@ -213,9 +281,15 @@ pub fn demo_specs() -> Vec<OptimizerSpec> {
 /// assert_eq!(label_slug("AdamW"), "adamw");
 /// assert_eq!(label_slug("AdamW lr 3e-4, weight_decay 0.01"), "adamw-lr3e-4-weight_decay0.01");
 /// assert_eq!(label_slug("../my run/β"), "my-run");
+/// // The sparse window's density: a percentage.
+/// assert_eq!(label_slug("M-FAC m=1024 1%"), "mfac-m1024-1pct");
+/// assert_eq!(label_slug("M-FAC m=64 0.5% block 4096"), "mfac-m64-0.5pct-block4096");
 /// ```
 pub fn label_slug(label: &str) -> String {
-    let lower = label.to_lowercase().replace("m-fac", "mfac");
+    let lower = label
+        .to_lowercase()
+        .replace("m-fac", "mfac")
+        .replace('%', "pct");
     let mut parts: Vec<String> = vec![];
     let seps = |c: char| c.is_whitespace() || ",()[]{}/\\:;|\"'".contains(c);
     for tok in lower.split(seps) {
@@ -235,8 +309,14 @@ pub fn label_slug(label: &str) -> String {
             continue;
         }
         match parts.last_mut() {
-            // A value joins its key: `lr 3.2e-3` → `lr3.2e-3`.
-            Some(last) if t.starts_with(|c: char| c.is_ascii_digit()) => last.push_str(t),
+            // A value joins its key: `lr 3.2e-3` → `lr3.2e-3` (not a part that already holds
+            // its value: `m1024 1pct` stays two parts).
+            Some(last)
+                if t.starts_with(|c: char| c.is_ascii_digit())
+                    && !last.ends_with(|c: char| c.is_ascii_digit()) =>
+            {
+                last.push_str(t)
+            }
             _ => parts.push(t.to_string()),
         }
     }
@@ -314,6 +394,12 @@ pub struct TimeToTarget {
     pub target: f64,
     /// One row per optimizer, in the comparison's order.
     pub rows: Vec<TargetRow>,
+    /// True when every run's metric on the split stayed at its first value at every one of its
+    /// (two or more) evaluations: each model predicted one class throughout (the majority
+    /// class, as a random or not-yet-trained model does). Then no run counts as having reached
+    /// anything: the rows hold no steps, and the table says so instead of a target "reached" at
+    /// the first evaluation.
+    pub flat: bool,
 }
 
 /// One optimizer's time to the target.
@@ -334,6 +420,12 @@ pub struct TargetRow {
 impl TimeToTarget {
     /// A Markdown table: steps and seconds to the target, "not reached" where no run got there.
     pub fn to_markdown(&self) -> String {
+        if self.flat {
+            return format!(
+                "Time to target: none. Every run's {} {} stayed where it started at every evaluation — each model predicted one class for every example (the majority class: nothing learned yet) — so no optimizer reached a target.\n",
+                self.split, self.metric
+            );
+        }
         let mut s = format!(
             "Time to target ({} {} ≥ {:.2} %):\n\n| optimizer | runs that reached it | steps | seconds |\n|---|---|---|---|\n",
             self.split,
@@ -586,15 +678,38 @@ impl Comparison {
             Some(t) => t,
             None => self.default_target()?,
         };
+        // Every run at one value at each of its evaluations: nothing moved (see `flat`).
+        let series: Vec<Vec<f64>> = self
+            .runs
+            .iter()
+            .map(|r| {
+                r.history
+                    .evals
+                    .iter()
+                    .filter(|e| e.split == split)
+                    .filter_map(|e| {
+                        e.metrics
+                            .iter()
+                            .find(|(m, _)| *m == self.metric)
+                            .map(|x| x.1)
+                    })
+                    .collect()
+            })
+            .collect();
+        let flat = series.iter().any(|v| v.len() > 1)
+            && series.iter().all(|v| v.iter().all(|x| *x == v[0]));
         let rows = self
             .optimizers()
             .into_iter()
             .map(|o| {
                 let runs: Vec<&Run> = self.runs.iter().filter(|r| r.optimizer == o).collect();
-                let hits: Vec<(usize, f64)> = runs
-                    .iter()
-                    .filter_map(|r| r.history.reached(&split, &self.metric, target))
-                    .collect();
+                let hits: Vec<(usize, f64)> = if flat {
+                    vec![]
+                } else {
+                    runs.iter()
+                        .filter_map(|r| r.history.reached(&split, &self.metric, target))
+                        .collect()
+                };
                 let mean = |f: &dyn Fn(&(usize, f64)) -> f64| {
                     (!hits.is_empty()).then(|| hits.iter().map(f).sum::<f64>() / hits.len() as f64)
                 };
@@ -612,6 +727,7 @@ impl Comparison {
             metric: self.metric.clone(),
             target,
             rows,
+            flat,
         })
     }
 
@@ -686,7 +802,11 @@ impl Comparison {
     /// The final value of each metric per optimizer and eval split: mean and std over seeds
     /// (sample std; null with one seed), the best run's value, and the number of runs; then
     /// the optimizer's cost ([`Comparison::costs`]): seconds per step, the optimizer's share
-    /// of a step, peak resident memory, the optimizer state's bytes and the GPU's peak.
+    /// of a step, peak resident memory, the optimizer state's bytes and the GPU's peak; then,
+    /// on the rows of the time-to-target's split and metric (null elsewhere, and with one
+    /// optimizer), [`Comparison::time_to_target`] at the comparison's target: `target`,
+    /// `runs_reached_target`, `steps_to_target`, `seconds_to_target` (null when no run
+    /// reached it, or when every run stayed at one class: see [`TimeToTarget::flat`]).
     pub fn summary(&self) -> Result<DataFrame> {
         let (mut opt, mut split, mut metric, mut mean, mut std, mut runs) =
             (vec![], vec![], vec![], vec![], vec![], vec![]);
@@ -694,6 +814,14 @@ impl Comparison {
         let costs = self.costs();
         let (mut sps, mut share, mut rss, mut state, mut gpu) =
             (vec![], vec![], vec![], vec![], vec![]);
+        // Time to target, on the rows of its split and metric (null elsewhere).
+        let ttt = if self.optimizers().len() > 1 {
+            self.time_to_target(self.target)
+        } else {
+            None
+        };
+        let (mut t_target, mut t_reached, mut t_steps, mut t_secs) =
+            (vec![], vec![], vec![], vec![]);
         for o in self.optimizers() {
             for s in self.splits() {
                 let mut names: Vec<String> = vec![];
@@ -725,6 +853,14 @@ impl Comparison {
                     rss.push(c.and_then(|c| c.peak_rss_bytes));
                     state.push(c.map(|c| c.state_bytes));
                     gpu.push(c.and_then(|c| c.device_peak_bytes));
+                    let t = ttt.as_ref().filter(|t| {
+                        t.split == s && t.metric == *metric.last().unwrap_or(&String::new())
+                    });
+                    let row = t.and_then(|t| t.rows.iter().find(|r| r.optimizer == o));
+                    t_target.push(t.map(|t| t.target));
+                    t_reached.push(row.map(|r| r.reached as u32));
+                    t_steps.push(row.and_then(|r| r.steps));
+                    t_secs.push(row.and_then(|r| r.seconds));
                 }
             }
         }
@@ -741,6 +877,10 @@ impl Comparison {
             Column::new("peak_rss_bytes".into(), rss),
             Column::new("state_bytes".into(), state),
             Column::new("device_peak_bytes".into(), gpu),
+            Column::new("target".into(), t_target),
+            Column::new("runs_reached_target".into(), t_reached),
+            Column::new("steps_to_target".into(), t_steps),
+            Column::new("seconds_to_target".into(), t_secs),
         ])
         .map_err(df_err)
     }
@@ -789,6 +929,13 @@ impl Comparison {
         }
         if let Some(card) = self.card() {
             s += &format!("\n{}", crate::cards::card_markdown(&card));
+            if self
+                .optimizers()
+                .iter()
+                .any(|o| o.starts_with("M-FAC") && o.contains('%'))
+            {
+                s += "\nM-FAC rows with a percentage ran the sparse window (each row the top-k of an error-feedback accumulator, Sparse M-FAC); the card's M-FAC kept whole gradients.\n";
+            }
         }
         if !self.failures.is_empty() {
             s += &format!(

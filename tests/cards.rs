@@ -100,3 +100,48 @@ fn squad_v2_and_cards_that_do_not_exist_are_refused_by_name() {
     );
     assert!(stderr.contains("prajjwal1/bert-mini"), "{stderr}");
 }
+
+/// `card --density 0.01` runs the card's recipe with the sparse window and says so beside the
+/// card (here on `--dry_run`: the card, the recipe with `M-FAC m=1024 1%`, and the note with
+/// both memory figures); without `--density` no such note.
+#[test]
+fn card_density_runs_the_sparse_window_and_says_so() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = |extra: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_mfac-lab"))
+            .args(["card", "--dry_run"])
+            .args(extra)
+            .current_dir(dir.path())
+            .env("HF_HUB_OFFLINE", "1")
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let sparse = run(&["--density", "0.01"]);
+    assert!(
+        sparse.contains("Model card (prajjwal1/bert-tiny on mnli"),
+        "{sparse}"
+    );
+    assert!(sparse.contains("AdamW and M-FAC m=1024 1%"), "{sparse}");
+    assert!(
+        sparse.contains("Not the card's window: M-FAC m=1024 1% keeps the top 1%")
+            && sparse.contains("0.34 GB of optimizer state")
+            && sparse.contains("needs 18.0 GB"),
+        "{sparse}"
+    );
+    let dense = run(&[]);
+    assert!(
+        dense.contains("AdamW and M-FAC m=1024 (") && !dense.contains("Not the card's window"),
+        "{dense}"
+    );
+    assert_eq!(
+        std::fs::read_dir(dir.path()).unwrap().count(),
+        0,
+        "a dry run writes nothing"
+    );
+}

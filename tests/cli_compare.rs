@@ -32,6 +32,13 @@ fn compare_with_no_arguments_runs_the_offline_demo() {
             && stdout.contains("| M-FAC m=32 (lr 3.2e-3) (2 seeds) |"),
         "{stdout}"
     );
+    // Third, the card's own M-FAC (1,024 gradients, lr 1e-4) with the sparse window (issue 30).
+    assert!(stdout.contains("| M-FAC m=1024 1% (2 seeds) |"), "{stdout}");
+    // Offline, the seeded random bert-tiny, said so.
+    assert!(
+        stdout.contains("Model: a randomly initialised bert-tiny"),
+        "{stdout}"
+    );
     let res = dir.path().join("mfac-lab-results");
     for f in [
         "summary.md",
@@ -63,6 +70,21 @@ fn compare_with_no_arguments_runs_the_offline_demo() {
         .join("runs/mfac-m32-lr3.2e-3-seed43/eval_results.json")
         .is_file());
     assert!(res.join("runs/adamw-seed42/eval_results.json").is_file());
+    assert!(res
+        .join("runs/mfac-m1024-1pct-seed42/eval_results.json")
+        .is_file());
+    // The cost table shows what each held: the sparse window's state is under 0.4 GB although
+    // it keeps 1,024 gradients.
+    let csv = std::fs::read_to_string(res.join("summary.csv")).unwrap();
+    let header: Vec<&str> = csv.lines().next().unwrap().split(',').collect();
+    let col = header.iter().position(|h| *h == "state_bytes").unwrap();
+    let state: u64 = csv
+        .lines()
+        .find(|l| l.starts_with("M-FAC m=1024 1%"))
+        .map(|l| l.split(',').nth(col).unwrap().parse().unwrap())
+        .unwrap();
+    assert!(state > 100_000_000 && state < 400_000_000, "{state}");
+    assert!(header.contains(&"steps_to_target"), "{header:?}");
 }
 
 #[test]

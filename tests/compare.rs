@@ -746,3 +746,66 @@ fn training_seconds_leave_the_evaluations_out() {
     assert!(gaps[2..].iter().all(|g| *g > 0.0), "{gaps:?}");
     assert!(gaps.windows(2).all(|w| w[1] >= w[0] - 1e-12), "{gaps:?}");
 }
+
+/// Every run at one accuracy at every evaluation (a model predicting one class, as random
+/// weights do): no target counts as "reached" at the first evaluation; the table says why, and
+/// summary.csv's time-to-target columns stay empty. With movement, the columns carry the table.
+#[test]
+fn time_to_target_says_so_when_every_run_stays_at_one_class() {
+    use mfac_lab::compare::Comparison;
+    // Each run predicts one class throughout (different seeds, different classes).
+    let flat = Comparison {
+        runs: vec![
+            curve("AdamW", 1, &[(100, 0.354), (200, 0.354)]),
+            curve("AdamW", 2, &[(100, 0.469), (200, 0.469)]),
+            curve("M-FAC", 1, &[(100, 0.354), (200, 0.354)]),
+        ],
+        failures: vec![],
+        metric: "accuracy".into(),
+        source: "x".into(),
+        task: None,
+        target: None,
+    };
+    let t = flat.time_to_target(None).unwrap();
+    assert!(t.flat);
+    assert!(t.rows.iter().all(|r| r.reached == 0 && r.steps.is_none()));
+    let md = t.to_markdown();
+    assert!(
+        md.contains("majority class") && md.contains("stayed where it started"),
+        "{md}"
+    );
+    assert!(!md.contains("| AdamW |"), "{md}");
+    let s = flat.summary().unwrap();
+    assert_eq!(
+        s.column("steps_to_target").unwrap().null_count(),
+        s.height()
+    );
+    // Movement: the same columns hold the table's numbers on the target's split and metric.
+    let moving = Comparison {
+        runs: vec![
+            curve("AdamW", 1, &[(100, 0.50), (200, 0.60)]),
+            curve("M-FAC", 1, &[(100, 0.63), (200, 0.70)]),
+        ],
+        ..flat.clone()
+    };
+    let t = moving.time_to_target(None).unwrap();
+    assert!(!t.flat);
+    let s = moving.summary().unwrap();
+    let opt: Vec<String> = s
+        .column("optimizer")
+        .unwrap()
+        .str()
+        .unwrap()
+        .iter()
+        .map(|x| x.unwrap().to_string())
+        .collect();
+    let f64s = |name: &str| -> Vec<Option<f64>> {
+        s.column(name).unwrap().f64().unwrap().iter().collect()
+    };
+    let (steps, target) = (f64s("steps_to_target"), f64s("target"));
+    let i = opt.iter().position(|o| o == "M-FAC").unwrap();
+    assert_eq!(steps[i], Some(100.0));
+    assert!((target[i].unwrap() - 0.60).abs() < 1e-12);
+    let a = opt.iter().position(|o| o == "AdamW").unwrap();
+    assert_eq!(steps[a], Some(200.0));
+}

@@ -175,3 +175,61 @@ fn unreachable_endpoint_is_a_clear_error() {
         "{msg}"
     );
 }
+
+/// The offline demo's model, both ways against the local mock hub: the pretrained bert-tiny
+/// when the hub delivers it within the wait (then cached, so an offline hub finds it), the
+/// seeded random one when nothing answers (a refused connection, a server that accepts and never
+/// replies), saying which.
+#[test]
+fn the_demo_takes_the_pretrained_bert_tiny_when_the_hub_answers_else_a_random_one() {
+    use mfac_lab::compare::ModelSource;
+    use std::time::{Duration, Instant};
+    let server = serve_bert_tiny();
+    let cache = tempfile::tempdir().unwrap();
+    let hub = Hub::new(&server.endpoint, cache.path());
+    let (source, note) = ModelSource::demo_bert_tiny(&hub, Duration::from_secs(30));
+    assert!(
+        matches!(&source, ModelSource::Pretrained(r) if r == "prajjwal1/bert-tiny"),
+        "{note}"
+    );
+    assert!(note.contains("pretrained prajjwal1/bert-tiny"), "{note}");
+    // Cached now: offline, no request, still the pretrained one.
+    let before = server.request_count();
+    let (source, _) =
+        ModelSource::demo_bert_tiny(&hub.clone().offline(true), Duration::from_secs(30));
+    assert!(matches!(source, ModelSource::Pretrained(_)));
+    assert_eq!(server.request_count(), before, "offline means no request");
+
+    // Nothing listens: the random model, with the reason.
+    let empty = tempfile::tempdir().unwrap();
+    let refused = Hub::new("http://127.0.0.1:9", empty.path());
+    let (source, note) = ModelSource::demo_bert_tiny(&refused, Duration::from_secs(30));
+    assert!(matches!(source, ModelSource::Random(_)), "{note}");
+    assert!(
+        note.contains("randomly initialised") && note.contains("could not be loaded"),
+        "{note}"
+    );
+
+    // A server that accepts and never answers: the random model once the wait is over.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let held = std::thread::spawn(move || {
+        let conns: Vec<_> = listener.incoming().take(1).collect();
+        std::thread::sleep(Duration::from_secs(5));
+        drop(conns);
+    });
+    let silent = Hub::new(format!("http://{addr}"), empty.path());
+    let t0 = Instant::now();
+    let (source, note) = ModelSource::demo_bert_tiny(&silent, Duration::from_millis(1500));
+    assert!(matches!(source, ModelSource::Random(_)), "{note}");
+    assert!(
+        note.contains("did not deliver") && note.contains("HF_HUB_OFFLINE=1"),
+        "{note}"
+    );
+    assert!(
+        t0.elapsed() < Duration::from_secs(5),
+        "it waited {:?}",
+        t0.elapsed()
+    );
+    held.join().unwrap();
+}

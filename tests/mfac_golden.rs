@@ -33,6 +33,7 @@ fn case(name: &str) -> Case {
             momentum: num("momentum"),
             weight_decay: num("weight_decay"),
             window_dtype: DType::F64,
+            ..Default::default()
         },
         params0: t["params0"].to_vec1().unwrap(),
         grads: rows("grads"),

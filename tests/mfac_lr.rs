@@ -121,7 +121,12 @@ fn model_card_with_scales_lr_and_keeps_the_card_otherwise() {
 #[test]
 fn the_demo_runs_mfac_with_the_scaled_lr() {
     let specs = demo_specs();
-    assert_eq!(specs, default_specs(DEMO_NUM_GRADS));
+    assert_eq!(specs[..2], default_specs(DEMO_NUM_GRADS)[..]);
+    // Third, the card's own M-FAC (m = 1024, lr 1e-4, damp 1e-6) with the sparse window.
+    assert_eq!(
+        specs[2],
+        mfac_lab::optim::OptimizerSpec::mfac(MFacConfig::model_card().with_density(0.01))
+    );
     assert_eq!(DEMO_NUM_GRADS, 32);
     let mfac = specs
         .iter()
@@ -134,7 +139,7 @@ fn the_demo_runs_mfac_with_the_scaled_lr() {
     assert!((mfac.lr - 3.2e-3).abs() < 1e-15, "{}", mfac.lr);
     assert_eq!(
         OptimizerSpec::labels(&specs).unwrap(),
-        ["AdamW", "M-FAC m=32 (lr 3.2e-3)"]
+        ["AdamW", "M-FAC m=32 (lr 3.2e-3)", "M-FAC m=1024 1%"]
     );
     // The card's full-size comparison keeps lr 1e-4.
     assert_eq!(

@@ -427,7 +427,8 @@ fn option_parsing() {
             damp: 1e-3,
             momentum: 0.9,
             weight_decay: 0.1,
-            window_dtype: DType::BF16
+            window_dtype: DType::BF16,
+            ..Default::default()
         })
     );
     assert_eq!(

@@ -170,6 +170,7 @@ fn mfac(window_dtype: DType, momentum: f64) -> OptimizerSpec {
         momentum,
         weight_decay: 0.0,
         window_dtype,
+        ..Default::default()
     })
 }
 
@@ -189,6 +190,68 @@ fn mfac_f64_with_momentum_resumes_bit_identically() {
 #[test]
 fn mfac_bf16_window_resumes_bit_identically() {
     stop_and_resume(mfac(DType::BF16, 0.0), DType::F32, 5);
+}
+
+fn sparse(window_dtype: DType, block_size: Option<usize>) -> OptimizerSpec {
+    OptimizerSpec::mfac(MFacConfig {
+        lr: 1e-3,
+        num_grads: 4,
+        damp: 1e-4,
+        // Decoupled with the sparse window: the factor (1 − lr·wd) is part of every step.
+        weight_decay: 0.01,
+        window_dtype,
+        density: 0.05,
+        block_size,
+        ..Default::default()
+    })
+}
+
+#[test]
+fn sparse_mfac_f32_resumes_bit_identically() {
+    // Stopped at 6: the window has wrapped (m = 4) and the error accumulator holds what six
+    // steps did not keep; without it (or the rows) the resumed weights differ.
+    stop_and_resume(sparse(DType::F32, None), DType::F32, 6);
+}
+
+#[test]
+fn sparse_mfac_bf16_block_window_resumes_bit_identically() {
+    // bf16 values feed their rounding error back through the accumulator: it is state too.
+    stop_and_resume(sparse(DType::BF16, Some(4096)), DType::F32, 10);
+}
+
+#[test]
+fn a_sparse_checkpoint_is_the_size_of_the_sparse_state() {
+    let data = mnli_sample().unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("run");
+    let spec = sparse(DType::F32, None);
+    let mut t = Trainer::new(micro(DType::F32), cfg(spec.clone()))
+        .output_dir(&dir)
+        .stop_at_step(5);
+    let _ = t.fit(&data).unwrap_err();
+    let file = checkpoint_dir(&dir, 5).join("optimizer.safetensors");
+    let size = std::fs::metadata(&file).unwrap().len();
+    let d: usize = micro(DType::F32)
+        .named_vars()
+        .iter()
+        .map(|(_, v)| v.elem_count())
+        .sum();
+    let cfg = match spec.kind() {
+        mfac_lab::optim::OptimKind::MFac(c) => *c,
+        _ => unreachable!(),
+    };
+    // Rows (k = ⌊0.05·d⌋ entries of a u16 column and an f32 value, per row), the f32 error
+    // accumulator (4·d), K and its inverse (2·m²·8) and a header: about 4.6·d bytes here, where
+    // the dense window alone would be m·d·4 = 16·d.
+    let k = (0.05 * d as f64).floor() as u64;
+    let want = 4 * k * 6 + 4 * d as u64 + 2 * 16 * 8;
+    assert!(size >= want && size < want + 64 * 1024, "{size} vs {want}");
+    let dense = MFacConfig {
+        density: 1.0,
+        ..cfg
+    }
+    .window_bytes(d) as u64;
+    assert!(size * 3 < dense, "{size} vs the dense window's {dense}");
 }
 
 #[test]

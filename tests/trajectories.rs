@@ -40,6 +40,7 @@ fn load(name: &str) -> Traj {
             weight_decay: f("weight_decay"),
             // The reference window is float64.
             window_dtype: DType::F64,
+            ..Default::default()
         }),
         other => panic!("unknown optimizer {other}"),
     };

@@ -18,7 +18,7 @@ mod util;
 pub use adamw::{AdamW, AdamWConfig};
 pub use clip::{clip_grad_norm, grad_norm};
 pub use label::CARD_LR;
-pub use mfac::{GramTiming, MFac, MFacConfig, MFacStep, StepProfile};
+pub use mfac::{GramTiming, MFac, MFacConfig, MFacStep, SparseProfile, StepProfile};
 pub use schedule::LinearSchedule;
 pub use seam::{AsAny, Optim, OptimConfig};
 pub use sgd::{Sgd, SgdConfig};

@@ -16,13 +16,29 @@ use safetensors::tensor::{Dtype, Metadata, View};
 use crate::error::{Error, Result};
 use crate::optim::util::Elem;
 
-fn bytes_of<T: Elem>(v: &[T]) -> &[u8] {
-    // SAFETY: T is f32, f64, bf16 or f16: no padding, every bit pattern valid; the byte view
-    // covers exactly the slice's memory and borrows it.
+/// A plain value an optimizer state holds: the floats ([`Elem`]) and the unsigned integers of
+/// index arrays (the sparse M-FAC window's columns and segment tables).
+pub(crate) trait Stored: Copy + 'static {
+    /// Its safetensors dtype (little-endian bytes).
+    const DTYPE: Dtype;
+}
+impl<T: Elem> Stored for T {
+    const DTYPE: Dtype = <T as Elem>::DTYPE;
+}
+impl Stored for u16 {
+    const DTYPE: Dtype = Dtype::U16;
+}
+impl Stored for u32 {
+    const DTYPE: Dtype = Dtype::U32;
+}
+
+fn bytes_of<T: Stored>(v: &[T]) -> &[u8] {
+    // SAFETY: T is f32, f64, bf16, f16, u16 or u32: no padding, every bit pattern valid; the
+    // byte view covers exactly the slice's memory and borrows it.
     unsafe { std::slice::from_raw_parts(v.as_ptr() as *const u8, std::mem::size_of_val(v)) }
 }
 
-fn bytes_of_mut<T: Elem>(v: &mut [T]) -> &mut [u8] {
+fn bytes_of_mut<T: Stored>(v: &mut [T]) -> &mut [u8] {
     // SAFETY: as in `bytes_of`; any bytes written are a valid T.
     unsafe { std::slice::from_raw_parts_mut(v.as_mut_ptr() as *mut u8, std::mem::size_of_val(v)) }
 }
@@ -60,7 +76,7 @@ pub(crate) struct StateWriter<'a> {
 
 impl<'a> StateWriter<'a> {
     /// Adds `values` under `name`, as a 1-D array or with `shape`.
-    pub fn add<T: Elem>(&mut self, name: impl Into<String>, values: &'a [T], shape: &[usize]) {
+    pub fn add<T: Stored>(&mut self, name: impl Into<String>, values: &'a [T], shape: &[usize]) {
         let shape = if shape.is_empty() {
             vec![values.len()]
         } else {
@@ -145,7 +161,7 @@ impl StateReader {
     }
 
     /// Reads array `name` into `out`, which must have its dtype and length.
-    pub fn read_into<T: Elem>(&mut self, name: &str, out: &mut [T]) -> Result<()> {
+    pub fn read_into<T: Stored>(&mut self, name: &str, out: &mut [T]) -> Result<()> {
         let info = self.meta.info(name).ok_or_else(|| Error::Weights {
             path: self.path.clone(),
             message: format!("the optimizer state has no array {name:?}"),

@@ -110,9 +110,13 @@ pub fn rel_l2_vec(a: &[f64], b: &[f64]) -> f64 {
     }
 }
 
-/// A GradStore whose gradient for `w` is exactly `g` (d/dw Σ w·g = g).
+/// A GradStore whose gradient for `w` is exactly `g` (d/dw Σ w·g = g), in w's dtype (g rounded
+/// to it once).
 pub fn grads_for(w: &candle_core::Var, g: &[f64]) -> candle_core::backprop::GradStore {
-    let gt = Tensor::new(g, &Device::Cpu).unwrap();
+    let gt = Tensor::new(g, &Device::Cpu)
+        .unwrap()
+        .to_dtype(w.dtype())
+        .unwrap();
     (w.as_tensor() * &gt)
         .unwrap()
         .sum_all()

@@ -17,7 +17,7 @@ use crate::optim::MFac;
 /// assert_eq!((card.lr, card.num_grads, card.damp), (1e-4, 1024, 1e-6));
 /// assert_eq!(MFacConfig::default().damp, 1e-5);
 /// ```
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Clone, Copy, PartialEq)]
 pub struct MFacConfig {
     /// Learning rate (read at every step, so schedules work).
     pub lr: f64,
@@ -29,8 +29,37 @@ pub struct MFacConfig {
     pub momentum: f64,
     /// Coupled L2 weight decay: wd·w is added to the gradient before it enters the window.
     pub weight_decay: f64,
-    /// Storage of the window: F32 (default), BF16 (half the memory and traffic) or F64.
+    /// Storage of the window: F32 (default), BF16 (half the memory and traffic) or F64. With
+    /// the sparse window: the kept values' dtype.
     pub window_dtype: DType,
+    /// Fraction ρ ∈ (0, 1] of the d entries each window row keeps (Sparse M-FAC: the top-k of
+    /// an error-feedback accumulator). 1 (the default) is the dense window; below 1 the window
+    /// keeps ⌊ρ·d⌋ entries per row (≈ ρ·(2 + value bytes)/(value bytes) of the dense memory).
+    pub density: f64,
+    /// With the sparse window: keep ⌈block·ρ⌉ entries in each block of this many parameters
+    /// (the maintained package's block top-k) instead of the global top-k. A block larger than
+    /// d is clamped to d. Setting it selects the sparse window even at density 1.
+    pub block_size: Option<usize>,
+}
+
+/// The text checkpoints' fingerprints hold: the dense window's fields as before the sparse
+/// window existed (so older checkpoints still resume), `density` and `block_size` only when the
+/// window is sparse.
+impl std::fmt::Debug for MFacConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mut s = f.debug_struct("MFacConfig");
+        s.field("lr", &self.lr)
+            .field("num_grads", &self.num_grads)
+            .field("damp", &self.damp)
+            .field("momentum", &self.momentum)
+            .field("weight_decay", &self.weight_decay)
+            .field("window_dtype", &self.window_dtype);
+        if self.is_sparse() {
+            s.field("density", &self.density)
+                .field("block_size", &self.block_size);
+        }
+        s.finish()
+    }
 }
 
 impl Default for MFacConfig {
@@ -43,6 +72,8 @@ impl Default for MFacConfig {
             momentum: 0.0,
             weight_decay: 0.0,
             window_dtype: DType::F32,
+            density: 1.0,
+            block_size: None,
         }
     }
 }
@@ -91,6 +122,25 @@ impl MFacConfig {
         }
     }
 
+    /// The same settings with the sparse window at density `density` (global top-k).
+    ///
+    /// ```
+    /// use mfac_lab::optim::MFacConfig;
+    /// let sparse = MFacConfig::model_card().with_density(0.01);
+    /// assert!(sparse.is_sparse() && !MFacConfig::model_card().is_sparse());
+    /// assert_eq!((sparse.lr, sparse.num_grads, sparse.damp), (1e-4, 1024, 1e-6));
+    /// // bert-tiny with a 3-way head: 43,863 kept entries a row, 0.27 GB instead of 18 GB.
+    /// assert!(sparse.window_bytes(4_386_307) < 280_000_000);
+    /// ```
+    pub fn with_density(self, density: f64) -> Self {
+        MFacConfig { density, ..self }
+    }
+
+    /// Whether the window is sparse: a density below 1, or a block size.
+    pub fn is_sparse(&self) -> bool {
+        self.density < 1.0 || self.block_size.is_some()
+    }
+
     /// Checks every field; the error names the key.
     ///
     /// ```
@@ -127,6 +177,27 @@ impl MFacConfig {
                 format!("{} must be ≥ 0", self.weight_decay),
             ));
         }
+        if !(self.density > 0.0 && self.density <= 1.0) {
+            return Err(bad(
+                "density",
+                format!(
+                    "{} must be in (0, 1]: the fraction of each gradient the window keeps (1 = dense)",
+                    self.density
+                ),
+            ));
+        }
+        if self.block_size == Some(0) {
+            return Err(bad("block_size", "must be at least 1".into()));
+        }
+        if self.is_sparse() && self.momentum > 0.0 {
+            return Err(bad(
+                "momentum",
+                format!(
+                    "{} is not supported with the sparse window (density < 1 or block_size): neither author's sparse code has a momentum that matches dense M-FAC's; use momentum 0",
+                    self.momentum
+                ),
+            ));
+        }
         if !matches!(self.window_dtype, DType::F32 | DType::BF16 | DType::F64) {
             return Err(bad(
                 "window_dtype",
@@ -136,14 +207,53 @@ impl MFacConfig {
         Ok(())
     }
 
-    /// Bytes of the m×d window for `d` parameters.
+    /// Bytes of the window for `d` parameters: m × d values, or the sparse window's m rows of
+    /// kept (column, value) entries.
     pub fn window_bytes(&self, d: usize) -> u128 {
+        if self.is_sparse() {
+            return crate::optim::mfac::sparse_window_bytes(self, d);
+        }
         self.num_grads as u128 * d as u128 * self.window_dtype.size_in_bytes() as u128
+    }
+
+    /// Host memory M-FAC needs for `d` parameters (what the memory plan checks before
+    /// allocating): the window, the m×m side (K and its inverse, f64) and the d-sized vectors
+    /// of a step (u, and the momentum when momentum > 0; the sparse window's error
+    /// accumulator).
+    ///
+    /// ```
+    /// use mfac_lab::optim::MFacConfig;
+    /// let d = 4_386_307; // bert-tiny with a 3-way head
+    /// let card = MFacConfig::model_card();
+    /// assert!(card.host_bytes(d) > 17_900_000_000);
+    /// assert!(card.with_density(0.01).host_bytes(d) < 400_000_000);
+    /// ```
+    pub fn host_bytes(&self, d: usize) -> u128 {
+        let m = self.num_grads as u128;
+        let m_side = 2 * m * m * 8;
+        if self.is_sparse() {
+            return crate::optim::mfac::sparse_state_bytes(self, d) + m_side;
+        }
+        let vectors = if self.momentum > 0.0 { 2 } else { 1 };
+        self.window_bytes(d) + m_side + vectors * d as u128 * 8
+    }
+
+    /// The density as labels show it, a percentage: `1%`, `0.1%`, `100%`.
+    ///
+    /// ```
+    /// use mfac_lab::optim::MFacConfig;
+    /// assert_eq!(MFacConfig::model_card().with_density(0.01).density_percent(), "1%");
+    /// assert_eq!(MFacConfig::model_card().with_density(0.005).density_percent(), "0.5%");
+    /// ```
+    pub fn density_percent(&self) -> String {
+        format!("{}%", num(self.density * 100.0, false))
     }
 }
 
 /// `--optim MFAC`: `--optim_args` keys `lr`, `num_grads`, `damp`, `momentum`,
-/// `weight_decay` (coupled: added to the gradient) and `window_dtype` (`f32`, `bf16`, `f64`).
+/// `weight_decay` (coupled: added to the gradient; with the sparse window decoupled:
+/// w ← (1 − lr·wd)·w), `window_dtype` (`f32`, `bf16`, `f64`), `density` (in (0, 1]; below 1
+/// the sparse window) and `block_size` (block top-k).
 impl OptimConfig for MFacConfig {
     const KIND: &'static str = "mfac";
     const NAMES: &'static [&'static str] = &["MFAC", "m-fac"];
@@ -154,6 +264,8 @@ impl OptimConfig for MFacConfig {
         "momentum",
         "weight_decay",
         "window_dtype",
+        "density",
+        "block_size",
     ];
 
     fn set(&mut self, key: &str, value: &str) -> Result<()> {
@@ -165,6 +277,8 @@ impl OptimConfig for MFacConfig {
             "momentum" => self.momentum = number(key, value, keys)?,
             "weight_decay" => self.weight_decay = number(key, value, keys)?,
             "window_dtype" => self.window_dtype = dtype(key, value, keys)?,
+            "density" => self.density = number(key, value, keys)?,
+            "block_size" => self.block_size = Some(count(key, value, keys)?),
             _ => return Err(option_err(key, "unknown key for MFAC", keys)),
         }
         Ok(())
@@ -183,7 +297,15 @@ impl OptimConfig for MFacConfig {
         MFacConfig::model_card_with(self.num_grads).lr
     }
     fn head(&self) -> String {
-        format!("M-FAC m={}", self.num_grads)
+        match (self.is_sparse(), self.block_size) {
+            (false, _) => format!("M-FAC m={}", self.num_grads),
+            (true, None) => format!("M-FAC m={} {}", self.num_grads, self.density_percent()),
+            (true, Some(b)) => format!(
+                "M-FAC m={} {} block {b}",
+                self.num_grads,
+                self.density_percent()
+            ),
+        }
     }
     fn compose(&self, extras: &[String]) -> String {
         if extras.is_empty() {
@@ -199,6 +321,11 @@ impl OptimConfig for MFacConfig {
             ("momentum", num(self.momentum, full)),
             ("weight_decay", num(self.weight_decay, full)),
             ("window_dtype", dtype_name(self.window_dtype).into()),
+            ("density", num(self.density, full)),
+            (
+                "block_size",
+                self.block_size.map_or("global".into(), |b| b.to_string()),
+            ),
         ]
     }
     fn build(&self, vars: &[(String, Var)]) -> Result<Box<dyn Optim>> {

@@ -1,6 +1,10 @@
 //! M-FAC (Frantar, Kurtic, Alistarh, NeurIPS 2021): a matrix-free inverse-Fisher preconditioner
 //! over a sliding window of the last m gradients. See ../shared/docs/mfac.md for the algorithm;
 //! this is its stable form: u = m·Gᵀc with (mλI + K)c = e_j, the m×m work in f64.
+//!
+//! With `density` < 1 (or a `block_size`) the window is sparse (Sparse M-FAC, Modoranu et al.,
+//! ICML 2024; ../shared/docs/sparse-mfac.md): each row keeps the top-k of an error-feedback
+//! accumulator, and the same step preconditions that compressed vector (window/sparse/).
 
 mod config;
 mod gram;
@@ -12,6 +16,10 @@ use candle_core::{Device, Tensor, Var};
 
 pub use config::MFacConfig;
 pub use gram::GramTiming;
+pub use window::sparse::SparseProfile;
+pub(crate) use window::sparse::{
+    state_bytes as sparse_state_bytes, window_bytes as sparse_window_bytes,
+};
 pub use window::StepProfile;
 
 use crate::error::{Error, Result};
@@ -98,7 +106,26 @@ impl MFac {
         )
     }
 
+    /// M-FAC over `vars` with the sparse window whatever the density: at density 1 it keeps
+    /// every entry, so the sparse code path computes dense M-FAC (with decoupled weight decay).
+    /// For checks of that path; [`MFac::try_new`] picks the sparse window by itself when
+    /// density < 1 or a block size is set.
+    #[doc(hidden)]
+    pub fn try_new_sparse(vars: Vec<Var>, cfg: MFacConfig) -> Result<Self> {
+        let names = vars.iter().map(|v| format!("{:?}", v.dims())).collect();
+        Self::build_with(vars, names, cfg, true)
+    }
+
     fn build(vars: Vec<Var>, names: Vec<String>, cfg: MFacConfig) -> Result<Self> {
+        Self::build_with(vars, names, cfg, false)
+    }
+
+    fn build_with(
+        vars: Vec<Var>,
+        names: Vec<String>,
+        cfg: MFacConfig,
+        sparse: bool,
+    ) -> Result<Self> {
         cfg.validate()?;
         if vars.is_empty() {
             return Err(Error::InvalidArgument(
@@ -121,8 +148,13 @@ impl MFac {
         }
         offsets.push(d);
         let m = cfg.num_grads;
+        let window = if sparse {
+            Window::new_sparse(&vars, &cfg, offsets)?
+        } else {
+            Window::new(&vars, &cfg, offsets)?
+        };
         Ok(MFac {
-            window: Window::new(&vars, &cfg, offsets)?,
+            window,
             cfg,
             vars,
             names,
@@ -160,14 +192,22 @@ impl MFac {
     ///
     /// The same steps wherever the window lives (window/mod.rs): g into slot j, pass 1 gives
     /// row j of K = G·g, the m×m side here in f64 gives c = (mλI + K)⁻¹e_j, pass 2 gives
-    /// u = m·Gᵀc, then the momentum and w −= lr·dir.
+    /// u = m·Gᵀc, then the momentum and w −= lr·dir. The sparse window writes the top-k of its
+    /// error-feedback accumulator instead of g, and its weight decay is decoupled
+    /// (w ← (1 − lr·wd)·w − lr·u) where the dense window's is coupled (g + wd·w enters G).
     pub fn try_step(&mut self, grads: &GradStore) -> Result<MFacStep> {
         let t0 = std::time::Instant::now();
         let m = self.cfg.num_grads;
         let gs = self.gradients(grads)?;
         let j = self.ring;
+        let wd = self.cfg.weight_decay;
+        let (coupled, decoupled) = if self.window.is_sparse() {
+            (0.0, wd)
+        } else {
+            (wd, 0.0)
+        };
         self.window
-            .write(j, &self.vars, &self.names, &gs, self.cfg.weight_decay)?;
+            .write(j, &self.vars, &self.names, &gs, coupled)?;
         // Row/column j of K over the filled rows (the rest are zero).
         let rows = self.filled.max(j + 1);
         let mut krow = self.window.gram_row(j, rows)?;
@@ -182,6 +222,7 @@ impl MFac {
             j,
             beta: self.cfg.momentum,
             lr,
+            decay: lr * decoupled,
         };
         let (dd, dg) = self.window.update(&c, update, &self.vars)?;
         self.window.record_total_ms(ms_since(t0));
@@ -326,9 +367,45 @@ impl MFac {
     pub fn gram_timing(&self) -> GramTiming {
         self.gram.timing()
     }
-    /// Bytes held by the window (m × d elements; a device window pads its rows by < 512).
+    /// Bytes held by the window (m × d elements; a device window pads its rows by < 512; the
+    /// sparse window's m rows of kept entries).
     pub fn window_bytes(&self) -> u128 {
-        self.cfg.window_bytes(self.d)
+        match self.window.sparse() {
+            Some(s) => s.window_bytes(),
+            None => self.cfg.window_bytes(self.d),
+        }
+    }
+
+    /// Whether the window is sparse (top-k rows with error feedback).
+    pub fn is_sparse(&self) -> bool {
+        self.window.is_sparse()
+    }
+
+    /// Entries each window row keeps: d for the dense window, k for the sparse one.
+    pub fn kept_per_row(&self) -> usize {
+        self.window.sparse().map_or(self.d, |s| s.kept())
+    }
+
+    /// The sparse window's row `slot`: its kept columns (ascending, in the vars' flattened
+    /// order) and values (as stored, as f64). `None` for the dense window or a slot ≥ num_grads.
+    pub fn kept_entries(&self, slot: usize) -> Option<(Vec<u32>, Vec<f64>)> {
+        match self.window.sparse() {
+            Some(s) if slot < self.cfg.num_grads => Some(s.kept_entries(slot)),
+            _ => None,
+        }
+    }
+
+    /// Where the sparse window's last step spent its time (accumulator, selection, row write,
+    /// the two passes, the update); `None` for the dense window. The m×m side is in
+    /// [`MFac::gram_timing`].
+    pub fn sparse_profile(&self) -> Option<SparseProfile> {
+        self.window.sparse().map(|s| s.profile())
+    }
+
+    /// The sparse window's error-feedback accumulator e (what the rows have not taken yet),
+    /// flattened in the vars' order, as f64. `None` for the dense window.
+    pub fn error_feedback(&self) -> Option<Vec<f64>> {
+        self.window.sparse().map(|s| s.error())
     }
 }
 
@@ -356,9 +433,13 @@ impl Optim for MFac {
     }
     /// The window (m × d in its dtype), the m×m side (K, B and B's diagonal, f64) and the
     /// d-sized f64 vectors of a step (u = F⁻¹g, and the momentum buffer when momentum > 0).
+    /// The sparse window: its rows, the error accumulator, u and the same m×m side.
     fn state_bytes(&self) -> u64 {
-        let vectors = if self.cfg.momentum > 0.0 { 2 } else { 1 };
         let m_side = self.gram.bytes() + 8 * self.last_c.len() as u64;
+        if let Some(s) = self.window.sparse() {
+            return s.bytes() as u64 + m_side;
+        }
+        let vectors = if self.cfg.momentum > 0.0 { 2 } else { 1 };
         self.window_bytes() as u64 + m_side + vectors * 8 * self.d as u64
     }
 }

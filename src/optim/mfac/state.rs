@@ -1,7 +1,6 @@
 //! M-FAC's state in a checkpoint: the window in its dtype, K and its inverse, the ring, the
 //! momentum; restored bit for bit.
 
-use super::window::HostWindow;
 use super::{MFac, MFacStep};
 use crate::error::{Error, Result};
 use crate::optim::state::{StateReader, StateWriter};
@@ -14,43 +13,48 @@ impl MFac {
     /// exactly the steps the uninterrupted one would.
     pub fn save_state(&self, path: &std::path::Path) -> Result<()> {
         let (m, d) = (self.cfg.num_grads, self.d);
-        self.window.with_host_state(|window, momentum| {
-        let mut w = StateWriter::default();
-        match window {
-            HostWindow::F32(v) => w.add("window", v, &[m, d]),
-            HostWindow::BF16(v) => w.add("window", v, &[m, d]),
-            HostWindow::F64(v) => w.add("window", v, &[m, d]),
-        }
-        // Full m×m matrices, as the solver's packed triangles unpacked (and B's pending change
-        // applied): the file format does not depend on how the solver stores them.
-        let (gram, gram_inverse) = (self.gram.gram(), self.gram.inverse());
-        w.add("gram", &gram, &[m, m]);
-        w.add("gram_inverse", &gram_inverse, &[m, m]);
-        w.add("coefficients", &self.last_c, &[]);
-        if let Some(v) = momentum {
-            w.add("momentum", v, &[]);
-        }
-        let last = self.last.map(|s| {
-            serde_json::json!({"slot": s.slot, "update_norm": s.update_norm, "cosine": s.cosine, "grad_norm": s.grad_norm})
-        });
-        w.write(
-            path,
-            &serde_json::json!({
-                "optimizer": "mfac",
-                "num_grads": m,
-                "num_params": d,
-                "window_dtype": format!("{:?}", self.cfg.window_dtype),
-                "damp": self.cfg.damp,
-                "momentum": self.cfg.momentum,
-                "ring": self.ring,
-                "filled": self.filled,
-                "steps": self.steps,
-                "since_refresh": self.gram.since_refresh(),
-                "refreshes": self.gram.refreshes(),
-                "last": last,
-            }),
-        )
+        let window = self.window_kind();
+        self.window.with_arrays(m, d, |w| {
+            let mut w: StateWriter<'_> = w;
+            // Full m×m matrices, as the solver's packed triangles unpacked (and B's pending
+            // change applied): the file format does not depend on how the solver stores them.
+            let (gram, gram_inverse) = (self.gram.gram(), self.gram.inverse());
+            w.add("gram", &gram, &[m, m]);
+            w.add("gram_inverse", &gram_inverse, &[m, m]);
+            w.add("coefficients", &self.last_c, &[]);
+            let last = self.last.map(|s| {
+                serde_json::json!({"slot": s.slot, "update_norm": s.update_norm, "cosine": s.cosine, "grad_norm": s.grad_norm})
+            });
+            w.write(
+                path,
+                &serde_json::json!({
+                    "optimizer": "mfac",
+                    "num_grads": m,
+                    "num_params": d,
+                    "window_dtype": format!("{:?}", self.cfg.window_dtype),
+                    "window": window,
+                    "damp": self.cfg.damp,
+                    "momentum": self.cfg.momentum,
+                    "ring": self.ring,
+                    "filled": self.filled,
+                    "steps": self.steps,
+                    "since_refresh": self.gram.since_refresh(),
+                    "refreshes": self.gram.refreshes(),
+                    "last": last,
+                }),
+            )
         })
+    }
+
+    /// The window's kind as a checkpoint records it: "dense", or the sparse window's kept
+    /// entries per row (a file without it is a dense one, written before the sparse window).
+    fn window_kind(&self) -> serde_json::Value {
+        match self.window.sparse() {
+            Some(s) => {
+                serde_json::json!({"sparse": {"kept": s.kept(), "block_size": self.cfg.block_size}})
+            }
+            None => serde_json::json!("dense"),
+        }
     }
 
     /// Restores a state written by [`MFac::save_state`] into an optimizer built with the same
@@ -59,19 +63,26 @@ impl MFac {
         let mut r = StateReader::open(path)?;
         let (m, d) = (self.cfg.num_grads, self.d);
         let kind: String = r.scalar("optimizer")?;
-        let mine = format!("{:?}", self.cfg.window_dtype);
+        let mine = (format!("{:?}", self.cfg.window_dtype), self.window_kind());
         let theirs = if kind == "mfac" {
             let (fm, fd): (usize, usize) = (r.scalar("num_grads")?, r.scalar("num_params")?);
             let fdt: String = r.scalar("window_dtype")?;
-            (fm, fd, fdt)
+            let window = r
+                .scalars
+                .get("window")
+                .cloned()
+                .unwrap_or_else(|| serde_json::json!("dense"));
+            (fm, fd, (fdt, window))
         } else {
-            (0, 0, String::new())
+            (0, 0, (String::new(), serde_json::Value::Null))
         };
         if theirs != (m, d, mine.clone()) {
-            let (fm, fd, fdt) = theirs;
+            let (fm, fd, (fdt, fw)) = theirs;
             return Err(Error::InvalidArgument(format!(
-                "{}: this checkpoint's optimizer ({kind}, num_grads {fm}, {fd} parameters, window {fdt}) does not match the run's (mfac, num_grads {m}, {d} parameters, window {mine}); resume with the same optimizer settings and model",
-                path.display()
+                "{}: this checkpoint's optimizer ({kind}, num_grads {fm}, {fd} parameters, window {fdt} {fw}) does not match the run's (mfac, num_grads {m}, {d} parameters, window {} {}); resume with the same optimizer settings and model",
+                path.display(),
+                mine.0,
+                mine.1
             )));
         }
         self.window.load(&mut r, &self.cfg, d, path)?;

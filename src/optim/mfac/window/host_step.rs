@@ -2,14 +2,14 @@
 //! vectors of the step (u = F⁻¹g, the momentum), its memory plan, the gradient's way in
 //! (checked, then written in place) and the update's way out (pass 2, momentum, w −= lr·dir).
 
-use candle_core::{CpuStorage, Layout, Tensor, Var};
+use candle_core::{Tensor, Var};
 
 use super::host::HostWindow;
-use super::Update;
+use super::{Descend, Update};
 use crate::error::{Error, Result};
 use crate::optim::host::with_cpu_slice;
 use crate::optim::mfac::MFacConfig;
-use crate::optim::util::{all_finite, available_memory, human, par_zip_mut, Elem};
+use crate::optim::util::{all_finite, available_memory, human, Elem};
 
 /// The window on the host and the vectors of a step.
 pub(crate) struct HostStep {
@@ -28,10 +28,8 @@ impl HostStep {
     pub fn new(cfg: &MFacConfig, offsets: Vec<usize>) -> Result<Self> {
         let (m, d) = (cfg.num_grads, *offsets.last().unwrap_or(&0));
         let window = cfg.window_bytes(d);
-        let vectors = if cfg.momentum > 0.0 { 2 } else { 1 };
-        let needed = window + 2 * (m as u128 * m as u128 * 8) + vectors * d as u128 * 8;
-        let fix =
-            "use fewer gradients (num_grads) or a bf16 window (window_dtype: bf16)".to_string();
+        let needed = cfg.host_bytes(d);
+        let fix = refusal_fix(cfg, d);
         if let Some(avail) = available_memory() {
             if needed > avail {
                 return Err(Error::OutOfMemory {
@@ -134,6 +132,7 @@ impl HostStep {
             j,
             beta,
             lr,
+            decay,
         } = a;
         let d = self.d;
         let (uu, ug) = self.window.combine(c, rows, d, scale, j, &mut self.u);
@@ -151,9 +150,10 @@ impl HostStep {
         };
         for (i, var) in vars.iter().enumerate() {
             let (a, b) = (self.offsets[i], self.offsets[i + 1]);
-            var.as_tensor().inplace_op1(&SubScaled {
+            var.as_tensor().inplace_op1(&Descend {
                 dir: &dir[a..b],
                 lr,
+                keep: 1.0 - decay,
             })?;
         }
         Ok((dd, dg))
@@ -180,42 +180,27 @@ impl HostStep {
     }
 }
 
+/// What to do when the dense window does not fit: fewer gradients, a bf16 window, or the sparse
+/// window at 1 % with the same num_grads, each with what it would need.
+pub(crate) fn refusal_fix(cfg: &MFacConfig, d: usize) -> String {
+    let bf16 = MFacConfig {
+        window_dtype: candle_core::DType::BF16,
+        ..*cfg
+    };
+    let sparse = MFacConfig {
+        momentum: 0.0,
+        ..cfg.with_density(0.01)
+    };
+    format!(
+        "use fewer gradients (num_grads), a bf16 window (window_dtype: bf16; {}) or the sparse window (density: 0.01; {} with the same num_grads)",
+        human(bf16.host_bytes(d)),
+        human(sparse.host_bytes(d))
+    )
+}
+
 /// Copies `s` into `out` as f64.
 fn to_f64_into<E: Elem>(s: &[E], out: &mut [f64]) {
     for (o, x) in out.iter_mut().zip(s) {
         *o = x.to_f64();
-    }
-}
-
-/// In place: w −= lr · dir.
-struct SubScaled<'a> {
-    dir: &'a [f64],
-    lr: f64,
-}
-
-impl candle_core::InplaceOp1 for SubScaled<'_> {
-    fn name(&self) -> &'static str {
-        "mfac-update"
-    }
-    fn cpu_fwd(&self, s: &mut CpuStorage, l: &Layout) -> candle_core::Result<()> {
-        if !l.is_contiguous() {
-            candle_core::bail!("mfac-update needs a contiguous parameter");
-        }
-        let (a, n, lr) = (l.start_offset(), self.dir.len(), self.lr);
-        fn sub<E: Elem>(w: &mut [E], dir: &[f64], lr: f64) {
-            par_zip_mut(w, dir, |w, dir| {
-                for (w, d) in w.iter_mut().zip(dir) {
-                    *w = E::from_f64(w.to_f64() - lr * d);
-                }
-            });
-        }
-        match s {
-            CpuStorage::F32(v) => sub(&mut v[a..a + n], self.dir, lr),
-            CpuStorage::F64(v) => sub(&mut v[a..a + n], self.dir, lr),
-            CpuStorage::BF16(v) => sub(&mut v[a..a + n], self.dir, lr),
-            CpuStorage::F16(v) => sub(&mut v[a..a + n], self.dir, lr),
-            _ => candle_core::bail!("mfac-update needs a float parameter"),
-        }
-        Ok(())
     }
 }

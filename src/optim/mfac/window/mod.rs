@@ -1,25 +1,31 @@
-//! Where M-FAC's window lives, chosen in one place ([`Window::new`]): on the host
-//! ([`HostStep`], the passes in host.rs) or on the parameters' CUDA device (device/, `cuda`
-//! feature). Both take the same gradient in and give the same K row out, take the same c in and
-//! apply the same update; the m×m side between them is shared (gram.rs). The `cfg(feature =
-//! "cuda")` arms of M-FAC are all in this file.
+//! Where M-FAC's window lives and what it holds, chosen in one place ([`Window::new`]): the
+//! dense window on the host ([`HostStep`], the passes in host.rs) or on the parameters' CUDA
+//! device (device/, `cuda` feature), or the sparse window (sparse/: top-k rows with error
+//! feedback, on the host). All take a gradient in and give K's row out, take c in and apply the
+//! update; the m×m side between them is shared (gram.rs). The `cfg(feature = "cuda")` arms of
+//! M-FAC are all in this file.
 
 pub(crate) mod device;
 pub(crate) mod host;
 mod host_step;
+pub(crate) mod sparse;
 
-use candle_core::{Tensor, Var};
+use candle_core::{CpuStorage, Layout, Tensor, Var};
 
 pub use device::StepProfile;
 pub(crate) use host::HostWindow;
 use host_step::HostStep;
+use sparse::SparseStep;
 
 use crate::error::{Error, Result};
 use crate::optim::mfac::MFacConfig;
-use crate::optim::state::StateReader;
+use crate::optim::state::{StateReader, StateWriter};
+use crate::optim::util::{par_zip_mut, Elem};
 
 /// The scalars of pass 2 and the update: c's first `rows` entries count, u = `scale`·Gᵀc, the
-/// gradient of this step is row `j`, momentum `beta`, learning rate `lr`.
+/// gradient of this step is row `j`, momentum `beta`, learning rate `lr`, and `decay` = lr·wd
+/// for decoupled weight decay (w ← (1 − decay)·w − lr·dir; the sparse window's; 0 for the
+/// dense one, whose decay is coupled into the gradient).
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Update {
     pub rows: usize,
@@ -27,12 +33,15 @@ pub(crate) struct Update {
     pub j: usize,
     pub beta: f64,
     pub lr: f64,
+    pub decay: f64,
 }
 
 /// M-FAC's window and the d-sized vectors of its step.
 pub(crate) enum Window {
     /// In host memory; u and the momentum too.
     Host(HostStep),
+    /// Sparse rows with error feedback, in host memory; u too.
+    Sparse(SparseStep),
     /// On a CUDA device, with u (F⁻¹g) copied back when recording is on.
     #[cfg(feature = "cuda")]
     Device {
@@ -45,10 +54,43 @@ impl Window {
     /// The window for these parameters: on the host when they all live on the CPU, else on
     /// their CUDA device (which needs the `cuda` feature).
     pub fn new(vars: &[Var], cfg: &MFacConfig, offsets: Vec<usize>) -> Result<Self> {
-        if vars.iter().all(|v| v.device().is_cpu()) {
+        let on_cpu = vars.iter().all(|v| v.device().is_cpu());
+        if cfg.is_sparse() {
+            if !on_cpu {
+                return Err(Error::InvalidArgument(
+                    "M-FAC's sparse window (density < 1 or block_size) runs on the CPU for now; its CUDA kernels are the next step. Keep the parameters on the CPU, or use the dense window (density: 1) on the GPU".into(),
+                ));
+            }
+            return Ok(Window::Sparse(SparseStep::new(cfg, offsets)?));
+        }
+        if on_cpu {
             return Ok(Window::Host(HostStep::new(cfg, offsets)?));
         }
         Self::new_on_device(vars, cfg)
+    }
+
+    /// The sparse window over these (CPU) parameters, whatever the density: density 1 keeps
+    /// every entry (the sparse code path computing dense M-FAC, for checks).
+    pub fn new_sparse(vars: &[Var], cfg: &MFacConfig, offsets: Vec<usize>) -> Result<Self> {
+        if !vars.iter().all(|v| v.device().is_cpu()) {
+            return Err(Error::InvalidArgument(
+                "M-FAC's sparse window runs on the CPU for now".into(),
+            ));
+        }
+        Ok(Window::Sparse(SparseStep::new(cfg, offsets)?))
+    }
+
+    /// Whether this is the sparse window (its weight decay is decoupled, not in the gradient).
+    pub fn is_sparse(&self) -> bool {
+        matches!(self, Window::Sparse(_))
+    }
+
+    /// The sparse window, when it is one.
+    pub fn sparse(&self) -> Option<&SparseStep> {
+        match self {
+            Window::Sparse(s) => Some(s),
+            _ => None,
+        }
     }
 
     #[cfg(not(feature = "cuda"))]
@@ -98,6 +140,10 @@ impl Window {
     ) -> Result<()> {
         match self {
             Window::Host(h) => h.write(j, vars, names, gs, wd),
+            Window::Sparse(s) => {
+                debug_assert_eq!(wd, 0.0, "the sparse window's weight decay is decoupled");
+                s.write(j, names, gs)
+            }
             #[cfg(feature = "cuda")]
             Window::Device { window, .. } => {
                 // The gather (and its non-finite check, read back before anything is
@@ -134,6 +180,7 @@ impl Window {
     pub fn gram_row(&mut self, j: usize, rows: usize) -> Result<Vec<f64>> {
         match self {
             Window::Host(h) => Ok(h.gram_row(j, rows)),
+            Window::Sparse(s) => Ok(s.gram_row(j, rows)),
             #[cfg(feature = "cuda")]
             Window::Device { window, .. } => window.gram_row(j, rows),
         }
@@ -144,6 +191,7 @@ impl Window {
     pub fn update(&mut self, c: &[f64], a: Update, vars: &[Var]) -> Result<(f64, f64)> {
         match self {
             Window::Host(h) => h.update(c, a, vars),
+            Window::Sparse(s) => s.update(c, a, vars),
             #[cfg(feature = "cuda")]
             Window::Device { window, u } => {
                 let sums = window.update(&c[..a.rows], a.scale, a.beta, a.lr)?;
@@ -177,6 +225,7 @@ impl Window {
     pub fn preconditioned(&self) -> &[f64] {
         match self {
             Window::Host(h) => h.preconditioned(),
+            Window::Sparse(s) => s.preconditioned(),
             #[cfg(feature = "cuda")]
             Window::Device { u, .. } => u,
         }
@@ -198,7 +247,7 @@ impl Window {
 
     /// Whether the window lives on a CUDA device.
     pub fn on_device(&self) -> bool {
-        !matches!(self, Window::Host(_))
+        !matches!(self, Window::Host(_) | Window::Sparse(_))
     }
 
     /// Times the parts of every step (device window; CUDA events).
@@ -213,7 +262,7 @@ impl Window {
     /// The parts of the last step, when profiling a device window.
     pub fn last_profile(&self) -> Option<StepProfile> {
         match self {
-            Window::Host(_) => None,
+            Window::Host(_) | Window::Sparse(_) => None,
             #[cfg(feature = "cuda")]
             Window::Device { window, .. } => window.last_profile(),
         }
@@ -223,7 +272,7 @@ impl Window {
     pub fn read_ms(&self, reps: usize) -> Result<Option<f64>> {
         let _ = reps;
         match self {
-            Window::Host(_) => Ok(None),
+            Window::Host(_) | Window::Sparse(_) => Ok(None),
             #[cfg(feature = "cuda")]
             Window::Device { window, .. } => window.read_ms(reps.max(1)).map(Some),
         }
@@ -233,26 +282,53 @@ impl Window {
     pub fn row(&self, slot: usize) -> Result<Vec<f64>> {
         match self {
             Window::Host(h) => Ok(h.row(slot)),
+            Window::Sparse(s) => Ok(s.row(slot)),
             #[cfg(feature = "cuda")]
             Window::Device { window, .. } => window.row(slot),
         }
     }
 
-    /// Calls `f` with the window (m × d, in its dtype) and the momentum buffer, in host
-    /// memory: borrowed from a host window, copied from a device one.
-    pub fn with_host_state<R>(
+    /// Calls `f` with a checkpoint writer holding the window's arrays (the dense window m × d
+    /// in its dtype and the momentum buffer, borrowed from a host window, copied from a device
+    /// one; the sparse window's rows and error accumulator).
+    pub fn with_arrays<R>(
         &self,
-        f: impl FnOnce(&HostWindow, Option<&[f64]>) -> Result<R>,
+        m: usize,
+        d: usize,
+        f: impl FnOnce(StateWriter<'_>) -> Result<R>,
     ) -> Result<R> {
+        fn dense<'a>(
+            w: &mut StateWriter<'a>,
+            window: &'a HostWindow,
+            momentum: Option<&'a [f64]>,
+            m: usize,
+            d: usize,
+        ) {
+            match window {
+                HostWindow::F32(v) => w.add("window", v, &[m, d]),
+                HostWindow::BF16(v) => w.add("window", v, &[m, d]),
+                HostWindow::F64(v) => w.add("window", v, &[m, d]),
+            }
+            if let Some(v) = momentum {
+                w.add("momentum", v, &[]);
+            }
+        }
+        let mut w = StateWriter::default();
         match self {
             Window::Host(h) => {
-                let (w, v) = h.state();
-                f(w, v)
+                let (window, v) = h.state();
+                dense(&mut w, window, v, m, d);
+                f(w)
+            }
+            Window::Sparse(s) => {
+                s.save(&mut w, m);
+                f(w)
             }
             #[cfg(feature = "cuda")]
             Window::Device { window, .. } => {
-                let (w, v) = (window.to_host()?, window.momentum_to_host()?);
-                f(&w, v.as_deref())
+                let (host, v) = (window.to_host()?, window.momentum_to_host()?);
+                dense(&mut w, &host, v.as_deref(), m, d);
+                f(w)
             }
         }
     }
@@ -277,6 +353,7 @@ impl Window {
             return Err(mismatch());
         }
         match self {
+            Window::Sparse(s) => s.load(r, path),
             Window::Host(h) => {
                 let _ = d;
                 let (w, v) = h.state_mut();
@@ -313,5 +390,46 @@ fn read_window(r: &mut StateReader, w: &mut HostWindow) -> Result<()> {
         HostWindow::F32(v) => r.read_into("window", v),
         HostWindow::BF16(v) => r.read_into("window", v),
         HostWindow::F64(v) => r.read_into("window", v),
+    }
+}
+
+/// In place: w ← keep·w − lr·dir (keep = 1 − lr·wd for decoupled weight decay, else exactly 1,
+/// which leaves w's bits as w − lr·dir alone would).
+pub(crate) struct Descend<'a> {
+    pub dir: &'a [f64],
+    pub lr: f64,
+    pub keep: f64,
+}
+
+impl candle_core::InplaceOp1 for Descend<'_> {
+    fn name(&self) -> &'static str {
+        "mfac-update"
+    }
+    fn cpu_fwd(&self, s: &mut CpuStorage, l: &Layout) -> candle_core::Result<()> {
+        if !l.is_contiguous() {
+            candle_core::bail!("mfac-update needs a contiguous parameter");
+        }
+        let (a, n, lr, keep) = (l.start_offset(), self.dir.len(), self.lr, self.keep);
+        fn sub<E: Elem>(w: &mut [E], dir: &[f64], lr: f64, keep: f64) {
+            par_zip_mut(w, dir, |w, dir| {
+                if keep == 1.0 {
+                    for (w, d) in w.iter_mut().zip(dir) {
+                        *w = E::from_f64(w.to_f64() - lr * d);
+                    }
+                } else {
+                    for (w, d) in w.iter_mut().zip(dir) {
+                        *w = E::from_f64(keep * w.to_f64() - lr * d);
+                    }
+                }
+            });
+        }
+        match s {
+            CpuStorage::F32(v) => sub(&mut v[a..a + n], self.dir, lr, keep),
+            CpuStorage::F64(v) => sub(&mut v[a..a + n], self.dir, lr, keep),
+            CpuStorage::BF16(v) => sub(&mut v[a..a + n], self.dir, lr, keep),
+            CpuStorage::F16(v) => sub(&mut v[a..a + n], self.dir, lr, keep),
+            _ => candle_core::bail!("mfac-update needs a float parameter"),
+        }
+        Ok(())
     }
 }

@@ -1,5 +1,6 @@
 //! Build script: with the `cuda` feature, compiles M-FAC's device kernels
-//! (src/optim/mfac/window/device/kernels/mfac.cu) with nvcc into one fatbin — sm_90a machine code for the
+//! (src/optim/mfac/window/device/kernels/mfac.cu, and sparse.cu for the sparse window) with nvcc,
+//! each into one fatbin — sm_90a machine code for the
 //! H100/H200 (nothing is JIT-compiled at the first step) plus compute_90 PTX for later GPUs —
 //! which src/optim/mfac/window/device/cuda.rs embeds; and bakes the GPU machine's library folders into the
 //! binaries' run path (../shared/docs/gpu.md). Without the feature it does nothing.
@@ -8,6 +9,9 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 const KERNELS: &str = "src/optim/mfac/window/device/kernels/mfac.cu";
+const SPARSE_KERNELS: &str = "src/optim/mfac/window/device/kernels/sparse.cu";
+/// Included by both M-FAC kernel files.
+const KERNEL_HEADER: &str = "src/optim/mfac/window/device/kernels/common.cuh";
 const PASS_KERNELS: &str = "src/model/engine/cuda/kernels/pass.cu";
 
 /// Where the GPU machine keeps libcuda, libcublas, libcurand and libcudart (gpu.md).
@@ -37,7 +41,10 @@ fn main() {
         .unwrap_or_else(|| PathBuf::from("nvcc"));
     let out = PathBuf::from(std::env::var_os("OUT_DIR").expect("cargo sets OUT_DIR"));
     // M-FAC's window (src/optim/mfac/window/device/cuda.rs) and the CUDA pass (src/model/engine/cuda).
+    println!("cargo:rerun-if-changed={KERNEL_HEADER}");
     compile_fatbin(&nvcc, &out, KERNELS, "mfac");
+    // Sparse M-FAC's window (src/optim/mfac/window/device/sparse_cuda.rs).
+    compile_fatbin(&nvcc, &out, SPARSE_KERNELS, "sparse");
     compile_fatbin(&nvcc, &out, PASS_KERNELS, "pass");
     for dir in RPATHS {
         println!("cargo:rustc-link-arg=-Wl,-rpath,{dir}");

@@ -11,6 +11,8 @@
 //! gpu_check copy [--gib 4]                 device-to-device copy rate
 //! gpu_check mfac --m 1024 --dtype f32      M-FAC step: ms, parts, floor (two reads), ratio
 //! gpu_check train [--m 1024]               bert-tiny B32 S128 AdamW and M-FAC steps, projection
+//! gpu_check sparse --sparse DIR [--m 1024] the sparse window: golden cases a, d, e on the device,
+//!                                          device = host at bert-tiny's size, step vs floor
 //! gpu_check table --json FILE              the short table of every result in FILE
 //! ```
 //! Every stage appends one JSON object per result to `--json FILE` (default results.jsonl).
@@ -29,6 +31,7 @@ use mfac_lab::optim::{AdamWConfig, MFac, MFacConfig, OptimizerSpec};
 use mfac_lab::train::{latest_checkpoint, scalar, Stepper, TrainConfig, Trainer};
 
 mod gpu_common;
+mod gpu_sparse;
 use gpu_common::{cuda, median, rel, Args, Out};
 
 fn st_metadata(path: &Path) -> Result<HashMap<String, String>> {
@@ -941,9 +944,10 @@ fn main() -> Result<()> {
         "copy" => copy_rate(&args, &mut out)?,
         "mfac" => mfac_bench(&args, &mut out)?,
         "train" => train_bench(&args, &mut out)?,
+        "sparse" => gpu_sparse::sparse_stage(&args, &mut out)?,
         "table" => return table(&args),
         other => {
-            bail!("unknown stage {other}: golden, replay, bf16, e2e, copy, mfac, train, table")
+            bail!("unknown stage {other}: golden, sparse, replay, bf16, e2e, copy, mfac, train, table")
         }
     }
     println!(

@@ -11,6 +11,8 @@
 #
 # Stages, most telling first (a stage that finds no time left is reported as skipped):
 #   golden (fixtures/mfac, f32/f64/bf16 device windows, device vs CPU, non-finite),
+#   sparse (the sparse window: golden cases a, d, e on f64/f32 device windows, device = host on a
+#   bert-tiny-sized window, the step at m = 1024, 1 %, f32 and bf16, with its floor),
 #   pass-parity (CUDA pass vs CPU pass), replay (an M-FAC trajectory on the device), e2e
 #   (Trainer + checkpoint/resume + compare_optimizers on CUDA), mfac-f32 (step at m = 1024, the
 #   floor measured in the same run), pass-bench (step ms, the 5-epoch projection), train,
@@ -76,6 +78,7 @@ local pass=${GPU_CHECK_PASS:-1}
 # shellcheck source=scripts/gpu-check-pass.sh
 [ "$pass" = 1 ] && source scripts/gpu-check-pass.sh
 stage golden 60 "$G" golden --mfac "$F/mfac" --json "$JSON"
+stage sparse 75 "$G" sparse --sparse "$F/sparse-mfac" --m 1024 --steps 30 --json "$JSON"
 [ "$pass" = 1 ] && pass_parity
 stage replay 40 "$G" replay --traj "$F/trajectories/case5_micro_mfac_mom_wd.safetensors" \
   --model "$F/bert-micro-random" --json "$JSON"

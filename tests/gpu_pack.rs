@@ -126,6 +126,7 @@ fn every_stage_of_the_gpu_check_reaches_its_own_binary() {
     let calls: Vec<&str> = calls.lines().collect();
     let want = [
         "gpu_check golden",
+        "gpu_check sparse",
         "gpu_pass_check parity",
         "gpu_check replay",
         "gpu_check e2e",

@@ -3,10 +3,14 @@
 use std::path::PathBuf;
 
 /// The kernel files, relative to this crate.
-const KERNELS: [&str; 2] = [
+const KERNELS: [&str; 3] = [
     "../../src/optim/mfac/window/device/kernels/mfac.cu",
+    "../../src/optim/mfac/window/device/kernels/sparse.cu",
     "../../src/model/engine/cuda/kernels/pass.cu",
 ];
+
+/// Headers the kernel files include (a change recompiles them).
+const HEADERS: [&str; 1] = ["../../src/optim/mfac/window/device/kernels/common.cuh"];
 
 fn main() {
     let here = PathBuf::from(std::env::var_os("CARGO_MANIFEST_DIR").expect("cargo sets it"));
@@ -37,6 +41,9 @@ fn main() {
         .flag("-ffp-contract=off")
         .file(here.join("src/emu.cpp"))
         .file(here.join("src/selftest.cu"));
+    for h in HEADERS {
+        println!("cargo:rerun-if-changed={}", here.join(h).display());
+    }
     for k in KERNELS {
         let path = here.join(k);
         println!("cargo:rerun-if-changed={}", path.display());

@@ -1,6 +1,6 @@
 //! Test-only: runs mfac-lab's CUDA C kernels on the CPU.
 //!
-//! build.rs compiles `src/optim/mfac/window/device/kernels/mfac.cu` and
+//! build.rs compiles `src/optim/mfac/window/device/kernels/mfac.cu`, `…/kernels/sparse.cu` and
 //! `src/model/engine/cuda/kernels/pass.cu` — the files nvcc compiles, unchanged — as C++ with
 //! `include/emu.h` force-included. Every CUDA thread is a fiber; a block's fibers run on the
 //! calling OS thread and switch only at yield points (`__syncthreads`, `__syncwarp`, warp
@@ -155,6 +155,59 @@ pub mod mfac {
     extern "C" {
         pub fn mfac_reduce_rows(partial: *const f64, blocks: i32, rows: i32, out: *mut f64);
         pub fn mfac_read_floor(p: *const [u32; 4], n16: i64, out: *mut u32);
+    }
+}
+
+/// sparse.cu's entry points (`extern "C"`, pointers are host pointers). bf16 is `u16` bits;
+/// the accumulator is f32 or f64, the window's values f32, bf16 or f64.
+#[allow(missing_docs)]
+pub mod sparse {
+    macro_rules! accumulates {
+        ($($name:ident: $p:ty => $a:ty;)*) => { extern "C" { $(
+            pub fn $name(table: *const u64, n: i32, d: i64, e: *const $a, acc: *mut $a, flag: *mut i32);
+        )* } };
+    }
+    accumulates! {
+        spm_accumulate_f32_f32: f32 => f32; spm_accumulate_f64_f32: f64 => f32;
+        spm_accumulate_bf16_f32: u16 => f32; spm_accumulate_f32_f64: f32 => f64;
+        spm_accumulate_f64_f64: f64 => f64; spm_accumulate_bf16_f64: u16 => f64;
+    }
+    macro_rules! selects {
+        ($($hist:ident, $count:ident: $a:ty;)*) => { extern "C" { $(
+            pub fn $hist(acc: *const $a, n: i64, shift: i32, prefix: u64, below: i32, bits: i32, out: *mut u32);
+            pub fn $count(acc: *const $a, n: i64, lo: u64, hi: u64, counts: *mut u32);
+        )* } };
+    }
+    selects! { spm_hist_f32, spm_count_f32: f32; spm_hist_f64, spm_count_f64: f64; }
+    macro_rules! compacts {
+        ($($name:ident: $a:ty => $t:ty;)*) => { extern "C" { $(
+            pub fn $name(acc: *mut $a, n: i64, lo: u64, hi: u64, offsets: *const u32, idx: *mut u32, val: *mut $t);
+        )* } };
+    }
+    compacts! {
+        spm_compact_f32_f32: f32 => f32; spm_compact_f32_bf16: f32 => u16; spm_compact_f64_f64: f64 => f64;
+    }
+    macro_rules! rows {
+        ($($scatter:ident, $gram:ident, $combine:ident, $row_dot:ident: $t:ty;)*) => { extern "C" { $(
+            pub fn $scatter(idx: *const u32, val: *const $t, k: i64, buf: *mut $t, clear: i32);
+            pub fn $gram(idx: *const u32, val: *const $t, k: i64, buf: *const $t, out: *mut f64);
+            pub fn $combine(idx: *const u32, val: *const $t, k: i64, c: *const f64, per_row: i32, u: *mut f64);
+            pub fn $row_dot(idx: *const u32, val: *const $t, k: i64, u: *const f64, out: *mut f64);
+        )* } };
+    }
+    rows! {
+        spm_scatter_f32, spm_gram_f32, spm_combine_f32, spm_row_dot_f32: f32;
+        spm_scatter_bf16, spm_gram_bf16, spm_combine_bf16, spm_row_dot_bf16: u16;
+        spm_scatter_f64, spm_gram_f64, spm_combine_f64, spm_row_dot_f64: f64;
+    }
+    macro_rules! updates {
+        ($($name:ident;)*) => { extern "C" { $(
+            pub fn $name(u: *mut f64, scale: f64, d: i64, table: *const u64, n: i32, lr: f64, keep: f64, sums: *mut f64);
+        )* } };
+    }
+    updates! { spm_update_f32; spm_update_f64; spm_update_bf16; }
+    extern "C" {
+        pub fn spm_scan(counts: *const u32, blocks: i32, need: u32, offsets: *mut u32);
     }
 }
 

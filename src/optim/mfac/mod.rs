@@ -370,8 +370,8 @@ impl MFac {
     /// Bytes held by the window (m × d elements; a device window pads its rows by < 512; the
     /// sparse window's m rows of kept entries).
     pub fn window_bytes(&self) -> u128 {
-        match self.window.sparse() {
-            Some(s) => s.window_bytes(),
+        match self.window.sparse_sizes() {
+            Some((_, rows, _)) => rows,
             None => self.cfg.window_bytes(self.d),
         }
     }
@@ -383,16 +383,16 @@ impl MFac {
 
     /// Entries each window row keeps: d for the dense window, k for the sparse one.
     pub fn kept_per_row(&self) -> usize {
-        self.window.sparse().map_or(self.d, |s| s.kept())
+        self.window.sparse_sizes().map_or(self.d, |s| s.0)
     }
 
     /// The sparse window's row `slot`: its kept columns (ascending, in the vars' flattened
     /// order) and values (as stored, as f64). `None` for the dense window or a slot ≥ num_grads.
     pub fn kept_entries(&self, slot: usize) -> Option<(Vec<u32>, Vec<f64>)> {
-        match self.window.sparse() {
-            Some(s) if slot < self.cfg.num_grads => Some(s.kept_entries(slot)),
-            _ => None,
+        if slot >= self.cfg.num_grads {
+            return None;
         }
+        self.window.sparse_kept(slot)
     }
 
     /// Where the sparse window's last step spent its time (accumulator, selection, row write,
@@ -405,7 +405,7 @@ impl MFac {
     /// The sparse window's error-feedback accumulator e (what the rows have not taken yet),
     /// flattened in the vars' order, as f64. `None` for the dense window.
     pub fn error_feedback(&self) -> Option<Vec<f64>> {
-        self.window.sparse().map(|s| s.error())
+        self.window.sparse_error()
     }
 }
 
@@ -436,8 +436,8 @@ impl Optim for MFac {
     /// The sparse window: its rows, the error accumulator, u and the same m×m side.
     fn state_bytes(&self) -> u64 {
         let m_side = self.gram.bytes() + 8 * self.last_c.len() as u64;
-        if let Some(s) = self.window.sparse() {
-            return s.bytes() as u64 + m_side;
+        if let Some((_, _, state)) = self.window.sparse_sizes() {
+            return state as u64 + m_side;
         }
         let vectors = if self.cfg.momentum > 0.0 { 2 } else { 1 };
         self.window_bytes() as u64 + m_side + vectors * 8 * self.d as u64

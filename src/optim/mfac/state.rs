@@ -49,9 +49,9 @@ impl MFac {
     /// The window's kind as a checkpoint records it: "dense", or the sparse window's kept
     /// entries per row (a file without it is a dense one, written before the sparse window).
     fn window_kind(&self) -> serde_json::Value {
-        match self.window.sparse() {
-            Some(s) => {
-                serde_json::json!({"sparse": {"kept": s.kept(), "block_size": self.cfg.block_size}})
+        match self.window.sparse_sizes() {
+            Some((kept, _, _)) => {
+                serde_json::json!({"sparse": {"kept": kept, "block_size": self.cfg.block_size}})
             }
             None => serde_json::json!("dense"),
         }

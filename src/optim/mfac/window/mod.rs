@@ -42,6 +42,14 @@ pub(crate) enum Window {
     Host(HostStep),
     /// Sparse rows with error feedback, in host memory; u too.
     Sparse(SparseStep),
+    /// Sparse rows with error feedback on a CUDA device, with u copied back when recording is
+    /// on.
+    #[cfg(feature = "cuda")]
+    DeviceSparse {
+        window: Box<device::DeviceSparseWindow>,
+        u: Vec<f64>,
+        record: bool,
+    },
     /// On a CUDA device, with u (F⁻¹g) copied back when recording is on.
     #[cfg(feature = "cuda")]
     Device {
@@ -57,9 +65,7 @@ impl Window {
         let on_cpu = vars.iter().all(|v| v.device().is_cpu());
         if cfg.is_sparse() {
             if !on_cpu {
-                return Err(Error::InvalidArgument(
-                    "M-FAC's sparse window (density < 1 or block_size) runs on the CPU for now; its CUDA kernels are the next step. Keep the parameters on the CPU, or use the dense window (density: 1) on the GPU".into(),
-                ));
+                return Self::new_sparse_on_device(vars, cfg);
             }
             return Ok(Window::Sparse(SparseStep::new(cfg, offsets)?));
         }
@@ -80,9 +86,51 @@ impl Window {
         Ok(Window::Sparse(SparseStep::new(cfg, offsets)?))
     }
 
-    /// Whether this is the sparse window (its weight decay is decoupled, not in the gradient).
+    /// Whether this is a sparse window (its weight decay is decoupled, not in the gradient).
     pub fn is_sparse(&self) -> bool {
-        matches!(self, Window::Sparse(_))
+        match self {
+            Window::Sparse(_) => true,
+            #[cfg(feature = "cuda")]
+            Window::DeviceSparse { .. } => true,
+            _ => false,
+        }
+    }
+
+    /// A sparse window's entries kept per row, rows' bytes and state's bytes.
+    pub fn sparse_sizes(&self) -> Option<(usize, u128, u128)> {
+        match self {
+            Window::Sparse(s) => Some((s.kept(), s.window_bytes(), s.bytes())),
+            #[cfg(feature = "cuda")]
+            Window::DeviceSparse { window, .. } => {
+                let (rows, all) = window.bytes();
+                Some((window.kept(), rows, all))
+            }
+            _ => None,
+        }
+    }
+
+    /// A sparse window's row `slot`: kept columns (ascending) and values. `None` for a dense
+    /// window, or when a device copy fails.
+    pub fn sparse_kept(&self, slot: usize) -> Option<(Vec<u32>, Vec<f64>)> {
+        match self {
+            Window::Sparse(s) => Some(s.kept_entries(slot)),
+            #[cfg(feature = "cuda")]
+            Window::DeviceSparse { window, .. } => {
+                let (rows, _) = window.to_host().ok()?;
+                Some((rows.columns(slot), rows.values(slot)))
+            }
+            _ => None,
+        }
+    }
+
+    /// A sparse window's error accumulator, as f64.
+    pub fn sparse_error(&self) -> Option<Vec<f64>> {
+        match self {
+            Window::Sparse(s) => Some(s.error()),
+            #[cfg(feature = "cuda")]
+            Window::DeviceSparse { window, .. } => Some(window.to_host().ok()?.1.to_f64()),
+            _ => None,
+        }
     }
 
     /// The sparse window, when it is one.
@@ -104,6 +152,26 @@ impl Window {
         Err(Error::InvalidArgument(format!(
             "M-FAC's window on {on:?} needs mfac-lab built with the `cuda` feature (cargo build --release --features cuda); keep the parameters on the CPU otherwise"
         )))
+    }
+
+    #[cfg(not(feature = "cuda"))]
+    fn new_sparse_on_device(vars: &[Var], cfg: &MFacConfig) -> Result<Self> {
+        Self::new_on_device(vars, cfg)
+    }
+
+    /// The sparse window on the parameters' CUDA device (the global top-k; sparse.cu).
+    #[cfg(feature = "cuda")]
+    fn new_sparse_on_device(vars: &[Var], cfg: &MFacConfig) -> Result<Self> {
+        let Some(dev) = device::DeviceWindow::device_of(vars)? else {
+            return Err(Error::InvalidArgument(
+                "M-FAC's parameters must all live on one device".into(),
+            ));
+        };
+        Ok(Window::DeviceSparse {
+            window: Box::new(device::DeviceSparseWindow::new(&dev, vars, cfg)?),
+            u: Vec::new(),
+            record: false,
+        })
     }
 
     /// The window on the parameters' CUDA device: same state and steps, the passes there.
@@ -145,26 +213,21 @@ impl Window {
                 s.write(j, names, gs)
             }
             #[cfg(feature = "cuda")]
+            Window::DeviceSparse { window, .. } => {
+                let on = on_param_device(vars, names, gs)?;
+                match window.write(j, vars, names, &on)? {
+                    Some(bad) => Err(Error::NonFiniteGradient {
+                        index: bad,
+                        param: names[bad].clone(),
+                    }),
+                    None => Ok(()),
+                }
+            }
+            #[cfg(feature = "cuda")]
             Window::Device { window, .. } => {
                 // The gather (and its non-finite check, read back before anything is
                 // written) takes gradients on the parameters' device, in their dtype.
-                let pdt = vars[0].dtype();
-                let mut on: Vec<Option<Tensor>> = Vec::with_capacity(gs.len());
-                for (i, (var, g)) in vars.iter().zip(gs).enumerate() {
-                    on.push(match g {
-                        Some(g) if !g.device().same_device(var.device()) => {
-                            return Err(Error::InvalidArgument(format!(
-                                "the gradient of {} is on {:?}, its parameter on {:?}",
-                                names[i],
-                                g.device(),
-                                var.device()
-                            )))
-                        }
-                        Some(g) if g.dtype() != pdt => Some(g.to_dtype(pdt)?.contiguous()?),
-                        Some(g) => Some(g.clone()),
-                        None => None,
-                    });
-                }
+                let on = on_param_device(vars, names, gs)?;
                 match window.gather(vars, names, &on, wd)? {
                     Some(bad) => Err(Error::NonFiniteGradient {
                         index: bad,
@@ -182,6 +245,8 @@ impl Window {
             Window::Host(h) => Ok(h.gram_row(j, rows)),
             Window::Sparse(s) => Ok(s.gram_row(j, rows)),
             #[cfg(feature = "cuda")]
+            Window::DeviceSparse { window, .. } => window.gram_row(j, rows),
+            #[cfg(feature = "cuda")]
             Window::Device { window, .. } => window.gram_row(j, rows),
         }
     }
@@ -192,6 +257,14 @@ impl Window {
         match self {
             Window::Host(h) => h.update(c, a, vars),
             Window::Sparse(s) => s.update(c, a, vars),
+            #[cfg(feature = "cuda")]
+            Window::DeviceSparse { window, u, record } => {
+                let sums = window.update(&c[..a.rows], a.scale, a.j, a.lr, a.decay)?;
+                if *record {
+                    *u = window.u_to_host()?;
+                }
+                Ok(sums)
+            }
             #[cfg(feature = "cuda")]
             Window::Device { window, u } => {
                 let sums = window.update(&c[..a.rows], a.scale, a.beta, a.lr)?;
@@ -227,6 +300,8 @@ impl Window {
             Window::Host(h) => h.preconditioned(),
             Window::Sparse(s) => s.preconditioned(),
             #[cfg(feature = "cuda")]
+            Window::DeviceSparse { u, .. } => u,
+            #[cfg(feature = "cuda")]
             Window::Device { u, .. } => u,
         }
     }
@@ -237,6 +312,13 @@ impl Window {
         #[cfg(feature = "cuda")]
         if let Window::Device { window, u } = self {
             window.record_u(on)?;
+            if !on {
+                *u = Vec::new();
+            }
+        }
+        #[cfg(feature = "cuda")]
+        if let Window::DeviceSparse { u, record, .. } = self {
+            *record = on;
             if !on {
                 *u = Vec::new();
             }
@@ -264,6 +346,8 @@ impl Window {
         match self {
             Window::Host(_) | Window::Sparse(_) => None,
             #[cfg(feature = "cuda")]
+            Window::DeviceSparse { .. } => None,
+            #[cfg(feature = "cuda")]
             Window::Device { window, .. } => window.last_profile(),
         }
     }
@@ -274,6 +358,8 @@ impl Window {
         match self {
             Window::Host(_) | Window::Sparse(_) => Ok(None),
             #[cfg(feature = "cuda")]
+            Window::DeviceSparse { .. } => Ok(None),
+            #[cfg(feature = "cuda")]
             Window::Device { window, .. } => window.read_ms(reps.max(1)).map(Some),
         }
     }
@@ -283,6 +369,8 @@ impl Window {
         match self {
             Window::Host(h) => Ok(h.row(slot)),
             Window::Sparse(s) => Ok(s.row(slot)),
+            #[cfg(feature = "cuda")]
+            Window::DeviceSparse { window, .. } => Ok(window.to_host()?.0.dense_row(slot)),
             #[cfg(feature = "cuda")]
             Window::Device { window, .. } => window.row(slot),
         }
@@ -325,6 +413,12 @@ impl Window {
                 f(w)
             }
             #[cfg(feature = "cuda")]
+            Window::DeviceSparse { window, .. } => {
+                let (rows, e) = window.to_host()?;
+                sparse::save_parts(&mut w, &rows, &e, m);
+                f(w)
+            }
+            #[cfg(feature = "cuda")]
             Window::Device { window, .. } => {
                 let (host, v) = (window.to_host()?, window.momentum_to_host()?);
                 dense(&mut w, &host, v.as_deref(), m, d);
@@ -354,6 +448,12 @@ impl Window {
         }
         match self {
             Window::Sparse(s) => s.load(r, path),
+            #[cfg(feature = "cuda")]
+            Window::DeviceSparse { window, .. } => {
+                let (mut rows, mut e) = window.host_shape()?;
+                sparse::load_parts(r, &mut rows, &mut e, path)?;
+                window.load_host(&rows, &e)
+            }
             Window::Host(h) => {
                 let _ = d;
                 let (w, v) = h.state_mut();
@@ -383,6 +483,34 @@ impl Window {
             }
         }
     }
+}
+
+/// The gradients on their parameters' device, in the parameters' dtype (the device kernels
+/// read them through raw pointers): a gradient elsewhere is an error naming it.
+#[cfg(feature = "cuda")]
+fn on_param_device(
+    vars: &[Var],
+    names: &[String],
+    gs: &[Option<Tensor>],
+) -> Result<Vec<Option<Tensor>>> {
+    let pdt = vars[0].dtype();
+    let mut on: Vec<Option<Tensor>> = Vec::with_capacity(gs.len());
+    for (i, (var, g)) in vars.iter().zip(gs).enumerate() {
+        on.push(match g {
+            Some(g) if !g.device().same_device(var.device()) => {
+                return Err(Error::InvalidArgument(format!(
+                    "the gradient of {} is on {:?}, its parameter on {:?}",
+                    names[i],
+                    g.device(),
+                    var.device()
+                )))
+            }
+            Some(g) if g.dtype() != pdt => Some(g.to_dtype(pdt)?.contiguous()?),
+            Some(g) => Some(g.clone()),
+            None => None,
+        });
+    }
+    Ok(on)
 }
 
 fn read_window(r: &mut StateReader, w: &mut HostWindow) -> Result<()> {

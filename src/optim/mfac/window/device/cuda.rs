@@ -25,14 +25,14 @@ use crate::optim::mfac::window::HostWindow;
 /// The kernels: sm_90a machine code (no JIT at the first step on an H100/H200) + compute_90 PTX.
 static FATBIN: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/mfac.fatbin"));
 
-fn cuda_err(op: &str) -> impl Fn(DriverError) -> Error + '_ {
+pub(super) fn cuda_err(op: &str) -> impl Fn(DriverError) -> Error + '_ {
     move |e| Error::Cuda {
         op: op.to_string(),
         message: format!("{e:?}"),
     }
 }
 
-fn dtype_name(dtype: DType) -> Result<&'static str> {
+pub(super) fn dtype_name(dtype: DType) -> Result<&'static str> {
     match dtype {
         DType::F32 => Ok("f32"),
         DType::F64 => Ok("f64"),
@@ -44,7 +44,7 @@ fn dtype_name(dtype: DType) -> Result<&'static str> {
 }
 
 /// The raw device address of a contiguous CUDA tensor's first element.
-fn tensor_ptr(t: &Tensor, stream: &Arc<CudaStream>, what: &str) -> Result<u64> {
+pub(super) fn tensor_ptr(t: &Tensor, stream: &Arc<CudaStream>, what: &str) -> Result<u64> {
     let (storage, layout) = t.storage_and_layout();
     let Storage::Cuda(cs) = &*storage else {
         return Err(Error::InvalidArgument(format!(
@@ -70,8 +70,78 @@ fn tensor_ptr(t: &Tensor, stream: &Arc<CudaStream>, what: &str) -> Result<u64> {
     Ok(base + off * size)
 }
 
-fn ptr<T>(s: &CudaSlice<T>, stream: &Arc<CudaStream>) -> u64 {
+pub(super) fn ptr<T>(s: &CudaSlice<T>, stream: &Arc<CudaStream>) -> u64 {
     s.device_ptr(stream).0
+}
+
+/// The checks every M-FAC device window makes first, on `dev` for `vars`: no CUDA error left by
+/// an earlier operation (it would otherwise surface under the name of our first call), compute
+/// capability ≥ 9.0 (our fatbins), one parameter dtype. Returns the device's stream and that
+/// dtype.
+pub(super) fn open(dev: &CudaDevice, vars: &[Var], what: &str) -> Result<(Arc<CudaStream>, DType)> {
+    let stream = dev.cuda_stream();
+    let ctx = stream.context().clone();
+    ctx.check_err().map_err(cuda_err(&format!(
+        "an earlier CUDA operation (before {what})"
+    )))?;
+    let cap = |a, what: &str| ctx.attribute(a).map_err(cuda_err(what));
+    crate::gpu::check_capability(
+        cap(
+            sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR,
+            "reading the compute capability",
+        )?,
+        cap(
+            sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR,
+            "reading the compute capability",
+        )?,
+        what,
+    )?;
+    let param_dtype = vars[0].dtype();
+    if vars.iter().any(|v| v.dtype() != param_dtype) {
+        return Err(Error::InvalidArgument(
+            "M-FAC on CUDA needs all parameters in one dtype".into(),
+        ));
+    }
+    Ok((stream, param_dtype))
+}
+
+/// Fills `table` (host side) with this step's parameter table (`launch::param_table`): the
+/// gradients' device addresses (0 where a parameter has none) and the parameters', checked to
+/// be contiguous tensors on the window's device. `ptrs` is scratch.
+pub(super) fn fill_table(
+    stream: &Arc<CudaStream>,
+    vars: &[Var],
+    names: &[String],
+    grads: &[Option<Tensor>],
+    ptrs: &mut Vec<u64>,
+    table: &mut Vec<u64>,
+) -> Result<()> {
+    let n = vars.len();
+    ptrs.clear();
+    for (i, g) in grads.iter().enumerate() {
+        ptrs.push(match g {
+            Some(g) => tensor_ptr(g, stream, &format!("the gradient of {}", names[i]))?,
+            None => 0,
+        });
+    }
+    for (i, v) in vars.iter().enumerate() {
+        ptrs.push(tensor_ptr(v.as_tensor(), stream, &names[i])?);
+    }
+    let sizes = vars.iter().map(|v| v.elem_count());
+    launch::param_table(sizes, &ptrs[..n], &ptrs[n..], table);
+    Ok(())
+}
+
+/// The error for a window stepped from another thread than the one that built it.
+pub(super) fn check_thread(built: std::thread::ThreadId) -> Result<()> {
+    if std::thread::current().id() != built {
+        return Err(Error::InvalidArgument(format!(
+            "M-FAC's CUDA window was created on thread {:?} and stepped from {:?}: candle's CUDA stream is per thread, so the step would not wait for the work queued on the other one; step the optimizer on the thread that built it",
+            built,
+            std::thread::current().id()
+        )));
+    }
+    Ok(())
 }
 
 /// M-FAC's window G (m × ld) and the step's buffers, on one CUDA device.
@@ -140,31 +210,8 @@ impl DeviceWindow {
         dtype: DType,
         momentum: bool,
     ) -> Result<Self> {
-        let stream = dev.cuda_stream();
+        let (stream, param_dtype) = open(dev, vars, "M-FAC's device window")?;
         let ctx = stream.context().clone();
-        // An error left by an earlier asynchronous operation would otherwise surface under the
-        // name of our first call.
-        ctx.check_err().map_err(cuda_err(
-            "an earlier CUDA operation (before the M-FAC window)",
-        ))?;
-        let cap = |a, what: &str| ctx.attribute(a).map_err(cuda_err(what));
-        crate::gpu::check_capability(
-            cap(
-                sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR,
-                "reading the compute capability",
-            )?,
-            cap(
-                sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR,
-                "reading the compute capability",
-            )?,
-            "M-FAC's device window",
-        )?;
-        let param_dtype = vars[0].dtype();
-        if vars.iter().any(|v| v.dtype() != param_dtype) {
-            return Err(Error::InvalidArgument(
-                "M-FAC on CUDA needs all parameters in one dtype".into(),
-            ));
-        }
         let (pn, tn) = (dtype_name(param_dtype)?, dtype_name(dtype)?);
         let d: usize = vars.iter().map(|v| v.elem_count()).sum();
         let module = ctx
@@ -346,30 +393,19 @@ impl DeviceWindow {
         grads: &[Option<Tensor>],
         wd: f64,
     ) -> Result<Option<usize>> {
-        if std::thread::current().id() != self.thread {
-            return Err(Error::InvalidArgument(format!(
-                "M-FAC's CUDA window was created on thread {:?} and stepped from {:?}: candle's CUDA stream is per thread, so the step would not wait for the work queued on the other one; step the optimizer on the thread that built it",
-                self.thread,
-                std::thread::current().id()
-            )));
-        }
+        check_thread(self.thread)?;
         if self.profiling {
             self.profile = Some(StepProfile::default());
         }
         let n = self.n;
-        let p = &mut self.host_ptrs;
-        p.clear();
-        for (i, g) in grads.iter().enumerate() {
-            p.push(match g {
-                Some(g) => tensor_ptr(g, &self.stream, &format!("the gradient of {}", names[i]))?,
-                None => 0,
-            });
-        }
-        for (i, v) in vars.iter().enumerate() {
-            p.push(tensor_ptr(v.as_tensor(), &self.stream, &names[i])?);
-        }
-        let sizes = vars.iter().map(|v| v.elem_count());
-        launch::param_table(sizes, &p[..n], &p[n..], &mut self.host_table);
+        fill_table(
+            &self.stream,
+            vars,
+            names,
+            grads,
+            &mut self.host_ptrs,
+            &mut self.host_table,
+        )?;
         let e0 = self.event()?;
         self.stream
             .memcpy_htod(self.host_table.as_slice(), &mut self.table)

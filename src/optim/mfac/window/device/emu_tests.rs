@@ -90,9 +90,10 @@ fn run(l: Launch, s: Schedule, body: impl Fn()) {
     l.emulate(s, body)
 }
 
-struct Rng(u64);
+/// A seeded stream of uniforms in [-1, 1) (shared with sparse_emu_tests.rs).
+pub(super) struct Rng(pub(super) u64);
 impl Rng {
-    fn next(&mut self) -> f64 {
+    pub(super) fn next(&mut self) -> f64 {
         self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
         let z = mix(self.0);
         (z >> 11) as f64 / (1u64 << 53) as f64 * 2.0 - 1.0
@@ -104,7 +105,8 @@ fn mix(mut z: u64) -> u64 {
     z ^ (z >> 31)
 }
 
-fn rel(a: &[f64], b: &[f64]) -> f64 {
+/// ‖a − b‖ / ‖b‖ (‖a − b‖ when b is zero).
+pub(super) fn rel(a: &[f64], b: &[f64]) -> f64 {
     assert_eq!(a.len(), b.len());
     let num: f64 = a.iter().zip(b).map(|(x, y)| (x - y) * (x - y)).sum();
     let den: f64 = b.iter().map(|y| y * y).sum();

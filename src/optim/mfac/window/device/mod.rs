@@ -1,6 +1,8 @@
 //! M-FAC's window on a CUDA device: the layout and the memory plan (plain host code, tested on
 //! every build) and, with the `cuda` feature, the window itself (`cuda.rs`, kernels in
-//! `kernels/mfac.cu`).
+//! `kernels/mfac.cu`). The sparse window's device side sits beside it: `sparse.rs` (plan,
+//! launches, the selection's loop), `sparse_cuda.rs` (`cuda` feature), `kernels/sparse.cu`;
+//! both kernel files include `kernels/common.cuh`.
 //!
 //! Layout: the window G is m rows of `ld` elements, ld = d rounded up to a multiple of
 //! [`LD_ALIGN`]; the padding columns are zero in G and in g, so they add nothing to G·g or
@@ -19,8 +21,15 @@ mod cuda;
 #[cfg(test)]
 mod emu_tests;
 pub(crate) mod launch;
+pub(crate) mod sparse;
+#[cfg(feature = "cuda")]
+mod sparse_cuda;
+#[cfg(test)]
+mod sparse_emu_tests;
 #[cfg(feature = "cuda")]
 pub(crate) use cuda::DeviceWindow;
+#[cfg(feature = "cuda")]
+pub(crate) use sparse_cuda::DeviceSparseWindow;
 
 use candle_core::DType;
 

@@ -110,6 +110,23 @@ pub(crate) enum Accumulator {
 }
 
 impl Accumulator {
+    /// d zeros: f64 with an f64 window, else f32.
+    pub fn zeros(dtype: DType, d: usize) -> Self {
+        if dtype == DType::F64 {
+            Accumulator::F64(vec![0.0; d])
+        } else {
+            Accumulator::F32(vec![0.0; d])
+        }
+    }
+
+    /// As f64.
+    pub fn to_f64(&self) -> Vec<f64> {
+        match self {
+            Accumulator::F32(v) => v.iter().map(|x| *x as f64).collect(),
+            Accumulator::F64(v) => v.clone(),
+        }
+    }
+
     fn bytes_per(dtype: DType) -> usize {
         if dtype == DType::F64 {
             8
@@ -188,11 +205,7 @@ impl SparseStep {
             fix: fix.into(),
         };
         let rows = SparseRows::try_new(cfg.window_dtype, m, d, k).ok_or_else(oom)?;
-        let e = if cfg.window_dtype == DType::F64 {
-            Accumulator::F64(vec![0.0; d])
-        } else {
-            Accumulator::F32(vec![0.0; d])
-        };
+        let e = Accumulator::zeros(cfg.window_dtype, d);
         Ok(SparseStep {
             rows,
             selection,
@@ -321,47 +334,66 @@ impl SparseStep {
 
     /// The error accumulator e, as f64.
     pub fn error(&self) -> Vec<f64> {
-        match &self.e {
-            Accumulator::F32(v) => v.iter().map(|x| *x as f64).collect(),
-            Accumulator::F64(v) => v.clone(),
-        }
+        self.e.to_f64()
     }
 
-    /// Adds the window's arrays to a checkpoint: the rows (columns within segments, values,
-    /// segment starts) and the accumulator.
+    /// Adds the window's arrays to a checkpoint ([`save_parts`]).
     pub fn save<'a>(&'a self, w: &mut StateWriter<'a>, m: usize) {
-        let k = self.kept();
-        let (idx, val, start) = self.rows.arrays();
-        w.add("sparse_columns", idx, &[m, k]);
-        match val {
-            super::HostWindow::F32(v) => w.add("sparse_values", v, &[m, k]),
-            super::HostWindow::BF16(v) => w.add("sparse_values", v, &[m, k]),
-            super::HostWindow::F64(v) => w.add("sparse_values", v, &[m, k]),
-        }
-        w.add("sparse_segments", start, &[m, start.len() / m.max(1)]);
-        match &self.e {
-            Accumulator::F32(v) => w.add("error_feedback", v, &[]),
-            Accumulator::F64(v) => w.add("error_feedback", v, &[]),
-        }
+        save_parts(w, &self.rows, &self.e, m);
     }
 
-    /// Reads a checkpoint's rows and accumulator into place, then checks the segment table.
+    /// Reads a checkpoint's rows and accumulator into place ([`load_parts`]).
     pub fn load(&mut self, r: &mut StateReader, path: &std::path::Path) -> Result<()> {
-        let (idx, val, start) = self.rows.arrays_mut();
-        r.read_into("sparse_columns", idx)?;
-        match val {
-            super::HostWindow::F32(v) => r.read_into("sparse_values", v)?,
-            super::HostWindow::BF16(v) => r.read_into("sparse_values", v)?,
-            super::HostWindow::F64(v) => r.read_into("sparse_values", v)?,
-        }
-        r.read_into("sparse_segments", start)?;
-        match &mut self.e {
-            Accumulator::F32(v) => r.read_into("error_feedback", v)?,
-            Accumulator::F64(v) => r.read_into("error_feedback", v)?,
-        }
-        self.rows.check().map_err(|message| Error::Weights {
-            path: path.to_path_buf(),
-            message: format!("the sparse M-FAC window: {message}"),
-        })
+        load_parts(r, &mut self.rows, &mut self.e, path)
     }
+}
+
+/// Adds a sparse window's arrays to a checkpoint: the rows (columns within segments, values,
+/// segment starts) and the accumulator. The host window and the device one (through a host
+/// copy) write the same file.
+pub(crate) fn save_parts<'a>(
+    w: &mut StateWriter<'a>,
+    rows: &'a SparseRows,
+    e: &'a Accumulator,
+    m: usize,
+) {
+    let (idx, val, start) = rows.arrays();
+    let k = idx.len() / m.max(1);
+    w.add("sparse_columns", idx, &[m, k]);
+    match val {
+        super::HostWindow::F32(v) => w.add("sparse_values", v, &[m, k]),
+        super::HostWindow::BF16(v) => w.add("sparse_values", v, &[m, k]),
+        super::HostWindow::F64(v) => w.add("sparse_values", v, &[m, k]),
+    }
+    w.add("sparse_segments", start, &[m, start.len() / m.max(1)]);
+    match e {
+        Accumulator::F32(v) => w.add("error_feedback", v, &[]),
+        Accumulator::F64(v) => w.add("error_feedback", v, &[]),
+    }
+}
+
+/// Reads a checkpoint's rows and accumulator into place, then checks the segment table (a
+/// corrupt file could otherwise make a pass index out of its row).
+pub(crate) fn load_parts(
+    r: &mut StateReader,
+    rows: &mut SparseRows,
+    e: &mut Accumulator,
+    path: &std::path::Path,
+) -> Result<()> {
+    let (idx, val, start) = rows.arrays_mut();
+    r.read_into("sparse_columns", idx)?;
+    match val {
+        super::HostWindow::F32(v) => r.read_into("sparse_values", v)?,
+        super::HostWindow::BF16(v) => r.read_into("sparse_values", v)?,
+        super::HostWindow::F64(v) => r.read_into("sparse_values", v)?,
+    }
+    r.read_into("sparse_segments", start)?;
+    match e {
+        Accumulator::F32(v) => r.read_into("error_feedback", v)?,
+        Accumulator::F64(v) => r.read_into("error_feedback", v)?,
+    }
+    rows.check().map_err(|message| Error::Weights {
+        path: path.to_path_buf(),
+        message: format!("the sparse M-FAC window: {message}"),
+    })
 }

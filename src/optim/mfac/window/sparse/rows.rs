@@ -128,16 +128,11 @@ impl SparseRows {
             HostWindow::BF16(v) => take(&mut v[j * k..(j + 1) * k], kept, acc),
             HostWindow::F64(v) => take(&mut v[j * k..(j + 1) * k], kept, acc),
         }
-        // start[s] = how many kept columns lie in segments before s.
-        let st = &mut self.start[j * (segs + 1)..(j + 1) * (segs + 1)];
-        let mut p = 0usize;
-        for (s, o) in st.iter_mut().enumerate() {
-            while p < kept.len() && (kept[p] as usize >> SEG_BITS) < s {
-                p += 1;
-            }
-            *o = p as u32;
-        }
-        st[segs] = k as u32;
+        Self::segment_starts(
+            kept,
+            &mut self.start[j * (segs + 1)..(j + 1) * (segs + 1)],
+            k,
+        );
     }
 
     /// Row j's kept columns, ascending (absolute).
@@ -153,6 +148,56 @@ impl SparseRows {
             );
         }
         out
+    }
+
+    /// Every row's columns as absolute u32 (m × k, each row ascending): the device window's
+    /// layout, for moving a window between the host format and the device.
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    pub fn absolute_columns(&self) -> Vec<u32> {
+        (0..self.m).flat_map(|j| self.columns(j)).collect()
+    }
+
+    /// Sets every row's columns from absolute ones (m × k, each row ascending, as
+    /// [`SparseRows::absolute_columns`] gives), the values left as they are.
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    pub fn set_absolute_columns(&mut self, idx: &[u32]) {
+        let (k, segs) = (self.k, self.segs);
+        for j in 0..self.m {
+            let kept = &idx[j * k..(j + 1) * k];
+            for (o, &c) in self.idx[j * k..(j + 1) * k].iter_mut().zip(kept) {
+                *o = (c as usize & (SEG - 1)) as u16;
+            }
+            Self::segment_starts(
+                kept,
+                &mut self.start[j * (segs + 1)..(j + 1) * (segs + 1)],
+                k,
+            );
+        }
+    }
+
+    /// st[s] = how many of the ascending columns `kept` lie in segments before s; st[segs] = k.
+    fn segment_starts(kept: &[u32], st: &mut [u32], k: usize) {
+        let segs = st.len() - 1;
+        let mut p = 0usize;
+        for (s, o) in st.iter_mut().enumerate() {
+            while p < kept.len() && (kept[p] as usize >> SEG_BITS) < s {
+                p += 1;
+            }
+            *o = p as u32;
+        }
+        st[segs] = k as u32;
+    }
+
+    /// The values' storage (m × k in the window dtype).
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    pub fn values_store(&self) -> &HostWindow {
+        &self.val
+    }
+
+    /// As [`SparseRows::values_store`], writable.
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    pub fn values_store_mut(&mut self) -> &mut HostWindow {
+        &mut self.val
     }
 
     /// Row j's kept values (aligned with [`SparseRows::columns`]), as f64.

@@ -105,6 +105,27 @@ fn pieces(n: usize) -> Vec<(usize, usize)> {
         .collect()
 }
 
+/// The boundary bucket of a digit's histogram: from the top bucket down, the first where the
+/// count reaches `need`. Returns (bucket, entries in the buckets above it, entries in it). The
+/// host's radix select and the device window's selection loop both take their digits here.
+///
+/// `need` ≤ the histogram's total (the caller's invariant); the lowest bucket otherwise.
+pub(crate) fn boundary(hist: &[u32], need: usize) -> (usize, usize, usize) {
+    let mut above = 0usize;
+    for (b, &c) in hist.iter().enumerate().rev() {
+        let c = c as usize;
+        if above + c >= need {
+            return (b, above, c);
+        }
+        above += c;
+    }
+    (
+        0,
+        above - hist.first().map_or(0, |&c| c as usize),
+        hist.first().map_or(0, |&c| c as usize),
+    )
+}
+
 /// One piece's collection: the indices above the boundary bucket, and the bucket's
 /// candidates as (key, index), both in index order.
 type Piece = (Vec<u32>, Vec<(u64, u32)>);
@@ -155,17 +176,10 @@ fn radix<E: Magnitude>(x: &[E], k: usize) -> Vec<u32> {
                 h
             })
             .collect();
-        // From the top digit down, the bucket where the count reaches `need`.
-        let (mut above, mut bucket, mut count) = (0usize, 0usize, 0usize);
-        for b in (0..buckets).rev() {
-            let c: usize = hists.iter().map(|h| h[b] as usize).sum();
-            if above + c >= need {
-                bucket = b;
-                count = c;
-                break;
-            }
-            above += c;
-        }
+        let total: Vec<u32> = (0..buckets)
+            .map(|b| hists.iter().map(|h| h[b]).sum())
+            .collect();
+        let (bucket, above, count) = boundary(&total, need);
         need -= above;
         prefix = (prefix << digit) | bucket as u64;
         shift = below;

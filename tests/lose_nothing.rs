@@ -476,6 +476,7 @@ fn the_disk_plan_refuses_with_numbers_before_the_first_step() {
         "286.1 MiB is free",
         "--save_total_limit 1",
         "window_dtype: bf16",
+        "the sparse window (`density: 0.01` in --optim_args) keeps",
         "another --output_dir",
     ] {
         assert!(text.contains(want), "{want:?} not in:\n{text}");

@@ -51,6 +51,9 @@ pub struct DiskPlan {
     pub final_bytes: u64,
     /// All of it at the worst moment.
     pub needed: u64,
+    /// For a dense M-FAC run: the optimizer state of the same run with the sparse window at
+    /// 1 % (`density: 0.01`), named among the fixes when the plan does not fit.
+    pub sparse_optimizer_bytes: Option<u64>,
 }
 
 impl DiskPlan {
@@ -79,6 +82,16 @@ impl DiskPlan {
             at_once,
             final_bytes,
             needed: at_once as u64 * checkpoint_bytes + final_bytes,
+            sparse_optimizer_bytes: None,
+        }
+    }
+
+    /// The same plan, naming the sparse window (its optimizer state `bytes` per checkpoint)
+    /// among the fixes when it does not fit.
+    pub fn with_sparse_alternative(self, bytes: Option<u64>) -> Self {
+        DiskPlan {
+            sparse_optimizer_bytes: bytes,
+            ..self
         }
     }
 
@@ -118,6 +131,16 @@ impl DiskPlan {
             fixes.push(
                 "a bf16 window (`window_dtype: bf16` in --optim_args) halves M-FAC's state".into(),
             );
+        }
+        if let Some(sparse) = self.sparse_optimizer_bytes {
+            let need = self.needed - self.at_once as u64 * self.optimizer_bytes
+                + self.at_once as u64 * sparse;
+            fixes.push(format!(
+                "the sparse window (`density: 0.01` in --optim_args) keeps {} of M-FAC state per checkpoint instead of {} (the run needs about {})",
+                human_bytes(sparse),
+                human_bytes(self.optimizer_bytes),
+                human_bytes(need)
+            ));
         }
         fixes.push("another --output_dir on a disk with more room".into());
         Err(Error::NotEnoughDisk {

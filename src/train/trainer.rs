@@ -486,6 +486,14 @@ impl Trainer {
             0
         };
         let model_bytes = (self.model.num_parameters() * self.model.dtype().size_in_bytes()) as u64;
+        // A dense M-FAC run is told what the sparse window at 1 % would keep instead.
+        let sparse = match cfg.optimizer.kind() {
+            OptimKind::MFac(c) if !c.is_sparse() => {
+                let s = c.with_density(0.01);
+                Some(s.host_bytes(self.model.num_parameters()) as u64)
+            }
+            _ => None,
+        };
         let plan = DiskPlan::new(
             model_bytes,
             stepper.optimizer().state_bytes(),
@@ -493,7 +501,8 @@ impl Trainer {
             total,
             existing,
             cfg.save_total_limit,
-        );
+        )
+        .with_sparse_alternative(sparse);
         log::info!("disk plan for {}: {}", dir.display(), plan.describe());
         let bf16_would_help =
             matches!(cfg.optimizer.kind(), OptimKind::MFac(c) if c.window_dtype != DType::BF16);

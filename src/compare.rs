@@ -335,7 +335,9 @@ pub struct CompareConfig {
     pub train: TrainConfig,
     /// One run per seed and optimizer.
     pub seeds: Vec<u64>,
-    /// Where the models train.
+    /// Where the models train; default [`best_device`](crate::model::best_device): CUDA when
+    /// built with the `cuda` feature and a GPU is present (as HF Trainer picks the GPU), else
+    /// the CPU.
     pub device: Device,
     /// The models' parameter dtype: F32 (default) or F64.
     pub dtype: DType,
@@ -353,7 +355,7 @@ impl Default for CompareConfig {
         CompareConfig {
             train: TrainConfig::run_glue(),
             seeds: vec![42],
-            device: Device::Cpu,
+            device: crate::model::best_device(),
             dtype: DType::F32,
             output_dir: None,
             target: None,
@@ -552,11 +554,16 @@ pub fn compare_optimizers(
     };
     let total = cfg.seeds.len() * specs.len();
     let mut k = 0;
+    let start = std::time::Instant::now();
     for &seed in &cfg.seeds {
         for ((spec, name), slug) in specs.iter().zip(&labels).zip(&slugs) {
             k += 1;
             let name = name.clone();
             log::info!("run {k}/{total}: {name}, seed {seed}");
+            if !cfg.train.quiet {
+                // Each run's own progress follows; this line says where the comparison is.
+                eprintln!("{}", run_line(k, total, &name, seed, start.elapsed()));
+            }
             let result = (|| -> Result<RunHistory> {
                 let model = source.load(data.task.num_labels(), seed, &cfg.device, cfg.dtype)?;
                 let mut tc = cfg.train.clone();
@@ -592,6 +599,22 @@ pub fn compare_optimizers(
         return cmp.check().map(|()| cmp);
     }
     Ok(cmp)
+}
+
+/// The line before run `k` of `total` of a comparison: which run, and after the first one, the
+/// comparison's elapsed time and ETA (the runs so far, averaged).
+fn run_line(k: usize, total: usize, name: &str, seed: u64, elapsed: std::time::Duration) -> String {
+    let mut line = format!("compare: run {k}/{total}: {name}, seed {seed}");
+    if k > 1 {
+        let el = elapsed.as_secs_f64();
+        let eta = el / (k - 1) as f64 * (total + 1 - k) as f64;
+        line += &format!(
+            " · elapsed {} · ETA {} for the comparison",
+            crate::train::progress::hms(el),
+            crate::train::progress::hms(eta)
+        );
+    }
+    line
 }
 
 /// Mean and sample standard deviation over seeds, as model cards report "mean ± std"; no std
@@ -1117,5 +1140,24 @@ impl Comparison {
     /// Shows the summary table inline in evcxr (as HTML-rendered Markdown text).
     pub fn evcxr_display(&self) {
         println!("{}", self.to_markdown());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::run_line;
+    use std::time::Duration;
+
+    #[test]
+    fn the_run_line_gives_the_comparisons_eta_from_the_runs_so_far() {
+        assert_eq!(
+            run_line(1, 6, "AdamW", 42, Duration::ZERO),
+            "compare: run 1/6: AdamW, seed 42"
+        );
+        // Two runs took 100 s: 50 s a run, 4 runs left with this one.
+        assert_eq!(
+            run_line(3, 6, "M-FAC m=1024 1%", 43, Duration::from_secs(100)),
+            "compare: run 3/6: M-FAC m=1024 1%, seed 43 · elapsed 0:01:40 · ETA 0:03:20 for the comparison"
+        );
     }
 }

@@ -38,15 +38,15 @@ pub mod prelude {
     pub use crate::error::{Error, Result};
     pub use crate::hub::Hub;
     pub use crate::model::{
-        best_device, load_bert_tiny, Batch, BertClassifier, BertConfig, LoadOptions, LoadReport,
-        PairTokenizer,
+        best_device, describe_device, load_bert_tiny, Batch, BertClassifier, BertConfig,
+        LoadOptions, LoadReport, PairTokenizer,
     };
     pub use crate::optim::{
         clip_grad_norm, AdamW, AdamWConfig, LinearSchedule, MFac, MFacConfig, OptimizerSpec, Sgd,
         SgdConfig,
     };
     pub use crate::plot::Figure;
-    pub use crate::train::{ReportTo, RunCost, RunHistory, TrainConfig, Trainer};
+    pub use crate::train::{Progress, ReportTo, RunCost, RunHistory, TrainConfig, Trainer};
     pub use candle_core::{DType, Device, Tensor, Var};
     pub use candle_nn::Optimizer;
 }

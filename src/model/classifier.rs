@@ -33,6 +33,29 @@ pub fn best_device() -> Device {
     Device::cuda_if_available(0).unwrap_or(Device::Cpu)
 }
 
+/// A short name of `device` for logs and notebooks: `cpu (2 threads)`, or on a GPU
+/// `cuda:0 (NVIDIA H100 80GB HBM3)`.
+///
+/// ```
+/// let name = mfac_lab::model::describe_device(&candle_core::Device::Cpu);
+/// assert!(name.starts_with("cpu (") && name.ends_with(" threads)"));
+/// ```
+pub fn describe_device(device: &Device) -> String {
+    match device {
+        Device::Cpu => format!("cpu ({} threads)", candle_core::utils::get_num_threads()),
+        #[cfg(feature = "cuda")]
+        Device::Cuda(d) => {
+            let stream = d.cuda_stream();
+            let ctx = stream.context();
+            match ctx.name() {
+                Ok(name) => format!("cuda:{} ({name})", ctx.ordinal()),
+                Err(_) => format!("cuda:{}", ctx.ordinal()),
+            }
+        }
+        other => format!("{:?}", other.location()),
+    }
+}
+
 /// How to load a model: labels, device, dtype, hub revision, and the seed of a new head.
 ///
 /// ```

@@ -7,7 +7,7 @@ mod cost;
 mod disk;
 mod history;
 mod metrics;
-mod progress;
+pub(crate) mod progress;
 mod step;
 pub mod tensorboard;
 mod trainer;

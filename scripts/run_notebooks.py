@@ -56,7 +56,8 @@ def stream_text(cell):
             out.append(o.get("text", ""))
         elif o.get("output_type") in ("display_data", "execute_result"):
             out.append(o.get("data", {}).get("text/plain", ""))
-    return "".join(out)
+    # A result has no newline of its own: keep every output on its own lines.
+    return "".join(t if t.endswith("\n") else t + "\n" for t in out if t)
 
 
 def execute(nb, cwd):

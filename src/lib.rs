@@ -38,8 +38,8 @@ pub mod prelude {
     pub use crate::error::{Error, Result};
     pub use crate::hub::Hub;
     pub use crate::model::{
-        best_device, describe_device, load_bert_tiny, Batch, BertClassifier, BertConfig,
-        LoadOptions, LoadReport, PairTokenizer,
+        best_device, describe_device, device_report, load_bert_tiny, Batch, BertClassifier,
+        BertConfig, LoadOptions, LoadReport, PairTokenizer,
     };
     pub use crate::optim::{
         clip_grad_norm, AdamW, AdamWConfig, LinearSchedule, MFac, MFacConfig, OptimizerSpec, Sgd,

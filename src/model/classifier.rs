@@ -56,6 +56,38 @@ pub fn describe_device(device: &Device) -> String {
     }
 }
 
+/// Where a notebook trains, as a notebook shows it: `device: cpu (2 threads)` or
+/// `device: cuda:0 (NVIDIA H100 80GB HBM3)`, from [`device_report`]. End a cell with it: evcxr
+/// shows the value a cell ends with (its `Debug`) as the cell's result, which Jupyter keeps with
+/// the cell; a `println!` in a cell's last instant can reach the notebook after the cell has
+/// ended, and is then lost (evcxr_jupyter passes printed lines on from a thread of its own).
+#[derive(Clone, PartialEq, Eq)]
+pub struct DeviceReport(String);
+
+impl std::fmt::Display for DeviceReport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "device: {}", self.0)
+    }
+}
+
+impl std::fmt::Debug for DeviceReport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Display::fmt(self, f)
+    }
+}
+
+/// The [`DeviceReport`] of `device`.
+///
+/// ```
+/// use mfac_lab::prelude::*;
+/// let report = device_report(&Device::Cpu);
+/// assert_eq!(format!("{report:?}"), format!("device: {}", describe_device(&Device::Cpu)));
+/// assert!(report.to_string().starts_with("device: cpu ("));
+/// ```
+pub fn device_report(device: &Device) -> DeviceReport {
+    DeviceReport(describe_device(device))
+}
+
 /// How to load a model: labels, device, dtype, hub revision, and the seed of a new head.
 ///
 /// ```

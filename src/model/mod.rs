@@ -22,8 +22,8 @@ mod weights;
 
 pub use batch::Batch;
 pub use classifier::{
-    best_device, describe_device, BertClassifier, LoadOptions, LoadReport, BERT_TINY_REPO,
-    BERT_TINY_REVISION,
+    best_device, describe_device, device_report, BertClassifier, DeviceReport, LoadOptions,
+    LoadReport, BERT_TINY_REPO, BERT_TINY_REVISION,
 };
 pub use config::{BertConfig, HiddenAct};
 pub use engine::{BertOutput, ClassifierOutput, Engine};
